@@ -1,0 +1,153 @@
+"""The ``finpipe`` command line.
+
+Heavy imports (Dagster, ML libraries) happen inside the commands, so ``finpipe --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+
+from finpipe import paths
+
+DEFAULT_HISTORY_DAYS = 730  # two years of sessions for the quickstart lake
+
+
+def _prepare_dagster_home() -> Path:
+    """A persistent Dagster instance under the lake, so `finpipe run` history shows in `finpipe ui`."""
+    home = paths.dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+    return home
+
+
+def _parse_date(value: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date (YYYY-MM-DD): {value!r}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Materialize the pipeline on the configured source (default: the offline replay)."""
+    _prepare_dagster_home()
+    if args.source:
+        os.environ["FINPIPE_SOURCE"] = args.source
+    if args.universe:
+        os.environ["FINPIPE_UNIVERSE"] = args.universe
+
+    import dagster as dg
+
+    from finpipe.defs.market_data import daily_prices, market_data_checks
+    from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+    from finpipe.definitions import build_resources
+
+    resources = build_resources()
+    market = resources["market_data"]
+    source = market.price_source()
+    end = args.end or source.available_until() or dt.date.today()
+    start = args.start or end - dt.timedelta(days=DEFAULT_HISTORY_DAYS)
+    if end < start:
+        print(f"error: --end {end} is before --start {start}", file=sys.stderr)
+        return 2
+    first_key, last_key = _partition_keys(start, end)
+    print(f"finpipe: ingesting {market.universe} from {source.name}, {first_key} .. {last_key}")
+    result = dg.materialize(
+        [daily_prices, *market_data_checks],
+        resources=resources,
+        instance=dg.DagsterInstance.get(),
+        tags={PARTITION_RANGE_START_TAG: first_key, PARTITION_RANGE_END_TAG: last_key},
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
+    )
+    if not result.success:
+        print("finpipe: the run failed; see the log above (or `finpipe ui`, Runs tab).", file=sys.stderr)
+        return 1
+    failed_checks = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
+    lake = resources["lake"]
+    counts = lake.prices_lake().query(
+        "SELECT ticker, count(*) AS rows, min(date) AS first, max(date) AS last, any_value(source) AS source "
+        "FROM prices GROUP BY ticker ORDER BY ticker"
+    )
+    print(counts)
+    print(f"lake: {lake.db_path}")
+    if failed_checks:
+        print(f"finpipe: checks failed: {', '.join(failed_checks)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _partition_keys(start: dt.date, end: dt.date) -> tuple[str, str]:
+    """First and last weekday partition keys inside [start, end]."""
+    while start.weekday() >= 5:
+        start += dt.timedelta(days=1)
+    while end.weekday() >= 5:
+        end -= dt.timedelta(days=1)
+    if end < start:
+        raise SystemExit(f"error: no weekday between {start} and {end}")
+    return start.isoformat(), end.isoformat()
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Start the Dagster UI on 127.0.0.1 with finpipe's persistent instance."""
+    _prepare_dagster_home()
+    argv = ["dagster", "dev", "-w", str(paths.REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    os.chdir(paths.REPO_ROOT)
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Run a read-only SQL query against the lake."""
+    import polars as pl
+
+    from finpipe.market.lake import PriceLake
+
+    frame = PriceLake(paths.lake_db_path()).query(args.query)
+    with pl.Config(tbl_rows=args.limit, tbl_cols=-1, tbl_width_chars=200):
+        print(frame)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finpipe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="materialize the pipeline (default: offline replay data)")
+    run.add_argument("--start", type=_parse_date, help="first date to ingest (default: END - 2 years)")
+    run.add_argument("--end", type=_parse_date, help="last date to ingest (default: the source's last date, or today)")
+    run.add_argument("--source", choices=["replay", "yahoo", "simulated"], help="overrides FINPIPE_SOURCE")
+    run.add_argument("--universe", help="overrides FINPIPE_UNIVERSE (us_core, us_large_cap, india)")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=cmd_run)
+
+    ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+
+    sql = sub.add_parser("sql", help="run a read-only SQL query against the lake")
+    sql.add_argument("query")
+    sql.add_argument("--limit", type=int, default=50, help="rows to print")
+    sql.set_defaults(func=cmd_sql)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # configuration and input errors: one clear line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

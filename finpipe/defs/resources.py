@@ -1,0 +1,107 @@
+"""Dagster resources: where the lake is and which market data source feeds it.
+
+Source selection is explicit: ``FINPIPE_SOURCE`` (replay | yahoo | simulated) overrides the default
+``replay``; there is no silent fallback from one source to another.
+"""
+
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import field_validator
+
+from finpipe import paths
+from finpipe.market.lake import PriceLake
+from finpipe.market.sources import REPLAY_LAST_DATE, SOURCE_KINDS, PriceSource, make_source
+from finpipe.market.universes import UNIVERSES, Universe, get_universe
+
+
+class LakeResource(dg.ConfigurableResource):
+    """The DuckDB lake file under the lake directory (``FINPIPE_LAKE_DIR``, default ``data_lake/``)."""
+
+    lake_dir: str = ""
+    lock_timeout_s: float = 30.0
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.lake_dir).resolve() if self.lake_dir else paths.lake_dir()
+
+    @property
+    def db_path(self) -> Path:
+        return self.directory / paths.LAKE_DB_NAME
+
+    def prices_lake(self) -> PriceLake:
+        return PriceLake(self.db_path, lock_timeout_s=self.lock_timeout_s)
+
+
+class MarketDataResource(dg.ConfigurableResource):
+    """Which prices to ingest, and from where."""
+
+    source: str = "replay"
+    universe: str = "us_core"
+    replay_as_of: str = REPLAY_LAST_DATE.isoformat()
+    simulation_seed: int = 7
+    yahoo_timeout_s: float = 10.0
+    yahoo_max_attempts: int = 3
+    yahoo_backoff_s: float = 2.0
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value not in SOURCE_KINDS:
+            raise ValueError(f"unknown price source {value!r}; choose one of {', '.join(SOURCE_KINDS)}")
+        return value
+
+    @field_validator("universe")
+    @classmethod
+    def _known_universe(cls, value: str) -> str:
+        if value not in UNIVERSES:
+            raise ValueError(f"unknown universe {value!r}; known universes: {', '.join(sorted(UNIVERSES))}")
+        return value
+
+    @field_validator("replay_as_of")
+    @classmethod
+    def _iso_date(cls, value: str) -> str:
+        try:
+            dt.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"replay_as_of must be an ISO date (YYYY-MM-DD), got {value!r}") from None
+        return value
+
+    @field_validator("yahoo_timeout_s", "yahoo_backoff_s")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+    @field_validator("yahoo_max_attempts")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @classmethod
+    def from_env(cls) -> "MarketDataResource":
+        return cls(
+            source=os.environ.get("FINPIPE_SOURCE", "replay"),
+            universe=os.environ.get("FINPIPE_UNIVERSE", "us_core"),
+            replay_as_of=os.environ.get("FINPIPE_REPLAY_AS_OF", REPLAY_LAST_DATE.isoformat()),
+        )
+
+    def get_universe(self) -> Universe:
+        return get_universe(self.universe)
+
+    def price_source(self) -> PriceSource:
+        return make_source(
+            self.source,
+            calendar=self.get_universe().calendar,
+            replay_as_of=dt.date.fromisoformat(self.replay_as_of),
+            simulation_seed=self.simulation_seed,
+            yahoo_timeout_s=self.yahoo_timeout_s,
+            yahoo_max_attempts=self.yahoo_max_attempts,
+            yahoo_backoff_s=self.yahoo_backoff_s,
+        )

@@ -1,0 +1,4 @@
+"""Market data domain: universes, calendars, price sources, validation and the DuckDB lake.
+
+Nothing here imports Dagster.
+"""

@@ -1,0 +1,263 @@
+"""The DuckDB price lake: one file, schema'd tables, idempotent upserts, rejects kept with reasons.
+
+Tables
+- ``prices``        clean daily bars, primary key (ticker, date), each row labelled with its source
+- ``price_rejects`` rows that failed validation, with the reason (idempotent: keyed by content hash)
+- ``ingest_log``    one row per ticker per ingestion run: status, counts, failure reason
+- ``instruments``   ticker metadata (name, kind, trading calendar) for everything in the lake
+
+A whole ingestion batch is written in one transaction: a crash, a kill or an error leaves the lake
+as it was before the batch. DuckDB admits one writing process per file, so connecting retries for a
+bounded time and then fails with a message that names the lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import polars as pl
+
+from finpipe.market.ingest import FAILED, IngestBatch, TickerOutcome
+from finpipe.market.universes import Universe
+
+# DuckDB 2.0 streams results: always fetch a result fully (fetchall) before the next statement.
+# Files written by DuckDB >= 2.0 are unreadable by 1.x tools (incl. the `duckdb` shell on PyPI);
+# creating the lake in the 1.5 storage format keeps it open to both.
+STORAGE_COMPATIBILITY = "v1.5.0"
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS prices (
+    ticker      VARCHAR   NOT NULL,
+    date        DATE      NOT NULL,
+    open        DOUBLE    NOT NULL,
+    high        DOUBLE    NOT NULL,
+    low         DOUBLE    NOT NULL,
+    close       DOUBLE    NOT NULL,
+    adj_close   DOUBLE    NOT NULL,
+    volume      BIGINT    NOT NULL,
+    source      VARCHAR   NOT NULL,
+    simulated   BOOLEAN   NOT NULL,
+    ingested_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (ticker, date)
+);
+CREATE TABLE IF NOT EXISTS price_rejects (
+    reject_id   VARCHAR   PRIMARY KEY,
+    ticker      VARCHAR,
+    date        DATE,
+    open        DOUBLE,
+    high        DOUBLE,
+    low         DOUBLE,
+    close       DOUBLE,
+    adj_close   DOUBLE,
+    volume      DOUBLE,
+    source      VARCHAR,
+    reason      VARCHAR   NOT NULL,
+    run_id      VARCHAR,
+    rejected_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ingest_log (
+    run_id            VARCHAR   NOT NULL,
+    logged_at         TIMESTAMP NOT NULL,
+    source            VARCHAR   NOT NULL,
+    universe          VARCHAR   NOT NULL,
+    start_date        DATE      NOT NULL,
+    end_date          DATE      NOT NULL,
+    ticker            VARCHAR   NOT NULL,
+    status            VARCHAR   NOT NULL,
+    expected_sessions INTEGER   NOT NULL,
+    rows_written      INTEGER   NOT NULL,
+    rows_rejected     INTEGER   NOT NULL,
+    missing_sessions  INTEGER   NOT NULL,
+    reason            VARCHAR
+);
+CREATE TABLE IF NOT EXISTS instruments (
+    ticker   VARCHAR PRIMARY KEY,
+    name     VARCHAR NOT NULL,
+    kind     VARCHAR NOT NULL,
+    calendar VARCHAR NOT NULL,
+    universe VARCHAR NOT NULL
+);
+"""
+
+PRICE_VALUE_COLUMNS = ("ticker", "date", "open", "high", "low", "close", "adj_close", "volume", "source")
+
+
+class LakeLockedError(RuntimeError):
+    """Another process holds the lake file."""
+
+
+class SourceConflictError(RuntimeError):
+    """Rows from one source would mix with rows from another source for the same ticker."""
+
+
+@dataclass
+class WriteSummary:
+    inserted: int
+    replaced: int
+    rejected: int
+    refused: dict[str, str] = field(default_factory=dict)  # ticker -> why its rows were not written
+    outcomes: list[TickerOutcome] = field(default_factory=list)
+
+
+class PriceLake:
+    def __init__(self, path: Path | str, lock_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.lock_timeout_s = lock_timeout_s
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        if read_only and not self.path.exists():
+            raise FileNotFoundError(f"no lake at {self.path}: materialize the prices asset first (finpipe run)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        config = {} if self.path.exists() else {"storage_compatibility_version": STORAGE_COMPATIBILITY}
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only, config=config)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise
+                if time.monotonic() >= deadline:
+                    raise LakeLockedError(
+                        f"lake {self.path} is locked by another process (waited {self.lock_timeout_s:.0f}s): {exc}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        try:
+            if not read_only:
+                con.execute(SCHEMA_SQL)
+            yield con
+        finally:
+            con.close()
+
+    # ---------------------------------------------------------------- writing
+
+    def write_batch(self, batch: IngestBatch, run_id: str) -> WriteSummary:
+        """Upsert clean rows, record rejects and the per-ticker log - all or nothing."""
+        universe = batch.request.universe
+        outcomes = {o.ticker: o for o in batch.outcomes}
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                refused = self._refuse_mixed_sources(con, batch)
+                for ticker, why in refused.items():
+                    o = outcomes[ticker]
+                    outcomes[ticker] = TickerOutcome(ticker, FAILED, o.expected_sessions, 0, o.rejected,
+                                                     o.expected_sessions, why)
+                incoming = batch.clean.filter(~pl.col("ticker").is_in(list(refused)))
+                inserted, replaced = self._upsert_prices(con, incoming, batch.simulated)
+                rejected = self._record_rejects(con, batch.rejects, run_id)
+                self._log(con, batch, list(outcomes.values()), run_id)
+                self._register_instruments(con, universe, batch)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return WriteSummary(inserted, replaced, rejected, refused, [outcomes[t] for t in universe.symbols])
+
+    @staticmethod
+    def _refuse_mixed_sources(con: duckdb.DuckDBPyConnection, batch: IngestBatch) -> dict[str, str]:
+        tickers = batch.clean["ticker"].unique().to_list() if batch.clean.height else []
+        if not tickers:
+            return {}
+        rows = con.execute(
+            "SELECT ticker, any_value(source), bool_or(simulated) FROM prices "
+            "WHERE ticker IN (SELECT unnest(?)) AND source <> ? GROUP BY ticker",
+            [tickers, batch.source_name],
+        ).fetchall()
+        refused = {}
+        for ticker, other, other_simulated in rows:
+            kind = "simulated" if other_simulated else "real"
+            refused[ticker] = (
+                f"refused: the lake already holds {kind} rows from source {other!r} for {ticker}; "
+                f"rows from {batch.source_name!r} would mix series. Use another lake (FINPIPE_LAKE_DIR) "
+                f"or delete {ticker} first."
+            )
+        return refused
+
+    @staticmethod
+    def _upsert_prices(con: duckdb.DuckDBPyConnection, incoming: pl.DataFrame, simulated: bool) -> tuple[int, int]:
+        if incoming.height == 0:
+            return 0, 0
+        con.register("incoming_prices", incoming.select(PRICE_VALUE_COLUMNS).to_arrow())
+        try:
+            (replaced,) = con.execute(
+                "SELECT count(*) FROM prices p JOIN incoming_prices i USING (ticker, date)"
+            ).fetchall()[0]
+            con.execute(
+                "INSERT OR REPLACE INTO prices "
+                "SELECT ticker, date, open, high, low, close, adj_close, volume, source, ?, now()::TIMESTAMP "
+                "FROM incoming_prices",
+                [simulated],
+            )
+        finally:
+            con.unregister("incoming_prices")
+        return incoming.height - replaced, replaced
+
+    @staticmethod
+    def _record_rejects(con: duckdb.DuckDBPyConnection, rejects: pl.DataFrame, run_id: str) -> int:
+        if rejects.height == 0:
+            return 0
+        con.register("incoming_rejects", rejects.select(*PRICE_VALUE_COLUMNS, "reason").to_arrow())
+        try:
+            con.execute(
+                """
+                INSERT OR REPLACE INTO price_rejects
+                SELECT md5(concat_ws('|', ticker, date, open, high, low, close, adj_close, volume, source, reason)),
+                       ticker, date, open, high, low, close, adj_close, volume, source, reason, ?, now()::TIMESTAMP
+                FROM (SELECT DISTINCT * FROM incoming_rejects)
+                """,
+                [run_id],
+            )
+        finally:
+            con.unregister("incoming_rejects")
+        return rejects.height
+
+    @staticmethod
+    def _log(con, batch: IngestBatch, outcomes: list[TickerOutcome], run_id: str) -> None:
+        req = batch.request
+        con.executemany(
+            "INSERT INTO ingest_log VALUES (?, now()::TIMESTAMP, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                [run_id, batch.source_name, req.universe.name, req.start, req.end, o.ticker, o.status,
+                 o.expected_sessions, o.rows, o.rejected, o.missing_sessions, o.reason]
+                for o in outcomes
+            ],
+        )
+
+    @staticmethod
+    def _register_instruments(con, universe: Universe, batch: IngestBatch) -> None:
+        written = set(batch.clean["ticker"].unique().to_list()) if batch.clean.height else set()
+        rows = [[t.symbol, t.name, t.kind, universe.calendar, universe.name] for t in universe.tickers if t.symbol in written]
+        if rows:
+            con.executemany("INSERT OR REPLACE INTO instruments VALUES (?, ?, ?, ?, ?)", rows)
+
+    # ---------------------------------------------------------------- reading
+
+    def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
+        with self.connect(read_only=True) as con:
+            return con.sql(sql, params=params).pl()
+
+    def prices(self, tickers: list[str] | None = None, start: dt.date | None = None,
+               end: dt.date | None = None) -> pl.DataFrame:
+        where, params = ["1=1"], []
+        if tickers:
+            where.append("ticker IN (SELECT unnest(?))")
+            params.append(tickers)
+        if start:
+            where.append("date >= ?")
+            params.append(start)
+        if end:
+            where.append("date <= ?")
+            params.append(end)
+        sql = f"SELECT * FROM prices WHERE {' AND '.join(where)} ORDER BY ticker, date"
+        with self.connect(read_only=True) as con:
+            return con.sql(sql, params=params).pl()

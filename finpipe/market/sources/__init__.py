@@ -1,0 +1,36 @@
+"""Price sources behind one interface, chosen by explicit configuration (never a silent fallback)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from finpipe.market.sources.base import FetchResult, PriceSource, SourceError
+from finpipe.market.sources.replay import REPLAY_LAST_DATE, ReplaySource
+from finpipe.market.sources.simulated import SimulatedSource
+from finpipe.market.sources.yahoo import YahooSource
+
+SOURCE_KINDS = ("replay", "yahoo", "simulated")
+
+__all__ = [
+    "FetchResult", "PriceSource", "SourceError", "ReplaySource", "SimulatedSource", "YahooSource",
+    "SOURCE_KINDS", "make_source", "REPLAY_LAST_DATE",
+]
+
+
+def make_source(
+    kind: str,
+    *,
+    calendar: str,
+    replay_as_of: dt.date = REPLAY_LAST_DATE,
+    simulation_seed: int = 7,
+    yahoo_timeout_s: float = 10.0,
+    yahoo_max_attempts: int = 3,
+    yahoo_backoff_s: float = 2.0,
+) -> PriceSource:
+    if kind == "replay":
+        return ReplaySource(as_of=replay_as_of)
+    if kind == "simulated":
+        return SimulatedSource(calendar=calendar, seed=simulation_seed)
+    if kind == "yahoo":
+        return YahooSource(timeout_s=yahoo_timeout_s, max_attempts=yahoo_max_attempts, backoff_s=yahoo_backoff_s)
+    raise ValueError(f"unknown price source {kind!r}; choose one of {', '.join(SOURCE_KINDS)}")

@@ -1,0 +1,171 @@
+"""Live daily prices from Yahoo Finance through ``yfinance``.
+
+Choices made deliberately:
+- ``auto_adjust=False``: we keep the printed OHLC (what a trader saw) *and* Yahoo's split/dividend
+  adjusted close in ``adj_close``; statistics use ``adj_close`` for returns. The offline replay
+  source follows the same convention, so both feed one schema.
+- One multi-ticker request per attempt; tickers that come back empty are retried with exponential
+  backoff, then reported as failed - each ticker succeeds or fails on its own.
+- ``yf.download`` does not raise when the network is down: it prints an error and returns an empty
+  frame. An empty or missing ticker is therefore a failure of that ticker, never "no new data".
+- Every HTTP request gets a bounded timeout (yfinance's own cookie/crumb calls would otherwise wait
+  30 s each), so a dead network fails in seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import polars as pl
+
+from finpipe.market.schema import PRICE_COLUMNS
+from finpipe.market.sources.base import FetchResult
+
+log = logging.getLogger(__name__)
+
+#: Yahoo column name -> canonical column name
+YAHOO_COLUMNS = {
+    "Open": "open",
+    "High": "high",
+    "Low": "low",
+    "Close": "close",
+    "Adj Close": "adj_close",
+    "Volume": "volume",
+}
+
+Downloader = Callable[..., Any]  # the signature of yfinance.download
+
+
+def capped_timeout_session(timeout_s: float):
+    """A curl_cffi session (what yfinance >= 0.2.54 requires) whose every request has a bounded timeout."""
+    from curl_cffi import requests as curl_requests
+
+    class CappedTimeoutSession(curl_requests.Session):
+        def request(self, method, url, *args, **kwargs):  # type: ignore[override]
+            given = kwargs.get("timeout")
+            kwargs["timeout"] = timeout_s if given is None else min(float(given), timeout_s)
+            return super().request(method, url, *args, **kwargs)
+
+    return CappedTimeoutSession(impersonate="chrome")
+
+
+def parse_download(frame: Any, tickers: Sequence[str], source_name: str) -> tuple[pl.DataFrame, dict[str, str]]:
+    """Turn a ``yf.download(..., group_by='column', multi_level_index=True)`` frame into canonical rows.
+
+    Returns (rows, {ticker: reason}) for tickers with no rows in the frame.
+    """
+    import pandas as pd
+
+    failures: dict[str, str] = {}
+    parts: list[pl.DataFrame] = []
+    if frame is None or len(frame) == 0 or not isinstance(frame.columns, pd.MultiIndex):
+        return pl.DataFrame(schema=PRICE_COLUMNS), {t: "empty download" for t in tickers}
+    missing_cols = set(YAHOO_COLUMNS) - set(frame.columns.get_level_values(0))
+    if missing_cols:
+        raise ValueError(
+            f"yfinance frame lacks {sorted(missing_cols)}: download with auto_adjust=False so 'Adj Close' is kept"
+        )
+    present = set(frame.columns.get_level_values(1))
+    for ticker in tickers:
+        if ticker not in present:
+            failures[ticker] = "ticker absent from the download"
+            continue
+        sub = frame.xs(ticker, axis=1, level=1)[list(YAHOO_COLUMNS)].dropna(how="all")
+        if sub.empty:
+            failures[ticker] = "empty download (no rows)"
+            continue
+        index = pd.DatetimeIndex(sub.index)
+        if index.tz is not None:
+            index = index.tz_localize(None)
+        parts.append(
+            pl.DataFrame(
+                {
+                    "ticker": ticker,
+                    "date": index.date,
+                    **{canon: sub[col].to_numpy(dtype="float64") for col, canon in YAHOO_COLUMNS.items()},
+                    "source": source_name,
+                }
+            )
+        )
+    rows = pl.concat(parts).select(list(PRICE_COLUMNS)) if parts else pl.DataFrame(schema=PRICE_COLUMNS)
+    return rows, failures
+
+
+class YahooSource:
+    name = "yahoo"
+    simulated = False
+
+    def __init__(
+        self,
+        timeout_s: float = 10.0,
+        max_attempts: int = 3,
+        backoff_s: float = 2.0,
+        downloader: Downloader | None = None,
+        session_factory: Callable[[float], Any] | None = capped_timeout_session,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self._downloader = downloader
+        self._session_factory = session_factory
+        self._sleep = sleep
+        self.attempts_made = 0
+
+    def available_until(self) -> dt.date | None:
+        return None
+
+    def _download(self, tickers: list[str], start: dt.date, end: dt.date) -> tuple[Any, dict[str, str]]:
+        import yfinance as yf
+
+        downloader = self._downloader or yf.download
+        session = self._session_factory(self.timeout_s) if self._session_factory else None
+        frame = downloader(
+            tickers,
+            start=start.isoformat(),
+            end=(end + dt.timedelta(days=1)).isoformat(),  # yfinance's end is exclusive
+            interval="1d",
+            auto_adjust=False,
+            actions=False,
+            group_by="column",
+            multi_level_index=True,
+            progress=False,
+            threads=False,
+            timeout=self.timeout_s,
+            session=session,
+        )
+        errors = {k: str(v) for k, v in getattr(yf.shared, "_ERRORS", {}).items()}
+        return frame, errors
+
+    def fetch(self, tickers: Sequence[str], start: dt.date, end: dt.date) -> FetchResult:
+        pending = list(dict.fromkeys(tickers))
+        got: list[pl.DataFrame] = []
+        reasons: dict[str, str] = {}
+        for attempt in range(1, self.max_attempts + 1):
+            self.attempts_made = attempt
+            try:
+                frame, errors = self._download(pending, start, end)
+                rows, failed = parse_download(frame, pending, self.name)
+                for ticker, why in failed.items():
+                    reasons[ticker] = f"{why}: {errors[ticker]}" if ticker in errors else why
+            except Exception as exc:  # network edge: any client error fails this attempt, not the run
+                rows, failed = pl.DataFrame(schema=PRICE_COLUMNS), {t: f"{type(exc).__name__}: {exc}" for t in pending}
+                reasons.update(failed)
+            got.append(rows)
+            pending = [t for t in pending if t in failed]
+            if not pending:
+                break
+            if attempt < self.max_attempts:
+                delay = self.backoff_s * 2 ** (attempt - 1)
+                log.warning("yahoo: %d ticker(s) failed (attempt %d/%d), retrying in %.1fs: %s",
+                            len(pending), attempt, self.max_attempts, delay, pending)
+                self._sleep(delay)
+        failures = {t: f"{reasons[t]} (after {self.max_attempts} attempts)" for t in pending}
+        return FetchResult(frame=pl.concat(got) if got else pl.DataFrame(schema=PRICE_COLUMNS), failures=failures)
