@@ -42,6 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ["FINPIPE_SOURCE"] = args.source
     if args.universe:
         os.environ["FINPIPE_UNIVERSE"] = args.universe
+    if args.tickers:
+        os.environ["FINPIPE_TICKERS"] = args.tickers
 
     import dagster as dg
 
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--end", type=_parse_date, help="last date to ingest (default: the source's last date, or today)")
     run.add_argument("--source", choices=["replay", "yahoo", "simulated"], help="overrides FINPIPE_SOURCE")
     run.add_argument("--universe", help="overrides FINPIPE_UNIVERSE (us_core, us_large_cap, india)")
+    run.add_argument("--tickers", help="comma-separated tickers replacing the universe's (overrides FINPIPE_TICKERS)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(func=cmd_run)
 

@@ -41,7 +41,7 @@ def daily_prices(
             description=f"every ticker failed from source {source.name} for {start}..{end}: "
             + "; ".join(f"{o.ticker}: {o.reason}" for o in expected[:5]),
             metadata={"failures": {o.ticker: o.reason for o in expected}},
-            allow_retries=source.name == "yahoo",
+            allow_retries=market_data.retry_when_all_fail and source.name == "yahoo",
         )
 
     prices_lake = lake.prices_lake()

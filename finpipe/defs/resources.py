@@ -41,11 +41,18 @@ class MarketDataResource(dg.ConfigurableResource):
 
     source: str = "replay"
     universe: str = "us_core"
+    # Optional explicit ticker list: replaces the universe's tickers (unknown symbols are traded on the
+    # universe's calendar), e.g. ["AAPL", "MSFT"].
+    tickers: list[str] = []
     replay_as_of: str = REPLAY_LAST_DATE.isoformat()
     simulation_seed: int = 7
     yahoo_timeout_s: float = 10.0
     yahoo_max_attempts: int = 3
     yahoo_backoff_s: float = 2.0
+    yahoo_deadline_s: float = 90.0  # the whole download, all attempts
+    yahoo_proxy: str = ""  # e.g. http://proxy.corp:3128; empty = direct
+    # When every ticker fails from a live source, let Dagster's retry policy rerun the step.
+    retry_when_all_fail: bool = True
 
     @field_validator("source")
     @classmethod
@@ -70,7 +77,7 @@ class MarketDataResource(dg.ConfigurableResource):
             raise ValueError(f"replay_as_of must be an ISO date (YYYY-MM-DD), got {value!r}") from None
         return value
 
-    @field_validator("yahoo_timeout_s", "yahoo_backoff_s")
+    @field_validator("yahoo_timeout_s", "yahoo_backoff_s", "yahoo_deadline_s")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
@@ -89,11 +96,13 @@ class MarketDataResource(dg.ConfigurableResource):
         return cls(
             source=os.environ.get("FINPIPE_SOURCE", "replay"),
             universe=os.environ.get("FINPIPE_UNIVERSE", "us_core"),
+            tickers=[t.strip() for t in os.environ.get("FINPIPE_TICKERS", "").split(",") if t.strip()],
             replay_as_of=os.environ.get("FINPIPE_REPLAY_AS_OF", REPLAY_LAST_DATE.isoformat()),
+            yahoo_proxy=os.environ.get("FINPIPE_YAHOO_PROXY", ""),
         )
 
     def get_universe(self) -> Universe:
-        return get_universe(self.universe)
+        return get_universe(self.universe).restricted_to(self.tickers) if self.tickers else get_universe(self.universe)
 
     def price_source(self) -> PriceSource:
         return make_source(
@@ -104,4 +113,6 @@ class MarketDataResource(dg.ConfigurableResource):
             yahoo_timeout_s=self.yahoo_timeout_s,
             yahoo_max_attempts=self.yahoo_max_attempts,
             yahoo_backoff_s=self.yahoo_backoff_s,
+            yahoo_proxy=self.yahoo_proxy,
+            yahoo_deadline_s=self.yahoo_deadline_s,
         )

@@ -29,6 +29,12 @@ class Universe:
     def symbols(self) -> list[str]:
         return [t.symbol for t in self.tickers]
 
+    def restricted_to(self, symbols: list[str]) -> "Universe":
+        """This universe with exactly ``symbols``; symbols it lacks trade on its calendar."""
+        known = {t.symbol: t for t in self.tickers}
+        chosen = tuple(known.get(s, Ticker(s, s, "equity")) for s in dict.fromkeys(symbols))
+        return Universe(self.name, f"{self.description} (restricted to {', '.join(symbols)})", self.calendar, chosen)
+
     def ticker(self, symbol: str) -> Ticker:
         for t in self.tickers:
             if t.symbol == symbol:

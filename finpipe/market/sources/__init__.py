@@ -26,11 +26,14 @@ def make_source(
     yahoo_timeout_s: float = 10.0,
     yahoo_max_attempts: int = 3,
     yahoo_backoff_s: float = 2.0,
+    yahoo_proxy: str | None = None,
+    yahoo_deadline_s: float = 90.0,
 ) -> PriceSource:
     if kind == "replay":
         return ReplaySource(as_of=replay_as_of)
     if kind == "simulated":
         return SimulatedSource(calendar=calendar, seed=simulation_seed)
     if kind == "yahoo":
-        return YahooSource(timeout_s=yahoo_timeout_s, max_attempts=yahoo_max_attempts, backoff_s=yahoo_backoff_s)
+        return YahooSource(timeout_s=yahoo_timeout_s, max_attempts=yahoo_max_attempts, backoff_s=yahoo_backoff_s,
+                           deadline_s=yahoo_deadline_s, proxy=yahoo_proxy or None)
     raise ValueError(f"unknown price source {kind!r}; choose one of {', '.join(SOURCE_KINDS)}")

@@ -9,11 +9,13 @@ Choices made deliberately:
 - ``yf.download`` does not raise when the network is down: it prints an error and returns an empty
   frame. An empty or missing ticker is therefore a failure of that ticker, never "no new data".
 - Every HTTP request gets a bounded timeout (yfinance's own cookie/crumb calls would otherwise wait
-  30 s each), so a dead network fails in seconds, not minutes.
+  30 s each), and the whole fetch (all attempts) has a deadline: a network that silently drops packets
+  fails within ``deadline_s`` instead of hanging for minutes.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import logging
 import time
@@ -39,7 +41,7 @@ YAHOO_COLUMNS = {
 Downloader = Callable[..., Any]  # the signature of yfinance.download
 
 
-def capped_timeout_session(timeout_s: float):
+def capped_timeout_session(timeout_s: float, proxy: str | None = None):
     """A curl_cffi session (what yfinance >= 0.2.54 requires) whose every request has a bounded timeout."""
     from curl_cffi import requests as curl_requests
 
@@ -49,7 +51,8 @@ def capped_timeout_session(timeout_s: float):
             kwargs["timeout"] = timeout_s if given is None else min(float(given), timeout_s)
             return super().request(method, url, *args, **kwargs)
 
-    return CappedTimeoutSession(impersonate="chrome")
+    proxies = {"http": proxy, "https": proxy} if proxy else None
+    return CappedTimeoutSession(impersonate="chrome", proxies=proxies)
 
 
 def parse_download(frame: Any, tickers: Sequence[str], source_name: str) -> tuple[pl.DataFrame, dict[str, str]]:
@@ -84,7 +87,7 @@ def parse_download(frame: Any, tickers: Sequence[str], source_name: str) -> tupl
             pl.DataFrame(
                 {
                     "ticker": ticker,
-                    "date": index.date,
+                    "date": pl.Series(list(index.date), dtype=pl.Date),
                     **{canon: sub[col].to_numpy(dtype="float64") for col, canon in YAHOO_COLUMNS.items()},
                     "source": source_name,
                 }
@@ -103,20 +106,26 @@ class YahooSource:
         timeout_s: float = 10.0,
         max_attempts: int = 3,
         backoff_s: float = 2.0,
+        deadline_s: float = 90.0,
         downloader: Downloader | None = None,
-        session_factory: Callable[[float], Any] | None = capped_timeout_session,
+        session_factory: Callable[..., Any] | None = capped_timeout_session,
         sleep: Callable[[float], None] = time.sleep,
+        proxy: str | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+        self.deadline_s = deadline_s
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self._downloader = downloader
         self._session_factory = session_factory
         self._sleep = sleep
+        self.proxy = proxy
         self.attempts_made = 0
 
     def available_until(self) -> dt.date | None:
@@ -124,9 +133,10 @@ class YahooSource:
 
     def _download(self, tickers: list[str], start: dt.date, end: dt.date) -> tuple[Any, dict[str, str]]:
         import yfinance as yf
+        from yfinance import shared as yf_shared  # where yfinance keeps per-ticker error messages
 
         downloader = self._downloader or yf.download
-        session = self._session_factory(self.timeout_s) if self._session_factory else None
+        session = self._session_factory(self.timeout_s, self.proxy) if self._session_factory else None
         frame = downloader(
             tickers,
             start=start.isoformat(),
@@ -141,31 +151,46 @@ class YahooSource:
             timeout=self.timeout_s,
             session=session,
         )
-        errors = {k: str(v) for k, v in getattr(yf.shared, "_ERRORS", {}).items()}
+        errors = {k: str(v) for k, v in getattr(yf_shared, "_ERRORS", {}).items()}
         return frame, errors
 
     def fetch(self, tickers: Sequence[str], start: dt.date, end: dt.date) -> FetchResult:
         pending = list(dict.fromkeys(tickers))
         got: list[pl.DataFrame] = []
         reasons: dict[str, str] = {}
-        for attempt in range(1, self.max_attempts + 1):
-            self.attempts_made = attempt
-            try:
-                frame, errors = self._download(pending, start, end)
-                rows, failed = parse_download(frame, pending, self.name)
-                for ticker, why in failed.items():
-                    reasons[ticker] = f"{why}: {errors[ticker]}" if ticker in errors else why
-            except Exception as exc:  # network edge: any client error fails this attempt, not the run
-                rows, failed = pl.DataFrame(schema=PRICE_COLUMNS), {t: f"{type(exc).__name__}: {exc}" for t in pending}
-                reasons.update(failed)
-            got.append(rows)
-            pending = [t for t in pending if t in failed]
-            if not pending:
-                break
-            if attempt < self.max_attempts:
-                delay = self.backoff_s * 2 ** (attempt - 1)
-                log.warning("yahoo: %d ticker(s) failed (attempt %d/%d), retrying in %.1fs: %s",
-                            len(pending), attempt, self.max_attempts, delay, pending)
-                self._sleep(delay)
-        failures = {t: f"{reasons[t]} (after {self.max_attempts} attempts)" for t in pending}
+        deadline = time.monotonic() + self.deadline_s
+        # yfinance cannot be cancelled: each attempt runs in a worker thread we stop waiting for at the
+        # deadline (its requests end on their own timeouts).
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="yfinance")
+        try:
+            for attempt in range(1, self.max_attempts + 1):
+                self.attempts_made = attempt
+                future = pool.submit(self._download, pending, start, end)
+                try:
+                    frame, errors = future.result(timeout=max(deadline - time.monotonic(), 0.0))
+                    rows, failed = parse_download(frame, pending, self.name)
+                    for ticker, why in failed.items():
+                        reasons[ticker] = f"{why}: {errors[ticker]}" if ticker in errors else why
+                except concurrent.futures.TimeoutError:
+                    why = f"no answer within the {self.deadline_s:.0f}s deadline (network unreachable or silent?)"
+                    return FetchResult(
+                        frame=pl.concat(got) if got else pl.DataFrame(schema=PRICE_COLUMNS),
+                        failures={t: f"{why} (attempt {attempt})" for t in pending},
+                    )
+                except Exception as exc:  # network edge: any client error fails this attempt, not the run
+                    rows = pl.DataFrame(schema=PRICE_COLUMNS)
+                    failed = {t: f"{type(exc).__name__}: {exc}" for t in pending}
+                    reasons.update(failed)
+                got.append(rows)
+                pending = [t for t in pending if t in failed]
+                if not pending:
+                    break
+                if attempt < self.max_attempts:
+                    delay = min(self.backoff_s * 2 ** (attempt - 1), max(deadline - time.monotonic(), 0.0))
+                    log.warning("yahoo: %d ticker(s) failed (attempt %d/%d), retrying in %.1fs: %s",
+                                len(pending), attempt, self.max_attempts, delay, pending)
+                    self._sleep(delay)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        failures = {t: f"{reasons[t]} (after {self.attempts_made} attempts)" for t in pending}
         return FetchResult(frame=pl.concat(got) if got else pl.DataFrame(schema=PRICE_COLUMNS), failures=failures)

@@ -1,0 +1,1 @@
+"""Market statistics derived from the clean price table (Polars; no Dagster)."""

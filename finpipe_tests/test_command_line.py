@@ -1,0 +1,110 @@
+"""The command-line entry points, run as a user runs them: separate processes on the test's own lake."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from finpipe.paths import LAKE_DB_NAME, REPO_ROOT
+
+BIN = Path(sys.executable).parent
+
+
+def run(cmd: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli_env(isolated_lake: Path, tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env.update(FINPIPE_LAKE_DIR=str(isolated_lake), DAGSTER_HOME=str(tmp_path / "dagster_home"),
+               DAGSTER_DISABLE_TELEMETRY="1")
+    (tmp_path / "dagster_home").mkdir()
+    (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return env
+
+
+def count_rows(lake_dir: Path) -> int:
+    con = duckdb.connect(str(lake_dir / LAKE_DB_NAME), read_only=True)
+    try:
+        return con.execute("SELECT count(*) FROM prices").fetchall()[0][0]
+    finally:
+        con.close()
+
+
+@pytest.mark.slow
+def test_finpipe_run_builds_the_lake_and_the_duckdb_shell_reads_it(cli_env, isolated_lake):
+    done = run([str(BIN / "finpipe"), "run", "--start", "2013-02-01", "--end", "2013-03-01"], cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"lake: {isolated_lake / LAKE_DB_NAME}" in done.stdout
+    assert count_rows(isolated_lake) == 4 * 20  # 20 NYSE sessions 2013-02-01..03-01 (Feb 18 closed)
+    shell = run([str(BIN / "duckdb"), str(isolated_lake / LAKE_DB_NAME), "-csv", "select count(*) from prices"], cli_env)
+    assert shell.returncode == 0, shell.stderr
+    assert shell.stdout.split() == ["count_star()", "80"]
+
+
+def test_finpipe_run_reports_configuration_errors_in_one_line(cli_env):
+    bad_universe = run([str(BIN / "finpipe"), "run", "--universe", "mars"], cli_env, timeout=120)
+    assert bad_universe.returncode == 2
+    assert "unknown universe 'mars'" in bad_universe.stderr
+    reversed_range = run([str(BIN / "finpipe"), "run", "--start", "2013-03-01", "--end", "2013-02-01"], cli_env, timeout=120)
+    assert reversed_range.returncode == 2
+    assert "--end 2013-02-01 is before --start 2013-03-01" in reversed_range.stderr
+
+
+@pytest.mark.slow
+def test_dagster_asset_materialize_cli(cli_env, isolated_lake):
+    done = run([str(BIN / "dagster"), "asset", "materialize", "-m", "finpipe.definitions",
+                "--select", "daily_prices", "--partition-range", "2013-02-25...2013-03-01"], cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert count_rows(isolated_lake) == 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_dagster_dev_serves_the_assets_over_graphql(cli_env):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO_ROOT, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group, so the whole tree stops with it
+    )
+    query = json.dumps({"query": "{ assetNodes { assetKey { path } groupName } }"}).encode()
+    try:
+        deadline = time.monotonic() + 120
+        nodes = None
+        while time.monotonic() < deadline and nodes is None:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=5) as response:
+                    payload = json.load(response)
+                nodes = payload["data"]["assetNodes"] or None  # empty while the code location loads
+            except (OSError, KeyError, TypeError):
+                pass
+            if nodes is None:
+                time.sleep(1)
+        assert nodes, "dagster dev did not answer GraphQL within 120 s"
+        assert {"path": ["daily_prices"]} in [n["assetKey"] for n in nodes]
+        assert {n["groupName"] for n in nodes} == {"market_data"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
