@@ -49,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from finpipe.defs.market_data import daily_prices, market_data_checks
     from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-    from finpipe.definitions import build_resources
+    from finpipe.definitions import DERIVED_ASSETS, DERIVED_CHECKS, build_resources
 
     resources = build_resources()
     market = resources["market_data"]
@@ -60,30 +60,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: --end {end} is before --start {start}", file=sys.stderr)
         return 2
     first_key, last_key = _partition_keys(start, end)
-    print(f"finpipe: ingesting {market.universe} from {source.name}, {first_key} .. {last_key}")
-    result = dg.materialize(
-        [daily_prices, *market_data_checks],
-        resources=resources,
-        instance=dg.DagsterInstance.get(),
-        tags={PARTITION_RANGE_START_TAG: first_key, PARTITION_RANGE_END_TAG: last_key},
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
+    instance = dg.DagsterInstance.get()
+    run_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+
+    # Run 1: the partitioned prices, the whole range in one run. Run 2: everything derived from them.
+    print(f"finpipe: [1/2] ingesting {market.universe} from {source.name}, {first_key} .. {last_key}")
+    ingest = dg.materialize(
+        [daily_prices, *market_data_checks], resources=resources, instance=instance, raise_on_error=False,
+        tags={PARTITION_RANGE_START_TAG: first_key, PARTITION_RANGE_END_TAG: last_key}, run_config=run_config,
     )
-    if not result.success:
-        print("finpipe: the run failed; see the log above (or `finpipe ui`, Runs tab).", file=sys.stderr)
+    if not _report(ingest, "ingestion"):
         return 1
-    failed_checks = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
     lake = resources["lake"]
-    counts = lake.prices_lake().query(
+    print(lake.prices_lake().query(
         "SELECT ticker, count(*) AS rows, min(date) AS first, max(date) AS last, any_value(source) AS source "
         "FROM prices GROUP BY ticker ORDER BY ticker"
-    )
-    print(counts)
+    ))
     print(f"lake: {lake.db_path}")
-    if failed_checks:
-        print(f"finpipe: checks failed: {', '.join(failed_checks)}", file=sys.stderr)
+    if args.only_lake:
+        return 0
+
+    print("finpipe: [2/2] statistics, instruction samples (quality gates), train/validation split")
+    derived = dg.materialize([*DERIVED_ASSETS, *DERIVED_CHECKS], resources=resources, instance=instance,
+                             raise_on_error=False, run_config=run_config)
+    if not _report(derived, "derived assets"):
         return 1
+    split = derived.asset_materializations_for_node("dataset_split")[0].metadata
+    print(f"datasets: {split['train_samples'].value} train / {split['val_samples'].value} val samples, "
+          f"cutoff {split['cutoff'].value}")
+    print(f"train: {split['train_path'].value}")
+    print(f"val:   {split['val_path'].value}")
     return 0
+
+
+def _report(result, what: str) -> bool:
+    failed_checks = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
+    if failed_checks:
+        print(f"finpipe: {what}: checks failed: {', '.join(failed_checks)}", file=sys.stderr)
+    if not result.success:
+        print(f"finpipe: the {what} run failed; see the log above (or `finpipe ui`, Runs tab).", file=sys.stderr)
+    return result.success and not failed_checks
 
 
 def _partition_keys(start: dt.date, end: dt.date) -> tuple[str, str]:
@@ -128,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", choices=["replay", "yahoo", "simulated"], help="overrides FINPIPE_SOURCE")
     run.add_argument("--universe", help="overrides FINPIPE_UNIVERSE (us_core, us_large_cap, india)")
     run.add_argument("--tickers", help="comma-separated tickers replacing the universe's (overrides FINPIPE_TICKERS)")
+    run.add_argument("--only-lake", action="store_true", help="stop after ingesting prices")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(func=cmd_run)
 

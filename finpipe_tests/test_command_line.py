@@ -41,14 +41,26 @@ def count_rows(lake_dir: Path) -> int:
 
 
 @pytest.mark.slow
-def test_finpipe_run_builds_the_lake_and_the_duckdb_shell_reads_it(cli_env, isolated_lake):
-    done = run([str(BIN / "finpipe"), "run", "--start", "2013-02-01", "--end", "2013-03-01"], cli_env)
+def test_finpipe_run_quickstart_default_builds_lake_and_datasets(cli_env, isolated_lake):
+    done = run([str(BIN / "finpipe"), "run"], cli_env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"lake: {isolated_lake / LAKE_DB_NAME}" in done.stdout
-    assert count_rows(isolated_lake) == 4 * 20  # 20 NYSE sessions 2013-02-01..03-01 (Feb 18 closed)
+    assert f"train: {isolated_lake / 'datasets/split/train.jsonl'}" in done.stdout
+    assert count_rows(isolated_lake) == 4 * 503  # NYSE sessions 2011-03-02..2013-03-01
     shell = run([str(BIN / "duckdb"), str(isolated_lake / LAKE_DB_NAME), "-csv", "select count(*) from prices"], cli_env)
     assert shell.returncode == 0, shell.stderr
-    assert shell.stdout.split() == ["count_star()", "80"]
+    assert shell.stdout.split() == ["count_star()", "2012"]
+    again = run([str(BIN / "finpipe"), "run"], cli_env)  # idempotent
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert count_rows(isolated_lake) == 4 * 503
+
+
+@pytest.mark.slow
+def test_finpipe_run_only_lake_on_a_short_range(cli_env, isolated_lake):
+    done = run([str(BIN / "finpipe"), "run", "--start", "2013-02-01", "--end", "2013-03-01", "--only-lake"], cli_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert count_rows(isolated_lake) == 4 * 20  # 20 NYSE sessions 2013-02-01..03-01 (Feb 18 closed)
+    assert "datasets:" not in done.stdout
 
 
 def test_finpipe_run_reports_configuration_errors_in_one_line(cli_env):
@@ -100,7 +112,9 @@ def test_dagster_dev_serves_the_assets_over_graphql(cli_env):
                 time.sleep(1)
         assert nodes, "dagster dev did not answer GraphQL within 120 s"
         assert {"path": ["daily_prices"]} in [n["assetKey"] for n in nodes]
-        assert {n["groupName"] for n in nodes} == {"market_data"}
+        assert {n["groupName"] for n in nodes} == {"market_data", "statistics", "datasets"}
+        keys = {n["assetKey"]["path"][0] for n in nodes}
+        assert {"price_statistics", "instruction_samples", "dataset_split"} <= keys
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -240,6 +240,22 @@ class PriceLake:
         if rows:
             con.executemany("INSERT OR REPLACE INTO instruments VALUES (?, ?, ?, ?, ?)", rows)
 
+    def replace_table(self, table: str, frame: pl.DataFrame) -> None:
+        """Replace a derived table (e.g. statistics) with ``frame`` atomically."""
+        if not table.isidentifier():
+            raise ValueError(f"not a table name: {table!r}")
+        with self.connect() as con:
+            con.register("incoming_frame", frame.to_arrow())
+            try:
+                con.execute("BEGIN TRANSACTION")
+                con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM incoming_frame")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            finally:
+                con.unregister("incoming_frame")
+
     # ---------------------------------------------------------------- reading
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:

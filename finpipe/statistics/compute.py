@@ -59,15 +59,22 @@ def compute_statistics(prices: pl.DataFrame, universe_of: dict[str, str] | None 
         dist_52w_low=pl.col("close") / pl.col("low_52w") - 1,
     )
 
-    # Wilder's RSI: exponential smoothing with alpha = 1/14 of gains and losses, from the first change on.
+    # Wilder's RSI: seed = simple mean of the first 14 gains/losses, then y = y_prev * 13/14 + x / 14,
+    # which is an adjust=False EWM started at the seed (nulls before it are skipped).
     change = p.diff().over(by)
-    alpha = 1.0 / RSI_WINDOW
+    row = pl.int_range(pl.len()).over(by)
+
+    def wilder(x: pl.Expr) -> pl.Expr:
+        seeded = pl.when(row < RSI_WINDOW).then(None).when(row == RSI_WINDOW).then(
+            x.rolling_mean(RSI_WINDOW).over(by)
+        ).otherwise(x)
+        return seeded.ewm_mean(alpha=1.0 / RSI_WINDOW, adjust=False).over(by)
+
     df = df.with_columns(
-        _gain=change.clip(lower_bound=0).ewm_mean(alpha=alpha, adjust=False, min_samples=RSI_WINDOW).over(by),
-        _loss=(-change).clip(lower_bound=0).ewm_mean(alpha=alpha, adjust=False, min_samples=RSI_WINDOW).over(by),
+        _gain=wilder(change.clip(lower_bound=0)), _loss=wilder((-change).clip(lower_bound=0))
     ).with_columns(
-        rsi_14=pl.when(pl.col("_loss") == 0)
-        .then(pl.when(pl.col("_gain").is_null()).then(None).otherwise(100.0))
+        rsi_14=pl.when(pl.col("_gain").is_null()).then(None)
+        .when(pl.col("_loss") == 0).then(100.0)
         .otherwise(100 - 100 / (1 + pl.col("_gain") / pl.col("_loss")))
     ).drop("_gain", "_loss")
 

@@ -10,8 +10,9 @@ Conventions (all windows count *trading sessions*, i.e. rows of one ticker, neve
   units of the date's printed close: ``level * close(t) / adj_close(t)``. A split or dividend inside a
   window therefore does not distort them, and they compare directly with the close a user sees.
 - ``pct_vs_sma_N = close / sma_N - 1``.
-- RSI-14: Wilder's RSI: gains and losses of ``adj_close`` smoothed with alpha = 1/14
-  (``100 - 100 / (1 + avg_gain / avg_loss)``); 100 when there were no losses.
+- RSI-14: Wilder's RSI on ``adj_close`` changes: average gain/loss seeded with the simple mean of the
+  first 14 changes, then ``avg = avg_prev * 13/14 + x / 14``; ``100 - 100 / (1 + avg_gain / avg_loss)``,
+  100 when there were no losses. First value on the 15th row of a ticker.
 - 52-week high/low: max/min adjusted close over the last 252 sessions (incl. today);
   ``dist_52w_high = close / high_52w - 1`` (<= 0), ``dist_52w_low = close / low_52w - 1`` (>= 0).
 - ``max_drawdown_252d``: the worst peak-to-trough fall of ``adj_close`` within the last 252 sessions,

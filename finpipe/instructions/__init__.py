@@ -1,0 +1,1 @@
+"""Grounded chat instruction datasets built from market statistics (no Dagster)."""
