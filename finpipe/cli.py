@@ -49,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from finpipe.defs.market_data import daily_prices, market_data_checks
     from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-    from finpipe.definitions import DERIVED_ASSETS, DERIVED_CHECKS, build_resources
+    from finpipe.definitions import DERIVED_ASSETS, DERIVED_CHECKS, MODEL_ASSETS, build_resources
 
     resources = build_resources()
     market = resources["market_data"]
@@ -64,7 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
 
     # Run 1: the partitioned prices, the whole range in one run. Run 2: everything derived from them.
-    print(f"finpipe: [1/2] ingesting {market.universe} from {source.name}, {first_key} .. {last_key}")
+    # Run 3: base model and adapter.
+    print(f"finpipe: [1/3] ingesting {market.universe} from {source.name}, {first_key} .. {last_key}")
     ingest = dg.materialize(
         [daily_prices, *market_data_checks], resources=resources, instance=instance, raise_on_error=False,
         tags={PARTITION_RANGE_START_TAG: first_key, PARTITION_RANGE_END_TAG: last_key}, run_config=run_config,
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.only_lake:
         return 0
 
-    print("finpipe: [2/2] statistics, instruction samples (quality gates), train/validation split")
+    print("finpipe: [2/3] statistics, instruction samples (quality gates), train/validation split")
     derived = dg.materialize([*DERIVED_ASSETS, *DERIVED_CHECKS], resources=resources, instance=instance,
                              raise_on_error=False, run_config=run_config)
     if not _report(derived, "derived assets"):
@@ -90,6 +91,29 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"cutoff {split['cutoff'].value}")
     print(f"train: {split['train_path'].value}")
     print(f"val:   {split['val_path'].value}")
+    if args.only_data:
+        return 0
+
+    from finpipe.defs.models import scratch_gpt
+
+    if args.base == "scratch":  # finpipe's own GPT is pretrained first, in its own run
+        print("finpipe: pretraining finpipe's own GPT (scratch_gpt)")
+        if not _report(dg.materialize([scratch_gpt], resources=resources, instance=instance, raise_on_error=False,
+                                      run_config=run_config), "scratch GPT"):
+            return 1
+    assets = MODEL_ASSETS
+    ops = {"base_model": {"config": {"model": args.base}},
+           "qlora_adapter": {"config": {"quantization": args.quantization, "max_steps": args.max_steps}}}
+    print(f"finpipe: [3/3] base model ({args.base}) and {args.quantization} adapter ({args.max_steps} steps)")
+    models = dg.materialize(assets, resources=resources, instance=instance, raise_on_error=False,
+                            run_config=run_config | {"ops": ops})
+    if not _report(models, "model"):
+        return 1
+    adapter = {k: v.value for k, v in models.asset_materializations_for_node("qlora_adapter")[0].metadata.items()}
+    print(f"adapter: {adapter['path']}")
+    print(f"  validation loss {adapter['initial_val_loss']} -> {adapter['best_val_loss']} in {adapter['steps']} steps, "
+          f"{adapter['wall_time_s']} s, {adapter['tokens_per_s']} tokens/s, peak {adapter['peak_memory_mb']} MB, "
+          f"{adapter['device']} {adapter['precision']}")
     return 0
 
 
@@ -145,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--universe", help="overrides FINPIPE_UNIVERSE (us_core, us_large_cap, india)")
     run.add_argument("--tickers", help="comma-separated tickers replacing the universe's (overrides FINPIPE_TICKERS)")
     run.add_argument("--only-lake", action="store_true", help="stop after ingesting prices")
+    run.add_argument("--only-data", action="store_true", help="stop after the datasets (no model training)")
+    run.add_argument("--base", default="smollm2",
+                     help="base model: smollm2 (embedded), scratch (finpipe's own GPT), a hub id or a local folder")
+    run.add_argument("--quantization", default="nf4", choices=["nf4", "none"], help="nf4 = QLoRA, none = LoRA")
+    run.add_argument("--max-steps", type=int, default=24, help="adapter training steps")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(func=cmd_run)
 

@@ -1,23 +1,33 @@
 """The finpipe Dagster code location (``dagster dev -w workspace.yaml`` loads ``defs``)."""
 
+import os
+
 import dagster as dg
 
 from finpipe.defs.datasets import dataset_checks, dataset_split, instruction_samples
 from finpipe.defs.market_data import daily_prices, market_data_checks
+from finpipe.defs.models import HuggingFaceResource, base_model, qlora_adapter, scratch_gpt
 from finpipe.defs.resources import LakeResource, MarketDataResource
 from finpipe.defs.statistics import price_statistics, statistics_sane
 
-#: everything downstream of the partitioned prices, materialized together after ingestion
+#: everything downstream of the partitioned prices up to the training data
 DERIVED_ASSETS = [price_statistics, instruction_samples, dataset_split]
 DERIVED_CHECKS = [statistics_sane, *dataset_checks]
+#: models: base (embedded SmolLM2 by default) and the adapter; scratch_gpt is the optional own GPT
+MODEL_ASSETS = [base_model, qlora_adapter]
 
 
 def build_resources() -> dict:
-    return {"lake": LakeResource(), "market_data": MarketDataResource.from_env()}
+    token = dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else ""  # secrets only from the environment
+    return {
+        "lake": LakeResource(),
+        "market_data": MarketDataResource.from_env(),
+        "huggingface": HuggingFaceResource(token=token),
+    }
 
 
 defs = dg.Definitions(
-    assets=[daily_prices, *DERIVED_ASSETS],
+    assets=[daily_prices, *DERIVED_ASSETS, scratch_gpt, *MODEL_ASSETS],
     asset_checks=[*market_data_checks, *DERIVED_CHECKS],
     resources=build_resources(),
 )

