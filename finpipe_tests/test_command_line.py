@@ -41,16 +41,21 @@ def count_rows(lake_dir: Path) -> int:
 
 
 @pytest.mark.slow
-def test_finpipe_run_quickstart_default_builds_lake_and_datasets(cli_env, isolated_lake):
-    done = run([str(BIN / "finpipe"), "run"], cli_env)
+def test_finpipe_run_quickstart_path_builds_lake_datasets_base_and_adapter(cli_env, isolated_lake):
+    # the Quickstart command with a 2-step training budget (the default 24 steps take ~7 min on 2 cores)
+    done = run([str(BIN / "finpipe"), "run", "--max-steps", "2"], cli_env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"lake: {isolated_lake / LAKE_DB_NAME}" in done.stdout
     assert f"train: {isolated_lake / 'datasets/split/train.jsonl'}" in done.stdout
+    latest = json.loads((isolated_lake / "models/adapters/latest.json").read_text())
+    assert f"adapter: {latest['path']}" in done.stdout and "in 2 steps" in done.stdout
+    assert (Path(latest["path"]) / "adapter_model.safetensors").exists()
+    assert latest["base"]["name"] == "SmolLM2-135M-Instruct"
     assert count_rows(isolated_lake) == 4 * 503  # NYSE sessions 2011-03-02..2013-03-01
     shell = run([str(BIN / "duckdb"), str(isolated_lake / LAKE_DB_NAME), "-csv", "select count(*) from prices"], cli_env)
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout.split() == ["count_star()", "2012"]
-    again = run([str(BIN / "finpipe"), "run"], cli_env)  # idempotent
+    again = run([str(BIN / "finpipe"), "run", "--only-data"], cli_env)  # idempotent
     assert again.returncode == 0, again.stderr[-3000:]
     assert count_rows(isolated_lake) == 4 * 503
 
@@ -112,9 +117,10 @@ def test_dagster_dev_serves_the_assets_over_graphql(cli_env):
                 time.sleep(1)
         assert nodes, "dagster dev did not answer GraphQL within 120 s"
         assert {"path": ["daily_prices"]} in [n["assetKey"] for n in nodes]
-        assert {n["groupName"] for n in nodes} == {"market_data", "statistics", "datasets"}
+        assert {n["groupName"] for n in nodes} == {"market_data", "statistics", "datasets", "models"}
         keys = {n["assetKey"]["path"][0] for n in nodes}
-        assert {"price_statistics", "instruction_samples", "dataset_split"} <= keys
+        assert {"price_statistics", "instruction_samples", "dataset_split", "base_model", "scratch_gpt",
+                "qlora_adapter"} <= keys
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

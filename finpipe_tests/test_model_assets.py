@@ -71,3 +71,12 @@ def test_embedded_smollm2_becomes_a_plain_hf_folder_that_answers(resources, isol
     assert "Paris" in answer
     again = dg.materialize([base_model], resources=resources)  # idempotent: no second conversion
     assert again.success
+
+
+def test_adapter_run_config_exposes_every_training_knob_with_the_same_defaults():
+    import dataclasses
+
+    from finpipe.defs.models import AdapterTrainingConfig
+    from finpipe.training.spec import AdapterSpec
+
+    assert AdapterTrainingConfig().model_dump() == dataclasses.asdict(AdapterSpec())

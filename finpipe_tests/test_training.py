@@ -157,6 +157,16 @@ def test_interrupted_training_keeps_the_previous_adapter_and_the_next_run_resume
     assert report.steps == 12 and (target / "adapter_model.safetensors").exists()
 
 
+def test_early_stopping_stops_a_diverging_run_and_restores_the_best_checkpoint(tiny_base, tmp_path):
+    from finpipe.training.sft import train_adapter
+
+    report = train_adapter(tiny_base, split().train, split().val, tmp_path / "job", tmp_path / "adapter",
+                           spec(learning_rate=5.0, max_steps=40, eval_steps=2, early_stopping_patience=1))
+    assert report.stopped_early and report.steps < 40
+    evals = [loss for _, loss in report.eval_losses[:-1]]  # the last entry is the final evaluate()
+    assert report.best_eval_loss == pytest.approx(min(evals), abs=1e-3)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"lora_r": 0}, "lora_r must be > 0, got 0"),
     ({"learning_rate": 0.0}, "learning_rate must be > 0, got 0.0"),

@@ -5,6 +5,7 @@ yfinance 1.x: columns MultiIndex (Price, Ticker), a ``Date`` index, a failed tic
 Its numbers are the real AAPL/MSFT bars of 2013-02-25..2013-03-01.
 """
 
+import logging
 import socket
 import threading
 import time
@@ -46,6 +47,9 @@ class FakeYahoo:
         if self.error is not None or len(self.calls) <= self.fail_first:
             raise self.error or ConnectionError("Could not resolve host: query2.finance.yahoo.com")
         keep = [c for c in self.frame.columns if c[1] in tickers]
+        for t in tickers:  # like yfinance 1.x, failures are only logged
+            if t not in self.frame.columns.get_level_values(1) or self.frame.xs(t, axis=1, level=1).isna().all().all():
+                logging.getLogger("yfinance").error(f"['{t}']: possibly delisted; no timezone found")
         return self.frame[keep]
 
 
@@ -90,6 +94,7 @@ def test_failed_ticker_is_retried_with_backoff_then_reported_and_others_kept():
     assert [c["tickers"] for c in fake.calls] == [["AAPL", "MSFT", "DEAD"], ["DEAD"], ["DEAD"]]
     assert src.delays == [2.0, 4.0]
     assert "empty download" in batch.failures["DEAD"] and "after 3 attempts" in batch.failures["DEAD"]
+    assert "possibly delisted; no timezone found" in batch.failures["DEAD"]  # yfinance's own reason, from its log
     assert batch.clean.height == 10
 
 

@@ -16,6 +16,7 @@ from finpipe.defs.metadata import markdown_table
 from finpipe.defs.resources import LakeResource
 from finpipe.models import registry
 from finpipe.models.files import folder_size
+from finpipe.training.spec import AdapterSpec
 
 
 class HuggingFaceResource(dg.ConfigurableResource):
@@ -129,25 +130,27 @@ def scratch_gpt(context: dg.AssetExecutionContext, config: ScratchGPTConfig, lak
 
 
 class AdapterTrainingConfig(dg.Config):
-    quantization: str = Field(default="nf4", description="'nf4' = QLoRA (4-bit NF4 base), 'none' = plain LoRA")
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    target_modules: str = Field(default="all-linear", description="'all-linear' or e.g. 'q_proj,v_proj'")
-    learning_rate: float = 2e-4
-    max_steps: int = 24
-    batch_size: int = 2
-    grad_accum: int = 1
-    max_seq_len: int = 384
-    warmup_ratio: float = 0.1
-    eval_steps: int = 8
-    early_stopping_patience: int = 3
-    packing: bool = True
-    gradient_checkpointing: bool = True
-    max_train_samples: int = Field(default=0, description="0 = the whole training split")
-    max_val_samples: int = Field(default=16, description="validation samples evaluated every eval_steps")
-    logging_steps: int = 5
-    seed: int = 42
+    """The UI/run-config face of ``AdapterSpec``: same fields, same defaults (validated by AdapterSpec)."""
+
+    quantization: str = Field(default=AdapterSpec.quantization, description="'nf4' = QLoRA (4-bit NF4 base), 'none' = plain LoRA")
+    lora_r: int = AdapterSpec.lora_r
+    lora_alpha: int = AdapterSpec.lora_alpha
+    lora_dropout: float = AdapterSpec.lora_dropout
+    target_modules: str = Field(default=AdapterSpec.target_modules, description="'all-linear' or e.g. 'q_proj,v_proj'")
+    learning_rate: float = AdapterSpec.learning_rate
+    max_steps: int = AdapterSpec.max_steps
+    batch_size: int = AdapterSpec.batch_size
+    grad_accum: int = AdapterSpec.grad_accum
+    max_seq_len: int = AdapterSpec.max_seq_len
+    warmup_ratio: float = AdapterSpec.warmup_ratio
+    eval_steps: int = AdapterSpec.eval_steps
+    early_stopping_patience: int = AdapterSpec.early_stopping_patience
+    packing: bool = AdapterSpec.packing
+    gradient_checkpointing: bool = AdapterSpec.gradient_checkpointing
+    max_train_samples: int = Field(default=AdapterSpec.max_train_samples, description="0 = the whole training split")
+    max_val_samples: int = Field(default=AdapterSpec.max_val_samples, description="validation samples per evaluation")
+    logging_steps: int = AdapterSpec.logging_steps
+    seed: int = AdapterSpec.seed
 
 
 @dg.asset(
@@ -163,7 +166,6 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
     from finpipe.instructions.samples import read_jsonl
     from finpipe.training.plots import loss_curve_png, markdown_image
     from finpipe.training.sft import train_adapter
-    from finpipe.training.spec import AdapterSpec
 
     spec = AdapterSpec(**config.model_dump())  # validates every knob before any work
     base = registry.read_pointer(registry.base_pointer(lake.directory))
@@ -180,8 +182,9 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
     registry.write_pointer(registry.latest_adapter_pointer(lake.directory),
                            {"run_id": run_id, "path": str(adapter_dir), "base": base, "fingerprint": fingerprint})
     shutil.rmtree(job_dir, ignore_errors=True)  # finished: checkpoints are only needed to resume
-    train_curve = pl.DataFrame(report.train_losses, schema=["step", "train_loss"], orient="row")
-    val_curve = pl.DataFrame(report.eval_losses, schema=["step", "val_loss"], orient="row").unique("step", keep="last")
+    train_curve = pl.DataFrame(report.train_losses, schema={"step": pl.Int64, "train_loss": pl.Float64}, orient="row")
+    val_curve = pl.DataFrame(report.eval_losses, schema={"step": pl.Int64, "val_loss": pl.Float64},
+                             orient="row").unique("step", keep="last", maintain_order=True)
     curves = markdown_table(train_curve.join(val_curve, on="step", how="full", coalesce=True).sort("step"), max_rows=60)
     return dg.MaterializeResult(metadata={
         "run_id": run_id,

@@ -31,6 +31,7 @@ def tokenizer_counter(tokenizer) -> TokenCounter:
     """Exact counts with a Hugging Face tokenizer and its chat template."""
 
     def count(messages: list[dict[str, str]]) -> int:
-        return len(tokenizer.apply_chat_template(messages, tokenize=True))
+        ids = tokenizer.apply_chat_template(messages, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
 
     return count

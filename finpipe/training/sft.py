@@ -170,8 +170,8 @@ def train_adapter(
     train_losses = [(h["step"], round(h["loss"], 4)) for h in history if "loss" in h]
     eval_losses = [(h["step"], round(h["eval_loss"], 4)) for h in history if "eval_loss" in h]
     tokens = int(max([h.get("num_tokens", 0) for h in history] + [0]))
-    if initial_eval is None:
-        initial_eval = next((loss for step, loss in eval_losses if step == 0), None)
+    if initial_eval is not None:  # train() starts a fresh log history: keep the step-0 evaluation in the curve
+        eval_losses.insert(0, (0, round(initial_eval, 4)))
 
     with atomic_dir(adapter_dir) as tmp:
         trainer.model.save_pretrained(str(tmp))

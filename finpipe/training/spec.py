@@ -17,17 +17,18 @@ class AdapterSpec:
     lora_dropout: float = 0.05
     target_modules: str = "all-linear"  # or a comma-separated list, e.g. "q_proj,v_proj"
     learning_rate: float = 2e-4
-    max_steps: int = 60
-    batch_size: int = 4
+    # defaults sized for the offline quickstart on 2 CPU cores (minutes); raise them on a GPU
+    max_steps: int = 24
+    batch_size: int = 2
     grad_accum: int = 1
-    max_seq_len: int = 512
+    max_seq_len: int = 384
     warmup_ratio: float = 0.1
-    eval_steps: int = 10
+    eval_steps: int = 8
     early_stopping_patience: int = 3
     packing: bool = True
     gradient_checkpointing: bool = True
     max_train_samples: int = 0  # 0 = all
-    max_val_samples: int = 64  # validation subset evaluated every eval_steps (CPU budget)
+    max_val_samples: int = 16  # validation subset evaluated every eval_steps (CPU budget)
     logging_steps: int = 5
     seed: int = 42
 

@@ -97,6 +97,23 @@ def parse_download(frame: Any, tickers: Sequence[str], source_name: str) -> tupl
     return rows, failures
 
 
+class _CapturedErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().strip())
+
+    def by_ticker(self, tickers: Sequence[str]) -> dict[str, str]:
+        out = {}
+        for ticker in tickers:
+            hits = [m for m in self.messages if ticker in m]
+            if hits:
+                out[ticker] = hits[-1][:300]
+        return out
+
+
 class YahooSource:
     name = "yahoo"
     simulated = False
@@ -133,26 +150,31 @@ class YahooSource:
 
     def _download(self, tickers: list[str], start: dt.date, end: dt.date) -> tuple[Any, dict[str, str]]:
         import yfinance as yf
-        from yfinance import shared as yf_shared  # where yfinance keeps per-ticker error messages
 
         downloader = self._downloader or yf.download
         session = self._session_factory(self.timeout_s, self.proxy) if self._session_factory else None
-        frame = downloader(
-            tickers,
-            start=start.isoformat(),
-            end=(end + dt.timedelta(days=1)).isoformat(),  # yfinance's end is exclusive
-            interval="1d",
-            auto_adjust=False,
-            actions=False,
-            group_by="column",
-            multi_level_index=True,
-            progress=False,
-            threads=False,
-            timeout=self.timeout_s,
-            session=session,
-        )
-        errors = {k: str(v) for k, v in getattr(yf_shared, "_ERRORS", {}).items()}
-        return frame, errors
+        # yfinance reports per-ticker failures only through its logger (shared._ERRORS stays empty in 1.x)
+        captured = _CapturedErrors()
+        yf_log = logging.getLogger("yfinance")
+        yf_log.addHandler(captured)
+        try:
+            frame = downloader(
+                tickers,
+                start=start.isoformat(),
+                end=(end + dt.timedelta(days=1)).isoformat(),  # yfinance's end is exclusive
+                interval="1d",
+                auto_adjust=False,
+                actions=False,
+                group_by="column",
+                multi_level_index=True,
+                progress=False,
+                threads=False,
+                timeout=self.timeout_s,
+                session=session,
+            )
+        finally:
+            yf_log.removeHandler(captured)
+        return frame, captured.by_ticker(tickers)
 
     def fetch(self, tickers: Sequence[str], start: dt.date, end: dt.date) -> FetchResult:
         pending = list(dict.fromkeys(tickers))

@@ -1,0 +1,1 @@
+"""Scoring generated answers against grounded samples (no Dagster)."""
