@@ -46,8 +46,12 @@ def spec(**changes) -> AdapterSpec:
     return AdapterSpec(**(base | changes))
 
 
-def test_qlora_trains_through_4bit_layers_and_loss_falls(tiny_base, tmp_path):
+def test_qlora_trains_through_4bit_layers_and_loss_falls(tiny_base, tmp_path, monkeypatch):
     import bitsandbytes as bnb
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # training must write nothing into the working directory (TensorBoard's ./runs)
 
     from finpipe.training.device import plan_device
     from finpipe.training.sft import load_base, train_adapter
@@ -61,11 +65,15 @@ def test_qlora_trains_through_4bit_layers_and_loss_falls(tiny_base, tmp_path):
     assert report.steps == 16 and report.quantization == "nf4"
     assert report.best_eval_loss < report.initial_eval_loss - 0.2, (report.initial_eval_loss, report.eval_losses)
     assert report.train_losses[-1][1] < report.train_losses[0][1]
+    from transformers import AutoModelForCausalLM
+
+    assert report.total_params == AutoModelForCausalLM.from_pretrained(tiny_base).num_parameters()
     assert 0 < report.trainable_params < report.total_params
     assert report.train_tokens > 0 and report.tokens_per_s > 0 and report.peak_memory_mb > 0
     saved = json.loads((tmp_path / "adapter" / "training_report.json").read_text())
     assert saved["best_eval_loss"] == report.best_eval_loss
     assert list((tmp_path / "adapter" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert not any(cwd.iterdir()), list(cwd.rglob("*"))
 
 
 def test_lora_gradients_are_identical_with_and_without_a_prior_eval_forward(tiny_base):

@@ -70,6 +70,11 @@ def load_base(base_dir: str | Path, quantization: str, plan: DevicePlan):
     return model
 
 
+def count_parameters(model) -> int:
+    """Logical parameter count: a 4-bit ``Params4bit`` tensor packs two weights per stored byte."""
+    return sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+
+
 def _peak_memory_mb(plan: DevicePlan) -> float:
     if plan.device == "cuda":
         import torch
@@ -106,7 +111,7 @@ def train_adapter(
     plan = plan_device()
     log(f"training on {plan.note}")
     model = load_base(base_dir, spec.quantization, plan)
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = count_parameters(model)
     if spec.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
@@ -132,7 +137,7 @@ def train_adapter(
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=spec.logging_steps,
-        report_to=["tensorboard"],
+        report_to=[],  # TensorBoard through the explicit callback below
         max_length=spec.max_seq_len,
         packing=spec.packing,
         assistant_only_loss=True,
@@ -147,10 +152,17 @@ def train_adapter(
         disable_tqdm=True,
         dataset_num_proc=None,
     )
+    # An explicit writer: transformers' own TensorBoard callback opens its writer at the first log call, and
+    # the initial evaluate() below logs before train() sets its directory, so it wrote into ./runs (cwd).
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(job_dir / "runs")))
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=to_ds(train), eval_dataset=to_ds(val), processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[*([EarlyStoppingCallback(spec.early_stopping_patience)] if spec.early_stopping_patience else []),
+        callbacks=[tensorboard,
+                   *([EarlyStoppingCallback(spec.early_stopping_patience)] if spec.early_stopping_patience else []),
                    *callbacks],
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -173,6 +185,7 @@ def train_adapter(
     if initial_eval is not None:  # train() starts a fresh log history: keep the step-0 evaluation in the curve
         eval_losses.insert(0, (0, round(initial_eval, 4)))
 
+    tensorboard.tb_writer.close()
     with atomic_dir(adapter_dir) as tmp:
         trainer.model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
