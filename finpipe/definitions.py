@@ -4,7 +4,9 @@ import os
 
 import dagster as dg
 
+from finpipe.defs.automation import nightly_retrain, nightly_schedule, refresh_on_new_prices
 from finpipe.defs.datasets import dataset_checks, dataset_split, instruction_samples
+from finpipe.defs.evaluation import evaluation_assets, evaluation_checks
 from finpipe.defs.market_data import daily_prices, market_data_checks
 from finpipe.defs.models import HuggingFaceResource, base_model, qlora_adapter, scratch_gpt
 from finpipe.defs.resources import LakeResource, MarketDataResource
@@ -13,8 +15,10 @@ from finpipe.defs.statistics import price_statistics, statistics_sane
 #: everything downstream of the partitioned prices up to the training data
 DERIVED_ASSETS = [price_statistics, instruction_samples, dataset_split]
 DERIVED_CHECKS = [statistics_sane, *dataset_checks]
-#: models: base (embedded SmolLM2 by default) and the adapter; scratch_gpt is the optional own GPT
-MODEL_ASSETS = [base_model, qlora_adapter]
+#: models: base (embedded SmolLM2 by default), the adapter, its evaluation, report and promotion;
+#: scratch_gpt is the optional own GPT
+MODEL_ASSETS = [base_model, qlora_adapter, *evaluation_assets]
+MODEL_CHECKS = evaluation_checks
 
 
 def build_resources() -> dict:
@@ -28,6 +32,9 @@ def build_resources() -> dict:
 
 defs = dg.Definitions(
     assets=[daily_prices, *DERIVED_ASSETS, scratch_gpt, *MODEL_ASSETS],
-    asset_checks=[*market_data_checks, *DERIVED_CHECKS],
+    asset_checks=[*market_data_checks, *DERIVED_CHECKS, *MODEL_CHECKS],
+    jobs=[nightly_retrain],
+    schedules=[nightly_schedule],
+    sensors=[refresh_on_new_prices],
     resources=build_resources(),
 )

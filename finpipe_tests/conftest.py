@@ -35,3 +35,27 @@ def lake_resources(isolated_lake: Path):
 
 def d(text: str) -> dt.date:
     return dt.date.fromisoformat(text)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama with a BPE tokenizer trained on the samples (seconds)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finpipe.instructions.split import SplitSpec, temporal_split
+    from finpipe.models.scratch import train_tokenizer
+    from finpipe_tests.test_instruction_datasets import samples
+
+    train = temporal_split(samples(date_stride=9), SplitSpec(val_fraction=0.2)).train
+    tokenizer = train_tokenizer([f"{s.text_of('user')}\n{s.text_of('assistant')}" for s in train], vocab_size=600)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    folder = tmp_path_factory.mktemp("tiny_base")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -79,4 +79,5 @@ def test_adapter_run_config_exposes_every_training_knob_with_the_same_defaults()
     from finpipe.defs.models import AdapterTrainingConfig
     from finpipe.training.spec import AdapterSpec
 
-    assert AdapterTrainingConfig().model_dump() == dataclasses.asdict(AdapterSpec())
+    assert AdapterTrainingConfig().model_dump(exclude={"warm_start"}) == dataclasses.asdict(AdapterSpec())
+    assert AdapterTrainingConfig().warm_start == "none"  # fresh by default; the nightly schedule warm-starts

@@ -18,27 +18,6 @@ def split():
     return temporal_split(build(date_stride=9), SplitSpec(val_fraction=0.2))
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer Llama with a BPE tokenizer trained on the samples (seconds)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from finpipe.models.scratch import train_tokenizer
-
-    texts = [f"{s.text_of('user')}\n{s.text_of('assistant')}" for s in split().train]
-    tokenizer = train_tokenizer(texts, vocab_size=600)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    folder = tmp_path_factory.mktemp("tiny_base")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def spec(**changes) -> AdapterSpec:
     base = dict(quantization="nf4", lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, max_steps=16,
                 batch_size=4, max_seq_len=512, eval_steps=4, early_stopping_patience=0, max_train_samples=160,

@@ -10,6 +10,7 @@ import polars as pl
 from pydantic import Field
 
 from finpipe.defs.metadata import markdown_table
+from finpipe.defs.partitions import REFRESH_WHEN_PRICES_LAND
 from finpipe.defs.resources import LakeResource
 from finpipe.defs.statistics import STATISTICS_TABLE, price_statistics
 from finpipe.instructions import families
@@ -37,6 +38,11 @@ def split_dir(lake: LakeResource) -> Path:
     return datasets_dir(lake) / "split"
 
 
+def golden_path(lake: LakeResource) -> Path:
+    """The frozen golden evaluation set (written once by the evaluation asset)."""
+    return datasets_dir(lake) / "golden.jsonl"
+
+
 class InstructionSamplesConfig(dg.Config):
     seed: int = Field(default=42, description="fixes phrasings, horizons and pairs: same seed, same bytes")
     date_stride: int = Field(default=3, description="every Nth session (from the newest) is an as-of date")
@@ -49,6 +55,7 @@ class InstructionSamplesConfig(dg.Config):
 @dg.asset(
     deps=[price_statistics],
     group_name="datasets",
+    automation_condition=REFRESH_WHEN_PRICES_LAND,
     kinds={"polars", "json"},
     description="Grounded chat samples {messages: [system, user, assistant]} with structured expected "
     "numbers and labels, rendered from price_statistics; written to datasets/samples.jsonl.",
@@ -120,15 +127,18 @@ class DatasetSplitConfig(dg.Config):
 @dg.asset(
     deps=[instruction_samples],
     group_name="datasets",
+    automation_condition=REFRESH_WHEN_PRICES_LAND,
     kinds={"json"},
     description="Temporal split: val = samples dated after the cutoff; deduplicated; no text shared across "
-    "sides. Exports datasets/split/train.jsonl and val.jsonl.",
+    "sides; the frozen golden evaluation set is held out of both. Exports datasets/split/train.jsonl and val.jsonl.",
 )
 def dataset_split(context: dg.AssetExecutionContext, config: DatasetSplitConfig,
                   lake: LakeResource) -> dg.MaterializeResult:
     cutoff = dt.date.fromisoformat(config.cutoff) if config.cutoff else None
     spec = SplitSpec(val_fraction=config.val_fraction, cutoff=cutoff, embargo_days=config.embargo_days)
-    split = temporal_split(read_jsonl(samples_path(lake)), spec)
+    golden = golden_path(lake)
+    holdout = read_jsonl(golden) if golden.exists() else []  # the frozen evaluation set never trains
+    split = temporal_split(read_jsonl(samples_path(lake)), spec, holdout=holdout)
     out = split_dir(lake)
     train_path, val_path = out / "train.jsonl", out / "val.jsonl"
     write_jsonl(split.train, train_path)

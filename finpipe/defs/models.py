@@ -151,6 +151,8 @@ class AdapterTrainingConfig(dg.Config):
     max_val_samples: int = Field(default=AdapterSpec.max_val_samples, description="validation samples per evaluation")
     logging_steps: int = AdapterSpec.logging_steps
     seed: int = AdapterSpec.seed
+    warm_start: str = Field(default="none", description="'none' = fresh LoRA; 'champion' = continue from the "
+                            "champion adapter's weights when it was trained on the same base (the nightly run does)")
 
 
 @dg.asset(
@@ -167,16 +169,30 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
     from finpipe.training.plots import loss_curve_png, markdown_image
     from finpipe.training.sft import train_adapter
 
-    spec = AdapterSpec(**config.model_dump())  # validates every knob before any work
+    if config.warm_start not in ("none", "champion"):
+        raise dg.Failure(f"warm_start must be 'none' or 'champion', got {config.warm_start!r}")
+    spec = AdapterSpec(**config.model_dump(exclude={"warm_start"}))  # validates every knob before any work
     base = registry.read_pointer(registry.base_pointer(lake.directory))
+    init_adapter = None
+    if config.warm_start == "champion":
+        pointer = registry.champion_pointer(lake.directory)
+        champion = registry.read_pointer(pointer) if pointer.exists() else None
+        if champion is None:
+            context.log.info("warm start: no champion yet, training a fresh adapter")
+        elif champion["base"]["path"] != base["path"]:
+            context.log.warning(f"warm start: the champion {champion['run_id']} was trained on "
+                                f"{champion['base']['name']}, not {base['name']}: training a fresh adapter")
+        else:
+            init_adapter = champion["path"]
     train_path, val_path = split_dir(lake) / "train.jsonl", split_dir(lake) / "val.jsonl"
-    fingerprint = spec.fingerprint(base["path"], str(os.path.getmtime(train_path)), str(train_path.stat().st_size))
+    fingerprint = spec.fingerprint(base["path"], str(os.path.getmtime(train_path)), str(train_path.stat().st_size),
+                                   str(init_adapter))
     adapters = registry.adapters_dir(lake.directory)
     job_dir = adapters / "_jobs" / fingerprint
     run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{context.run_id[:8]}"
     adapter_dir = adapters / run_id
     report = train_adapter(base["path"], read_jsonl(train_path), read_jsonl(val_path), job_dir, adapter_dir, spec,
-                           log=context.log.info)
+                           log=context.log.info, init_adapter=init_adapter)
     png = loss_curve_png(report.train_losses, report.eval_losses, adapter_dir / "loss.png",
                          f"{spec.quantization} adapter on {base['name']}")
     registry.write_pointer(registry.latest_adapter_pointer(lake.directory),
@@ -198,6 +214,7 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
         "steps": report.steps,
         "stopped_early": report.stopped_early,
         "resumed_from": report.resumed_from or "",
+        "warm_start": report.warm_start or "",
         "train_tokens": report.train_tokens,
         "tokens_per_s": report.tokens_per_s,
         "wall_time_s": report.seconds,

@@ -19,3 +19,8 @@ trading_days = dg.TimeWindowPartitionsDefinition(
 # Run tags that make one run cover a partition range (assets with a single-run backfill policy).
 PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
 PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
+
+# Eager refresh of assets downstream of the prices. Plain `eager()` waits until no upstream partition is
+# missing, but most weekday partitions since 2000 are never materialized (a lake holds a chosen window),
+# so that guard would block forever: drop it, keep the rest (new data, nothing in progress).
+REFRESH_WHEN_PRICES_LAND = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())

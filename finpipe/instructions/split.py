@@ -4,13 +4,15 @@ Validation = samples whose as-of date is after a cutoff; train = samples at or b
 optional embargo of ``embargo_days`` before the cutoff (so train facts computed over trailing windows
 do not overlap the first validation days). Undated samples (external data) go to train only.
 Exact duplicates (same user and assistant text) are dropped, keeping the earliest; any train sample
-that shares its user or assistant text with a validation sample is dropped from train.
+that shares its user or assistant text with a validation sample is dropped from train, and so is any
+sample (either side) that shares text with a ``holdout`` set (the frozen golden evaluation set).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from finpipe.instructions.samples import Sample
 
@@ -49,11 +51,19 @@ def choose_cutoff(samples: list[Sample], val_fraction: float) -> dt.date:
     return cutoff
 
 
-def temporal_split(samples: list[Sample], spec: SplitSpec) -> Split:
-    dropped = {"duplicates": 0, "embargo": 0, "shared_text": 0}
+def _texts(samples: Sequence[Sample]) -> set[str]:
+    return {s.text_of("user") for s in samples} | {s.text_of("assistant") for s in samples}
+
+
+def temporal_split(samples: list[Sample], spec: SplitSpec, holdout: Sequence[Sample] = ()) -> Split:
+    dropped = {"duplicates": 0, "embargo": 0, "shared_text": 0, "holdout": 0}
     unique: list[Sample] = []
     seen: set[tuple[str, str]] = set()
+    held = _texts(holdout)
     for s in sorted(samples, key=lambda s: (s.as_of or "", s.id)):
+        if held and (s.text_of("user") in held or s.text_of("assistant") in held):
+            dropped["holdout"] += 1
+            continue
         key = (s.text_of("user"), s.text_of("assistant"))
         if key in seen:
             dropped["duplicates"] += 1
@@ -72,7 +82,7 @@ def temporal_split(samples: list[Sample], spec: SplitSpec) -> Split:
             dropped["embargo"] += 1
             continue
         train.append(s)
-    val_texts = {s.text_of("user") for s in val} | {s.text_of("assistant") for s in val}
+    val_texts = _texts(val)
     kept = [s for s in train if s.text_of("user") not in val_texts and s.text_of("assistant") not in val_texts]
     dropped["shared_text"] = len(train) - len(kept)
     if not val:

@@ -5,6 +5,7 @@ Pointers are replaced atomically (write temp + rename), so a reader sees the old
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import tempfile
@@ -39,3 +40,118 @@ def adapters_dir(lake_dir: Path) -> Path:
 
 def latest_adapter_pointer(lake_dir: Path) -> Path:
     return adapters_dir(lake_dir) / "latest.json"
+
+
+def champion_pointer(lake_dir: Path) -> Path:
+    """The promoted adapter: written only by promotion, only when a challenger wins."""
+    return adapters_dir(lake_dir) / "champion.json"
+
+
+def resolve_adapter(lake_dir: Path, which: str) -> dict | None:
+    """``champion`` | ``latest`` | ``none`` | a folder -> the pointer payload ({run_id, path, base}) or None."""
+    if which == "none":
+        return None
+    if which in ("champion", "latest"):
+        pointer = champion_pointer(lake_dir) if which == "champion" else latest_adapter_pointer(lake_dir)
+        if not pointer.exists():
+            raise FileNotFoundError(
+                f"no {which} adapter yet ({pointer} is missing): run `finpipe run` first"
+                + (" (a run promotes its adapter when it beats the base model and the previous champion)"
+                   if which == "champion" else "")
+            )
+        return read_pointer(pointer)
+    folder = Path(which).expanduser().resolve()
+    if not (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
+    return {"run_id": folder.name, "path": str(folder), "base": read_pointer(base_pointer(lake_dir))}
+
+
+# --------------------------------------------------------------------------- the run registry (in the lake)
+
+RUNS_SQL = """
+CREATE TABLE IF NOT EXISTS model_runs (
+    run_id          VARCHAR PRIMARY KEY,
+    created_at      TIMESTAMP NOT NULL,
+    base_model      VARCHAR NOT NULL,
+    quantization    VARCHAR NOT NULL,
+    train_first     DATE,
+    train_last      DATE,
+    val_cutoff      DATE,
+    config_hash     VARCHAR NOT NULL,
+    adapter_path    VARCHAR NOT NULL,
+    golden_hash     VARCHAR,
+    val_loss        DOUBLE,
+    base_val_loss   DOUBLE,
+    golden_loss     DOUBLE,
+    golden_numeric_fidelity DOUBLE,
+    golden_label_accuracy   DOUBLE,
+    golden_rouge_l  DOUBLE,
+    metrics_json    VARCHAR,
+    status          VARCHAR NOT NULL,   -- evaluated | champion | rejected | retired
+    decided_at      TIMESTAMP,
+    reason          VARCHAR
+)
+"""
+RUN_STATUSES = ("evaluated", "champion", "rejected", "retired")
+
+
+class RunRegistry:
+    """``model_runs`` in the lake: one row per evaluated adapter, its data window, config hash, metrics,
+    path and promotion status. The champion pointer file mirrors the row whose status is ``champion``."""
+
+    def __init__(self, lake) -> None:  # a finpipe.market.lake.PriceLake
+        self.lake = lake
+
+    def record(self, row: dict) -> None:
+        """Insert or replace one run (re-evaluating a run replaces its row)."""
+        row = dict(row)
+        if row.get("status", "evaluated") not in RUN_STATUSES:
+            raise ValueError(f"status must be one of {RUN_STATUSES}, got {row['status']!r}")
+        row.setdefault("status", "evaluated")
+        if isinstance(row.get("metrics_json"), dict):
+            row["metrics_json"] = json.dumps(row["metrics_json"], sort_keys=True)
+        with self.lake.connect() as con:
+            con.execute(RUNS_SQL)
+            columns = [c[0] for c in con.execute("DESCRIBE model_runs").fetchall()]
+            unknown = set(row) - set(columns)
+            if unknown:
+                raise ValueError(f"unknown model_runs columns: {sorted(unknown)}")
+            names = [c for c in columns if c in row]
+            con.execute(f"INSERT OR REPLACE INTO model_runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                        [row[c] for c in names])
+
+    def get(self, run_id: str) -> dict | None:
+        frame = self.runs(where="run_id = ?", params=[run_id])
+        return frame.row(0, named=True) if frame.height else None
+
+    def runs(self, where: str = "1=1", params: list | None = None):
+        """All runs, newest first, as a Polars frame (empty with the right columns before the first run)."""
+        with self.lake.connect() as con:
+            con.execute(RUNS_SQL)
+            return con.sql(f"SELECT * FROM model_runs WHERE {where} ORDER BY created_at DESC, run_id DESC",
+                           params=params or []).pl()
+
+    def promote(self, run_id: str, pointer: Path, payload: dict, reason: str) -> None:
+        """Make ``run_id`` the champion: the table (previous champion -> retired) in one transaction, then the
+        pointer file in one rename. A crash between the two leaves the old pointer, which promotion repairs
+        on its next run (the table is the record; the pointer follows it)."""
+        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        with self.lake.connect() as con:
+            con.execute(RUNS_SQL)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute("UPDATE model_runs SET status = 'retired' WHERE status = 'champion' AND run_id <> ?", [run_id])
+                con.execute("UPDATE model_runs SET status = 'champion', decided_at = ?, reason = ? WHERE run_id = ?",
+                            [now, reason, run_id])
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        write_pointer(pointer, payload)
+
+    def reject(self, run_id: str, reason: str) -> None:
+        now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        with self.lake.connect() as con:
+            con.execute(RUNS_SQL)
+            con.execute("UPDATE model_runs SET status = 'rejected', decided_at = ?, reason = ? WHERE run_id = ?",
+                        [now, reason, run_id])

@@ -49,6 +49,7 @@ class TrainReport:
     peak_memory_mb: float = 0.0
     adapter_bytes: int = 0
     longest_prompt_tokens: int = 0
+    warm_start: str | None = None
     spec: dict = field(default_factory=dict)
 
 
@@ -92,7 +93,10 @@ def train_adapter(
     spec: AdapterSpec,
     callbacks: Sequence = (),
     log=print,
+    init_adapter: str | Path | None = None,
 ) -> TrainReport:
+    """Train and save an adapter. ``init_adapter``: continue from an existing adapter's weights (warm start,
+    e.g. the champion: the nightly run refines yesterday's adapter on the new data); its LoRA shape wins."""
     import datasets
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, EarlyStoppingCallback
@@ -116,6 +120,12 @@ def train_adapter(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                       target_modules=spec.target_modules_value, task_type="CAUSAL_LM", bias="none")
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        log(f"warm start from {init_adapter}")
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        lora = None  # the adapter is already attached
 
     to_ds = lambda samples: datasets.Dataset.from_list([{"messages": s.messages} for s in samples])  # noqa: E731
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +210,8 @@ def train_adapter(
             train_losses=train_losses, eval_losses=eval_losses, train_tokens=tokens,
             tokens_per_s=round(tokens / seconds, 1) if tokens and seconds else 0.0,
             seconds=round(seconds, 1), peak_memory_mb=round(_peak_memory_mb(plan), 1),
-            adapter_bytes=folder_size(tmp), longest_prompt_tokens=longest, spec=asdict(spec),
+            adapter_bytes=folder_size(tmp), longest_prompt_tokens=longest,
+            warm_start=str(init_adapter) if init_adapter is not None else None, spec=asdict(spec),
         )
         (tmp / "training_report.json").write_text(json.dumps(asdict(report), indent=2))
     report.adapter_bytes = folder_size(adapter_dir)

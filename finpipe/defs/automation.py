@@ -1,0 +1,57 @@
+"""Nightly retraining and refresh-on-new-data.
+
+- ``nightly_retrain`` (job): the day's price partition, statistics, datasets, base model, adapter (warm-started
+  from the champion), evaluation, report and promotion, in one run.
+- ``nightly_schedule``: weekdays after the close, timezone-aware. Default 18:30 America/New_York (US close
+  16:00 + data settling); override with ``FINPIPE_NIGHTLY_CRON`` / ``FINPIPE_NIGHTLY_TIMEZONE`` (e.g.
+  ``0 18 * * 1-5`` / ``Asia/Kolkata`` for the India universe, close 15:30 IST). Off until switched on in the UI.
+- ``refresh_on_new_prices``: an automation-condition sensor; statistics and datasets are ``eager``, so any new
+  price partition (a manual backfill, a late day) refreshes them without retraining.
+"""
+
+import os
+
+import dagster as dg
+
+from finpipe.defs.datasets import dataset_split, instruction_samples
+from finpipe.defs.evaluation import adapter_evaluation, champion_adapter, evaluation_report
+from finpipe.defs.market_data import daily_prices
+from finpipe.defs.models import base_model, qlora_adapter
+from finpipe.defs.statistics import price_statistics
+
+NIGHTLY_CRON = os.environ.get("FINPIPE_NIGHTLY_CRON", "30 18 * * 1-5")
+NIGHTLY_TIMEZONE = os.environ.get("FINPIPE_NIGHTLY_TIMEZONE", "America/New_York")
+
+NIGHTLY_ASSETS = [daily_prices, price_statistics, instruction_samples, dataset_split, base_model, qlora_adapter,
+                  adapter_evaluation, evaluation_report, champion_adapter]
+#: refreshed by the automation sensor whenever an upstream partition lands (cheap: no training)
+EAGER_ASSETS = [price_statistics, instruction_samples, dataset_split]
+
+nightly_retrain = dg.define_asset_job(
+    "nightly_retrain",
+    selection=dg.AssetSelection.assets(*NIGHTLY_ASSETS),  # includes their asset checks
+    description="Ingest the day's prices, refresh statistics and datasets, retrain (warm start from the "
+    "champion), evaluate, report and promote.",
+)
+
+#: the nightly run continues from the champion's weights instead of a fresh LoRA initialisation
+NIGHTLY_RUN_CONFIG = {"ops": {"qlora_adapter": {"config": {"warm_start": "champion"}}}}
+
+
+@dg.schedule(job=nightly_retrain, cron_schedule=NIGHTLY_CRON, execution_timezone=NIGHTLY_TIMEZONE,
+             default_status=dg.DefaultScheduleStatus.STOPPED,
+             description="Weekdays after the close: the day's partition through training, evaluation and promotion.")
+def nightly_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    # the partition is the trading day that just closed, in the exchange's timezone
+    day = context.scheduled_execution_time.astimezone(context.scheduled_execution_time.tzinfo).date()
+    return dg.RunRequest(run_key=f"nightly-{day.isoformat()}", partition_key=day.isoformat(),
+                         run_config=NIGHTLY_RUN_CONFIG, tags={"finpipe/trigger": "nightly"})
+
+
+refresh_on_new_prices = dg.AutomationConditionSensorDefinition(
+    "refresh_on_new_prices",
+    target=dg.AssetSelection.assets(*EAGER_ASSETS),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+    description="Refreshes statistics and datasets when new price partitions land (eager automation conditions).",
+)

@@ -1,0 +1,109 @@
+"""Load a chat model (base, or base + PEFT adapter) and generate answers with the KV cache.
+
+Evaluation, the CLI and the benchmarks all generate through here, so an answer is produced the same
+way everywhere: the tokenizer's chat template, generation prompt, stop at end-of-turn.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from finpipe.models.chat_template import IM_END
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. ``temperature == 0`` is greedy decoding (deterministic)."""
+
+    max_new_tokens: int = 96
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens <= 0:
+            problems.append(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if problems:
+            raise ValueError("invalid sampling: " + "; ".join(problems))
+
+    def generate_kwargs(self) -> dict:
+        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
+                        "use_cache": True}
+        if self.temperature > 0:
+            kwargs |= {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        else:
+            kwargs |= {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return kwargs
+
+
+@dataclass
+class Generated:
+    text: str
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def inference_dtype(device: str):
+    """fp32 on CPU (bf16 matmuls are slow without AVX512-BF16), bf16/fp16 on CUDA."""
+    import torch
+
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_chat_model(base_dir: str | Path, adapter_dir: str | Path | None = None, device: str | None = None):
+    """(model, tokenizer): the unquantized base, with the adapter applied by plain ``PeftModel.from_pretrained``.
+
+    The tokenizer comes from the adapter folder when it has one (training saves it there), else the base's.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=inference_dtype(device),
+                                                 device_map={"": device}, trust_remote_code=False)
+    tokenizer_dir = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").exists() else base_dir
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model, tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Sampling = Sampling()) -> Generated:
+    """One answer to a chat (system/user turns) with the KV cache; the reply text without template tokens."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    prompt = {k: v.to(model.device) for k, v in prompt.items()}
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**prompt, **sampling.generate_kwargs(), eos_token_id=stop_token_ids(tokenizer),
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id)
+    seconds = time.perf_counter() - started
+    new = out[0, prompt["input_ids"].shape[1]:]
+    return Generated(text=tokenizer.decode(new, skip_special_tokens=True).strip(), new_tokens=int(new.shape[0]),
+                     seconds=seconds)

@@ -1,0 +1,293 @@
+"""Ground a free-text question in the lake's latest facts, in exactly the format the model was trained on.
+
+A question names tickers ("How is AAPL doing vs msft?"); their latest statistics row becomes the context
+block of the user turn, rendered by the same family renderers the training samples use
+(``finpipe.instructions.families``), so the model sees the layout, labels and number formats it learned.
+One ticker: the union of the context lines of the families the question asks about (all of them when it
+names none). Two tickers: the comparison context, on their latest common date.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from finpipe.instructions import families as fam
+from finpipe.instructions.samples import SYSTEM_PROMPT
+from finpipe.statistics.definitions import RETURN_WINDOWS
+
+STATISTICS_TABLE = "price_statistics"
+#: the N of "N-day return" the performance and comparison families choose from
+WINDOWS: tuple[int, ...] = tuple(RETURN_WINDOWS[1:])
+#: the comparison window when the question names no number of days
+DEFAULT_WINDOW = 30
+
+# Which single-ticker families a question asks about. Every phrasing the training samples use maps to
+# exactly its own family (tested), so a training question gets its training context back.
+FAMILY_PATTERNS: dict[str, re.Pattern[str]] = {
+    "price": re.compile(r"\bprices?\b|\bclos(?:e|ed|ing)\b|\bopen(?:ed|ing)?\b|\bvolume\b|\bsession\b|\btraded\b"
+                        r"|\bintraday\b", re.I),
+    "performance": re.compile(r"\bperform|\breturns?\b|\bgain|\bup or down\b|\d+\s+(?:trading\s+)?(?:days|sessions)\b",
+                              re.I),
+    "volatility": re.compile(r"\bvolatil|\brisk", re.I),
+    "trend": re.compile(r"\btrend|\bmoving averages?\b|\bsmas?\b", re.I),
+    "momentum": re.compile(r"\brsi\b|\bmomentum\b|\boverbought\b|\boversold\b", re.I),
+    "range": re.compile(r"\b52[- ]?(?:week|wk|w)\b|\bdrawdown\b|\byear(?:ly)? (?:high|low)\b", re.I),
+}
+# "over the last 14 trading days", "past 7 sessions", "Over 30 days", "the 5-day return"
+_WINDOW_RE = re.compile(r"\b(\d{1,3})[- ]?(?:trading[- ])?(?:days?|sessions?)\b", re.I)
+# tickers this short are common words ("A", "T", "GE"...): they must be written in capitals
+_CASE_SENSITIVE_MAX_LEN = 2
+
+
+class _PinnedWindow(random.Random):
+    """A generator that picks ``window`` whenever a renderer draws the return window.
+
+    The performance and comparison renderers draw N with ``rng.choice(RETURN_WINDOWS[1:])``; pinning that
+    draw renders the context (and reference answer) for the N the question names with the renderers' own
+    code, instead of a copy of their format that could drift from the training samples.
+    """
+
+    def __init__(self, window: int, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.window = window
+
+    def choice(self, seq: Sequence):  # type: ignore[override]
+        if tuple(seq) == WINDOWS:
+            return self.window
+        return super().choice(seq)
+
+
+def _aliases(known: Iterable[str]) -> dict[str, str]:
+    """Upper-case spelling -> ticker: the symbol itself, plus ``NSEI`` for ``^NSEI`` and ``TCS`` for ``TCS.NS``
+    when that shorter spelling is unambiguous (not another ticker, not shared by two tickers)."""
+    tickers = sorted(set(known))
+    exact = {t.upper(): t for t in tickers}
+    short: dict[str, set[str]] = {}
+    for t in tickers:
+        bare = t.lstrip("^").split(".")[0].upper()
+        if bare and bare != t.upper():
+            short.setdefault(bare, set()).add(t)
+    out = dict(exact)
+    for bare, owners in short.items():
+        if len(owners) == 1 and bare not in exact:
+            out[bare] = next(iter(owners))
+    return out
+
+
+def find_tickers(question: str, known: Iterable[str]) -> list[str]:
+    """Known tickers named in ``question`` as whole words, case-insensitively, in order of first mention.
+
+    "$AAPL" and "AAPL's" count; "AAPLX" and "AAPL.NS" do not name AAPL. Tickers of one or two letters
+    must be written in capitals, or every "a" would name Agilent.
+    """
+    aliases = _aliases(known)
+    if not aliases:
+        return []
+    alternation = "|".join(re.escape(a) for a in sorted(aliases, key=len, reverse=True))
+    # not glued to a word, a caret or a dotted suffix on either side
+    pattern = re.compile(rf"(?<![\w^.])(?:{alternation})(?![\w^]|\.\w)", re.I)
+    found: list[str] = []
+    for match in pattern.finditer(question):
+        text = match.group(0)
+        alias = text.upper()
+        if len(alias) <= _CASE_SENSITIVE_MAX_LEN and text != alias:
+            continue
+        ticker = aliases[alias]
+        if ticker not in found:
+            found.append(ticker)
+    return found
+
+
+def detect_families(question: str) -> tuple[str, ...]:
+    """The single-ticker families the question asks about, in the canonical order; all when it names none."""
+    named = tuple(f for f, pattern in FAMILY_PATTERNS.items() if pattern.search(question))
+    return named or tuple(fam.SINGLE_TICKER_FAMILIES)
+
+
+def detect_window(question: str, default: int = DEFAULT_WINDOW) -> int:
+    """The return window the question names ("over the last 14 trading days" -> 14), snapped to the
+    nearest window the statistics have (ties -> the shorter); ``default`` when it names none."""
+    match = _WINDOW_RE.search(question)
+    if not match:
+        return default
+    n = int(match.group(1))
+    return min(WINDOWS, key=lambda w: (abs(w - n), w))
+
+
+def _complete(row: dict, needs: Iterable[str]) -> bool:
+    return all(row.get(k) is not None and math.isfinite(row[k]) for k in needs)
+
+
+def context_lines(row: dict, families: Iterable[str]) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+    """The union of the families' context lines for one ticker's row (first occurrence of a label wins:
+    a label always renders the same value), and the families whose statistics the row has."""
+    lines: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    used: list[str] = []
+    for family in families:
+        render, needs = fam.SINGLE_TICKER_FAMILIES[family]
+        if not _complete(row, needs):  # e.g. no 52-week range in a ticker's first year
+            continue
+        used.append(family)
+        for label, value in render(row, _PinnedWindow(DEFAULT_WINDOW)).context:
+            if label not in seen:
+                seen.add(label)
+                lines.append((label, value))
+    return lines, tuple(used)
+
+
+class LakeFacts:
+    """Read-only access to the latest statistics rows in the lake (a ``finpipe.market.lake.PriceLake``)."""
+
+    def __init__(self, lake) -> None:
+        self.lake = lake
+        self._tickers: list[str] | None = None
+
+    def tickers(self) -> list[str]:
+        """Tickers that have statistics, sorted."""
+        if self._tickers is None:
+            tables = self.lake.query("SELECT table_name FROM information_schema.tables")["table_name"].to_list()
+            if STATISTICS_TABLE not in tables:
+                raise FileNotFoundError(
+                    f"the lake {self.lake.path} has no {STATISTICS_TABLE} table: run `finpipe run --only-data` first")
+            frame = self.lake.query(f"SELECT DISTINCT ticker FROM {STATISTICS_TABLE} ORDER BY ticker")
+            self._tickers = frame["ticker"].to_list()
+        return self._tickers
+
+    def _rows(self, where: str, params: list) -> dict[str, dict]:
+        # open/high/low live in `prices` (the price family needs them), names in `instruments`,
+        # as in the dataset builder; `as_of` and `name` are the fields the family renderers read
+        frame = self.lake.query(
+            f"""
+            SELECT s.*, p.open, p.high, p.low, coalesce(i.name, s.ticker) AS name
+            FROM {STATISTICS_TABLE} s
+            LEFT JOIN prices p ON p.ticker = s.ticker AND p.date = s.date
+            LEFT JOIN instruments i ON i.ticker = s.ticker
+            WHERE {where}
+            """,
+            params,
+        )
+        return {row["ticker"]: row | {"as_of": row["date"].isoformat()} for row in frame.iter_rows(named=True)}
+
+    def latest(self, ticker: str) -> dict | None:
+        """The ticker's newest statistics row (with open/high/low, name and ``as_of``), None if it has none."""
+        rows = self._rows(f"s.ticker = ? AND s.date = (SELECT max(date) FROM {STATISTICS_TABLE} WHERE ticker = ?)",
+                          [ticker, ticker])
+        return rows.get(ticker)
+
+    def latest_pair(self, a: str, b: str) -> tuple[dict, dict] | None:
+        """Both tickers' rows on their newest common date (a comparison states one as-of date)."""
+        rows = self._rows(
+            f"""s.ticker IN (?, ?) AND s.date = (
+                SELECT max(date) FROM (SELECT date FROM {STATISTICS_TABLE} WHERE ticker IN (?, ?)
+                                       GROUP BY date HAVING count(DISTINCT ticker) = 2))""",
+            [a, b, a, b],
+        )
+        return (rows[a], rows[b]) if a in rows and b in rows else None
+
+
+@dataclass
+class Grounding:
+    """A question with the lake's facts for the tickers it names, ready to send as a chat."""
+
+    question: str
+    tickers: list[str] = field(default_factory=list)
+    family: str | None = None  # "comparison", a single family, or None for a union / no context
+    families: tuple[str, ...] = ()
+    as_of: str | None = None
+    context: str | None = None  # the context block; None when the question names no known ticker
+    reference: str | None = None  # the rule-based answer when the question maps to exactly one family
+    notes: list[str] = field(default_factory=list)  # why the context is partial or missing, for stderr
+
+    @property
+    def user(self) -> str:
+        """The user turn: the training layout when there is context, else the bare question."""
+        return f"{self.context}\n\nQuestion: {self.question}" if self.context else self.question
+
+    def messages(self, system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+        return [{"role": "system", "content": system_prompt}, {"role": "user", "content": self.user}]
+
+
+def ground(question: str, facts: LakeFacts) -> Grounding:
+    """Find the tickers in ``question`` and build its context from their latest facts.
+
+    More than two tickers: the first two are compared (the model was trained on pairs), the rest noted.
+    """
+    question = question.strip()
+    grounding = Grounding(question=question)
+    known = facts.tickers()
+    tickers = find_tickers(question, known)
+    if not tickers:
+        shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+        grounding.notes.append(f"no known ticker in the question (the lake has: {shown}): asking without market data")
+        return grounding
+    if len(tickers) > 2:
+        grounding.notes.append(f"the model compares two tickers at a time: using {tickers[0]} and {tickers[1]}, "
+                               f"ignoring {', '.join(tickers[2:])}")
+        tickers = tickers[:2]
+    grounding.tickers = tickers
+
+    if len(tickers) == 2:
+        a, b = tickers
+        pair = facts.latest_pair(a, b)
+        if pair is None or not all(_complete(row, fam.COMPARISON_NEEDS) for row in pair):
+            grounding.notes.append(f"{a} and {b} have no common date with complete statistics: "
+                                   "asking without market data")
+            return grounding
+        window = detect_window(question)
+        rendered = fam.comparison(pair[0], pair[1], _PinnedWindow(window))
+        grounding.family, grounding.families = "comparison", ("comparison",)
+        grounding.as_of = pair[0]["as_of"]
+        grounding.context = fam.context_block(f"{a} and {b}", grounding.as_of, rendered.context)
+        grounding.reference = rendered.answer
+        return grounding
+
+    (ticker,) = tickers
+    row = facts.latest(ticker)
+    wanted = detect_families(question)
+    lines, used = context_lines(row, wanted) if row else ([], ())
+    if not lines:
+        grounding.notes.append(f"{ticker} has no complete statistics for {', '.join(wanted)}: "
+                               "asking without market data")
+        return grounding
+    missing = [f for f in wanted if f not in used]
+    if missing:
+        grounding.notes.append(f"{ticker} lacks the statistics for {', '.join(missing)} as of {row['as_of']}")
+    grounding.families, grounding.as_of = used, row["as_of"]
+    grounding.context = fam.context_block(fam._name(row), row["as_of"], lines)
+    if len(used) == 1:
+        grounding.family = used[0]
+        render, _ = fam.SINGLE_TICKER_FAMILIES[used[0]]
+        grounding.reference = render(row, _PinnedWindow(detect_window(question))).answer
+    return grounding
+
+
+#: the demo's questions, one per family, phrased as the training samples phrase them
+DEMO_QUESTIONS: tuple[tuple[str, str], ...] = (
+    ("price", "What was {t}'s latest closing price, and how did the session trade?"),
+    ("performance", "How has {t} performed over the last 5 trading days?"),
+    ("volatility", "How volatile is {t} right now?"),
+    ("trend", "What is the trend for {t} relative to its moving averages?"),
+    ("momentum", "Is {t} overbought or oversold?"),
+    ("range", "How far is {t} from its 52-week high?"),
+    ("comparison", "Which did better over the last 30 trading days, {t} or {u}?"),
+)
+
+
+def demo_questions(tickers: Sequence[str]) -> list[tuple[str, str]]:
+    """(family, question) pairs over the lake's tickers, rotating through them; no comparison with one ticker."""
+    if not tickers:
+        raise ValueError("the lake has no tickers with statistics: run `finpipe run --only-data` first")
+    out = []
+    for i, (family, template) in enumerate(DEMO_QUESTIONS):
+        if family == "comparison":
+            if len(tickers) < 2:
+                continue
+            out.append((family, template.format(t=tickers[0], u=tickers[1])))
+        else:
+            out.append((family, template.format(t=tickers[i % len(tickers)])))
+    return out

@@ -1,0 +1,327 @@
+"""The inference path of the command line: ask, chat, demo, export, runs - on a real lake and a tiny real model.
+
+The lake is the offline replay ingested through Dagster (built once, copied into each test's own lake);
+the model is a randomly initialised 2-layer Llama with finpipe's BPE tokenizer and a random LoRA adapter.
+"""
+
+import datetime as dt
+import io
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+
+from finpipe.cli import main
+from finpipe.inference.context import LakeFacts, detect_families, detect_window, find_tickers, ground
+from finpipe.instructions import rules
+from finpipe.instructions.builder import DatasetSpec, build_samples
+from finpipe.instructions.families import ALL_FAMILIES
+from finpipe.market.lake import PriceLake
+from finpipe.models import registry
+from finpipe.paths import LAKE_DB_NAME
+from finpipe_tests.test_dataset_assets import ingest
+
+
+@pytest.fixture(scope="module")
+def lake_template(tmp_path_factory) -> Path:
+    """The replay lake (4 tickers, 2011-03-01 .. 2013-03-01) with its price_statistics table."""
+    from finpipe.defs.resources import LakeResource, MarketDataResource
+    from finpipe.defs.statistics import price_statistics
+
+    lake_dir = tmp_path_factory.mktemp("template_lake")
+    resources = {"lake": LakeResource(lake_dir=str(lake_dir)), "market_data": MarketDataResource()}
+    ingest(resources)
+    assert dg.materialize([price_statistics], resources=resources).success
+    return lake_dir / LAKE_DB_NAME
+
+
+@pytest.fixture(autouse=True)
+def lake(lake_template: Path, isolated_lake: Path) -> PriceLake:
+    """Each test gets its own copy of the lake (pointers and the run registry are written per test)."""
+    isolated_lake.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(lake_template, isolated_lake / LAKE_DB_NAME)
+    return PriceLake(isolated_lake / LAKE_DB_NAME)
+
+
+def lake_inputs(lake: PriceLake):
+    stats = lake.query("SELECT * FROM price_statistics")
+    prices = lake.query("SELECT ticker, date, open, high, low FROM prices")
+    names = dict(lake.query("SELECT ticker, name FROM instruments").iter_rows())
+    return stats, prices, names
+
+
+@pytest.fixture(scope="module")
+def tiny(lake_template: Path, tmp_path_factory) -> dict:
+    """A tiny random Llama (base folder) and a random LoRA adapter on it (adapter folder), as training saves them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finpipe.models.scratch import train_tokenizer
+
+    samples = build_samples(*lake_inputs(PriceLake(lake_template)), DatasetSpec(date_stride=9))
+    tokenizer = train_tokenizer([f"{s.text_of('user')}\n{s.text_of('assistant')}" for s in samples], vocab_size=600)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    root = tmp_path_factory.mktemp("tiny")
+    base_dir, adapter_dir = root / "base", root / "adapter"
+    LlamaForCausalLM(config).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    # init_lora_weights=False: B is random too, so the adapter changes the outputs (a trained one would)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                           task_type="CAUSAL_LM", init_lora_weights=False))
+    peft_model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    return {"base": base_dir, "adapter": adapter_dir}
+
+
+@pytest.fixture
+def champion(tiny: dict, isolated_lake: Path) -> dict:
+    """Pointers as `finpipe run` leaves them: the base model and a promoted adapter."""
+    base = {"name": "tiny", "path": str(tiny["base"])}
+    registry.write_pointer(registry.base_pointer(isolated_lake), base)
+    payload = {"run_id": "r1", "path": str(tiny["adapter"]), "base": base}
+    registry.write_pointer(registry.champion_pointer(isolated_lake), payload)
+    return payload
+
+
+def latest_row(lake: PriceLake, ticker: str) -> dict:
+    return lake.query("SELECT * FROM price_statistics WHERE ticker = ? ORDER BY date DESC LIMIT 1", [ticker]).row(
+        0, named=True)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --------------------------------------------------------------------------- context building
+
+
+def test_question_naming_two_tickers_gets_their_latest_facts(lake):
+    facts = LakeFacts(lake)
+    assert facts.tickers() == ["AAPL", "GOOG", "IBM", "MSFT"]
+    g = ground("How is AAPL doing vs msft?", facts)
+    assert set(g.tickers) == {"AAPL", "MSFT"} and g.family == "comparison"
+    latest = lake.query("SELECT max(date) AS d FROM price_statistics")["d"][0]
+    assert latest == dt.date(2013, 3, 1) and g.as_of == "2013-03-01"
+    assert g.context.startswith("Market data for AAPL and MSFT as of 2013-03-01:\n")
+    for ticker in ("AAPL", "MSFT"):
+        row = latest_row(lake, ticker)
+        assert f"- {ticker} close: {rules.price(row['close'])}\n" in g.context + "\n"
+        assert f"- {ticker} 30-day return: {rules.pct(row['ret_30d'])}" in g.context  # no window named: 30 days
+    assert g.user.endswith("\n\nQuestion: How is AAPL doing vs msft?")
+    assert [m["role"] for m in g.messages()] == ["system", "user"]
+
+    one = ground("What is aapl's trend?", facts)
+    row = latest_row(lake, "AAPL")
+    assert one.tickers == ["AAPL"] and one.families == ("trend",)
+    assert one.context.splitlines() == [
+        "Market data for AAPL (Apple Inc.) as of 2013-03-01:",
+        f"- close: {rules.price(row['close'])}", f"- 10-day SMA: {rules.price(row['sma_10'])}",
+        f"- 20-day SMA: {rules.price(row['sma_20'])}", f"- 50-day SMA: {rules.price(row['sma_50'])}",
+        f"- close vs 20-day SMA: {rules.pct(row['pct_vs_sma_20'])}",
+        f"- close vs 50-day SMA: {rules.pct(row['pct_vs_sma_50'])}",
+    ]
+    assert one.reference.startswith(f"The trend is {rules.trend_label(row['close'], row['sma_20'], row['sma_50'])}") \
+        or f"{rules.trend_label(row['close'], row['sma_20'], row['sma_50'])} trend" in one.reference
+
+    # no family named: the union of every family's lines, each label once
+    general = ground("Tell me about IBM", facts)
+    labels = [line.split(":")[0] for line in general.context.splitlines()[1:]]
+    assert general.families == tuple(f for f in ALL_FAMILIES if f != "comparison")
+    assert len(labels) == len(set(labels))
+    assert {"- open", "- RSI (14)", "- 52-week high", "- 30-day return"} <= set(labels)
+
+    none = ground("What is a stock split?", facts)
+    assert none.tickers == [] and none.context is None and none.user == "What is a stock split?"
+    assert "no known ticker" in none.notes[0]
+
+
+def test_every_training_question_gets_its_training_user_turn_back(lake):
+    """The model sees exactly what it was trained on: a training question, asked at the newest date, is
+    grounded into the very user turn of the training sample (all seven families, several phrasings)."""
+    inputs, facts = lake_inputs(lake), LakeFacts(lake)
+    seen = set()
+    for seed in range(3):
+        spec = DatasetSpec(seed=seed, date_stride=10_000, comparisons_per_date=6)  # only the newest date
+        for sample in build_samples(*inputs, spec):
+            question = sample.text_of("user").split("\n\nQuestion: ")[1]
+            g = ground(question, facts)
+            assert g.user == sample.text_of("user"), (sample.family, question)
+            assert g.family == sample.family and g.reference is not None
+            seen.add(sample.family)
+    assert seen == set(ALL_FAMILIES)
+
+
+def test_ticker_matching_is_whole_word_and_handles_index_and_exchange_symbols():
+    known = ["AAPL", "MSFT", "A", "^NSEI", "^NSEBANK", "TCS.NS", "INFY.NS", "INFY.BO"]
+    assert find_tickers("How is AAPL doing vs msft?", known) == ["AAPL", "MSFT"]
+    assert find_tickers("$aapl, AAPL's and aapl again", known) == ["AAPL"]
+    assert find_tickers("AAPLX and XAAPL and AAPL.NS and AAPL_1", known) == []
+    assert find_tickers("is a good stock? what about A?", known) == ["A"]  # one letter: capitals only
+    assert find_tickers("^NSEI vs nsebank, and tcs", known) == ["^NSEI", "^NSEBANK", "TCS.NS"]
+    assert find_tickers("INFY is listed twice", known) == []  # ambiguous: INFY.NS or INFY.BO
+    assert find_tickers("INFY.BO", known) == ["INFY.BO"]
+    assert detect_families("Is MSFT overbought, and how volatile is it?") == ("volatility", "momentum")
+    assert detect_window("over the last 14 trading days") == 14
+    assert detect_window("the 10-day return") == 7 and detect_window("lately") == 30
+
+
+# --------------------------------------------------------------------------- ask / chat / demo
+
+
+def test_ask_answers_with_the_champion_and_with_the_base_model(capsys, champion, tiny, lake):
+    code, out, err = cli(capsys, "ask", "What is AAPL's trend?", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert out.strip() and "champion r1: " in err
+
+    code, base_out, err = cli(capsys, "ask", "What is AAPL's trend?", "--max-new-tokens", "5", "--adapter", "none")
+    assert code == 0, err
+    assert base_out.strip() and "base tiny: " in err
+
+    code, out, err = cli(capsys, "ask", "What is AAPL's trend?", "--max-new-tokens", "2", "--show-prompt")
+    assert code == 0, err
+    row = latest_row(lake, "AAPL")
+    assert "<|im_start|>user\nMarket data for AAPL (Apple Inc.) as of 2013-03-01:" in out
+    assert f"- 50-day SMA: {rules.price(row['sma_50'])}\n" in out and "--- answer ---" in out
+
+    code, out, err = cli(capsys, "ask", "Is the market open?", "--max-new-tokens", "2")
+    assert code == 0 and "asking without market data" in err
+
+    # the adapter really is applied: its logits differ from the base model's on the grounded prompt
+    from finpipe.evaluation.generation import load_chat_model
+
+    model, tokenizer = load_chat_model(tiny["base"], tiny["adapter"])
+    prompt = tokenizer.apply_chat_template(ground("What is AAPL's trend?", LakeFacts(lake)).messages(),
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        adapted = model(**prompt).logits
+        with model.disable_adapter():
+            plain = model(**prompt).logits
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("option, value, named", [
+    ("--top-p", "0", "top_p"), ("--temperature", "-1", "temperature"), ("--max-new-tokens", "0", "max_new_tokens"),
+    ("--repetition-penalty", "0", "repetition_penalty"),
+])
+def test_bad_sampling_value_is_a_one_line_error(capsys, champion, option, value, named):
+    code, out, err = cli(capsys, "ask", "What is AAPL's trend?", option, value)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and named in err
+
+
+def test_missing_models_tell_what_to_run(capsys, tiny):
+    code, out, err = cli(capsys, "ask", "What is AAPL's trend?")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no champion adapter yet" in err and "finpipe run" in err
+    code, _, err = cli(capsys, "ask", "What is AAPL's trend?", "--adapter", "none")
+    assert code == 2 and "no base model yet" in err and "finpipe run" in err
+    code, _, err = cli(capsys, "ask", "What is AAPL's trend?", "--adapter", str(tiny["base"]))
+    assert code == 2 and "not a PEFT adapter folder" in err
+
+
+def test_chat_answers_each_line_until_exit(capsys, monkeypatch, champion):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is AAPL's trend?\n\nIs MSFT overbought?\nexit\nnever asked\n"))
+    code, out, err = cli(capsys, "chat", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert err.count("[champion r1: ") == 2 and err.count("loading champion r1") == 1  # loaded once
+    assert out.strip()
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("How volatile is IBM?"))  # EOF ends too, no newline needed
+    code, out, err = cli(capsys, "chat", "--max-new-tokens", "2", "--show-prompt")
+    assert code == 0 and err.count("[champion r1: ") == 1
+    assert "Market data for IBM (International Business Machines) as of 2013-03-01:" in out
+
+
+def test_demo_shows_base_and_adapter_side_by_side_with_the_reference(capsys, champion, lake):
+    code, out, err = cli(capsys, "demo", "--max-new-tokens", "3")
+    assert code == 0, err
+    for i, family in enumerate(ALL_FAMILIES, 1):
+        assert f"[{i}/7] {family}: " in out
+    assert out.count("reference: ") == 7 and "reference: (no reference)" not in out
+    assert out.count("base model") == 7 and out.count(" | champion r1") == 7
+    row = latest_row(lake, "MSFT")  # the demo rotates tickers: trend is asked about the 4th (MSFT)
+    assert "[4/7] trend: MSFT as of 2013-03-01" in out
+    assert f"SMA of {rules.price(row['sma_20'])}" in out or f"SMA ({rules.price(row['sma_20'])})" in out
+
+    code, _, err = cli(capsys, "demo", "--adapter", "none")
+    assert code == 2 and "nothing to compare" in err
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_writes_a_plain_merged_model_with_the_adapters_logits(capsys, champion, tiny, lake, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = tmp_path / "exports" / "merged"
+    code, out, err = cli(capsys, "export", "--merged", str(out_dir))
+    assert code == 0, err
+    assert f"exported: {out_dir}" in out
+    assert (out_dir / "model.safetensors").exists() and (out_dir / "tokenizer_config.json").exists()
+    assert not (out_dir / "adapter_config.json").exists()
+    assert [p.name for p in out_dir.parent.iterdir()] == ["merged"]  # no temporary folder left behind
+
+    merged = AutoModelForCausalLM.from_pretrained(out_dir)  # plain transformers, no PEFT
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["base"]), str(tiny["adapter"]))
+    prompt = tokenizer.apply_chat_template(ground("Is MSFT overbought?", LakeFacts(lake)).messages(),
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        expected, got = peft_model(**prompt).logits, merged(**prompt).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(**prompt).logits
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert not torch.allclose(got, plain, atol=1e-3)
+
+    code, _, err = cli(capsys, "export", "--merged", str(out_dir))
+    assert code == 2 and "not empty" in err and "--force" in err
+    code, _, err = cli(capsys, "export", "--merged", str(out_dir), "--force")
+    assert code == 0, err
+    assert [p.name for p in out_dir.parent.iterdir()] == ["merged"]
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    code, _, err = cli(capsys, "export", "--merged", str(precious), "--force")
+    assert code == 2 and (precious / "notes.txt").read_text() == "keep me"
+    code, _, err = cli(capsys, "export", "--merged", str(tiny["adapter"]), "--force")
+    assert code == 2 and "holds the model being exported" in err
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_runs_lists_the_registry(capsys, lake, isolated_lake):
+    from finpipe.models.registry import RunRegistry
+
+    code, out, _ = cli(capsys, "runs")
+    assert code == 0 and out.strip().splitlines() == ["no runs yet: `finpipe run` trains and registers one"]
+    assert "model_runs" not in lake.query("SELECT table_name FROM information_schema.tables")["table_name"].to_list()
+
+    RunRegistry(lake).record({
+        "run_id": "20250101-abc123", "created_at": dt.datetime(2025, 1, 1, 12, 0), "base_model": "tiny",
+        "quantization": "nf4", "config_hash": "abc123", "adapter_path": str(isolated_lake / "a"),
+        "val_loss": 1.234567, "golden_numeric_fidelity": 0.875, "status": "champion",
+    })
+    code, out, _ = cli(capsys, "runs")
+    assert code == 0
+    assert "20250101-abc123" in out and "champion" in out and "1.2346" in out and "2025-01-01 12:00" in out
+    assert "config_hash" not in out  # selected columns only
+
+
+def test_runs_without_a_lake_creates_nothing(capsys, isolated_lake):
+    (isolated_lake / LAKE_DB_NAME).unlink()
+    code, out, _ = cli(capsys, "runs")
+    assert code == 0 and len(out.strip().splitlines()) == 1 and "no runs yet" in out
+    assert not (isolated_lake / LAKE_DB_NAME).exists()
