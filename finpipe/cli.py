@@ -103,7 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
     assets = MODEL_ASSETS
     ops = {"base_model": {"config": {"model": args.base}},
-           "qlora_adapter": {"config": {"quantization": args.quantization, "max_steps": args.max_steps}}}
+           "qlora_adapter": {"config": {"quantization": args.quantization, "max_steps": args.max_steps}},
+           "adapter_evaluation": {"config": {"max_new_tokens": args.eval_max_new_tokens}}}
     print(f"finpipe: [3/3] base model ({args.base}), {args.quantization} adapter ({args.max_steps} steps), "
           "evaluation, report, promotion")
     models = dg.materialize([*assets, *MODEL_CHECKS], resources=resources, instance=instance, raise_on_error=False,
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="base model: smollm2 (embedded), scratch (finpipe's own GPT), a hub id or a local folder")
     run.add_argument("--quantization", default="nf4", choices=["nf4", "none"], help="nf4 = QLoRA, none = LoRA")
     run.add_argument("--max-steps", type=int, default=24, help="adapter training steps")
+    run.add_argument("--eval-max-new-tokens", type=int, default=80,
+                     help="longest generated answer in the evaluation (greedy)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(func=cmd_run)
 

@@ -41,14 +41,21 @@ def count_rows(lake_dir: Path) -> int:
 
 
 @pytest.mark.slow
-def test_finpipe_run_quickstart_path_builds_lake_datasets_base_and_adapter(cli_env, isolated_lake):
-    # the Quickstart command with a 2-step training budget (the default 24 steps take ~7 min on 2 cores)
-    done = run([str(BIN / "finpipe"), "run", "--max-steps", "2"], cli_env, timeout=900)
+def test_finpipe_run_quickstart_path_builds_lake_datasets_base_adapter_and_report(cli_env, isolated_lake):
+    # the Quickstart command with a small training and evaluation budget (the defaults take ~12 min on 2 cores)
+    done = run([str(BIN / "finpipe"), "run", "--max-steps", "4", "--eval-max-new-tokens", "12"], cli_env, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
+    report = done.stdout.strip().splitlines()[-1]  # the run ends with the report's path
+    assert report.startswith("report: ") and report.endswith("/evaluation/report.html")
+    html = Path(report.removeprefix("report: ")).read_text()
+    assert "<th>base</th><th>adapter</th>" in html and "validation loss" in html
+    assert "promotion: promoted" in done.stdout  # the first adapter that beats the base becomes champion
+    champion = json.loads((isolated_lake / "models/adapters/champion.json").read_text())
     assert f"lake: {isolated_lake / LAKE_DB_NAME}" in done.stdout
     assert f"train: {isolated_lake / 'datasets/split/train.jsonl'}" in done.stdout
     latest = json.loads((isolated_lake / "models/adapters/latest.json").read_text())
-    assert f"adapter: {latest['path']}" in done.stdout and "in 2 steps" in done.stdout
+    assert f"adapter: {latest['path']}" in done.stdout and "in 4 steps" in done.stdout
+    assert champion["run_id"] == latest["run_id"]
     assert (Path(latest["path"]) / "adapter_model.safetensors").exists()
     assert latest["base"]["name"] == "SmolLM2-135M-Instruct"
     assert count_rows(isolated_lake) == 4 * 503  # NYSE sessions 2011-03-02..2013-03-01
@@ -99,7 +106,9 @@ def test_dagster_dev_serves_the_assets_over_graphql(cli_env):
         cwd=REPO_ROOT, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True,  # its own process group, so the whole tree stops with it
     )
-    query = json.dumps({"query": "{ assetNodes { assetKey { path } groupName } }"}).encode()
+    query = json.dumps({"query": "{ assetNodes { assetKey { path } groupName } repositoriesOrError { "
+                                 "... on RepositoryConnection { nodes { schedules { name cronSchedule "
+                                 "executionTimezone scheduleState { status } } sensors { name } } } } }"}).encode()
     try:
         deadline = time.monotonic() + 120
         nodes = None
@@ -111,16 +120,22 @@ def test_dagster_dev_serves_the_assets_over_graphql(cli_env):
                 with urllib.request.urlopen(req, timeout=5) as response:
                     payload = json.load(response)
                 nodes = payload["data"]["assetNodes"] or None  # empty while the code location loads
+                repository = payload["data"]["repositoriesOrError"]["nodes"][0]
             except (OSError, KeyError, TypeError):
                 pass
             if nodes is None:
                 time.sleep(1)
         assert nodes, "dagster dev did not answer GraphQL within 120 s"
         assert {"path": ["daily_prices"]} in [n["assetKey"] for n in nodes]
-        assert {n["groupName"] for n in nodes} == {"market_data", "statistics", "datasets", "models"}
+        assert {n["groupName"] for n in nodes} == {"market_data", "statistics", "datasets", "models", "evaluation"}
         keys = {n["assetKey"]["path"][0] for n in nodes}
         assert {"price_statistics", "instruction_samples", "dataset_split", "base_model", "scratch_gpt",
-                "qlora_adapter"} <= keys
+                "qlora_adapter", "adapter_evaluation", "evaluation_report", "champion_adapter"} <= keys
+        # the nightly schedule is visible and toggleable (off until switched on); the refresh sensor runs
+        assert repository["schedules"] == [{"name": "nightly_schedule", "cronSchedule": "30 18 * * 1-5",
+                                            "executionTimezone": "America/New_York",
+                                            "scheduleState": {"status": "STOPPED"}}]
+        assert {"name": "refresh_on_new_prices"} in repository["sensors"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
