@@ -218,3 +218,18 @@ def test_a_new_price_partition_makes_statistics_and_datasets_refresh(lake_resour
     requested = {r.key.to_user_string() for r in result.results if r.true_subset.size}
     assert {"price_statistics", "instruction_samples", "dataset_split"} <= requested
     assert not requested & {"qlora_adapter", "adapter_evaluation", "champion_adapter"}  # no retraining per partition
+
+
+def test_batched_greedy_answers_equal_one_by_one_answers(tiny_base):
+    from finpipe.evaluation.generation import Sampling, generate, generate_batch, load_chat_model
+    from finpipe_tests.test_instruction_datasets import default_samples
+
+    model, tokenizer = load_chat_model(tiny_base)
+    chats = [s.messages[:-1] for s in default_samples()[:5]]  # prompts of different lengths: left padding
+    assert len({len(tokenizer.apply_chat_template(c, tokenize=False)) for c in chats}) > 1
+    sampling, side = Sampling(max_new_tokens=10), tokenizer.padding_side
+    one_by_one = [generate(model, tokenizer, c, sampling) for c in chats]
+    batched = generate_batch(model, tokenizer, chats, sampling, batch_size=3)
+    assert [g.text for g in batched] == [g.text for g in one_by_one]
+    assert [g.new_tokens for g in batched] == [g.new_tokens for g in one_by_one]
+    assert tokenizer.padding_side == side  # restored for training code that pads on the right

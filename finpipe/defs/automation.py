@@ -9,7 +9,9 @@
   price partition (a manual backfill, a late day) refreshes them without retraining.
 """
 
+import datetime as dt
 import os
+import zoneinfo
 
 import dagster as dg
 
@@ -42,8 +44,10 @@ NIGHTLY_RUN_CONFIG = {"ops": {"qlora_adapter": {"config": {"warm_start": "champi
              default_status=dg.DefaultScheduleStatus.STOPPED,
              description="Weekdays after the close: the day's partition through training, evaluation and promotion.")
 def nightly_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    # the partition is the trading day that just closed, in the exchange's timezone
-    day = context.scheduled_execution_time.astimezone(context.scheduled_execution_time.tzinfo).date()
+    # the partition is the trading day that just closed, in the exchange's timezone (a manual evaluation
+    # in the UI has no scheduled time: then it is today there)
+    when = context.scheduled_execution_time or dt.datetime.now(zoneinfo.ZoneInfo(NIGHTLY_TIMEZONE))
+    day = when.astimezone(zoneinfo.ZoneInfo(NIGHTLY_TIMEZONE)).date()
     return dg.RunRequest(run_key=f"nightly-{day.isoformat()}", partition_key=day.isoformat(),
                          run_config=NIGHTLY_RUN_CONFIG, tags={"finpipe/trigger": "nightly"})
 

@@ -107,3 +107,36 @@ def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Samplin
     new = out[0, prompt["input_ids"].shape[1]:]
     return Generated(text=tokenizer.decode(new, skip_special_tokens=True).strip(), new_tokens=int(new.shape[0]),
                      seconds=seconds)
+
+
+def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling: Sampling = Sampling(),
+                   batch_size: int = 8) -> list[Generated]:
+    """Answers to many chats, ``batch_size`` at a time (left padding): on a CPU a decoding step costs about
+    the same for 1 or 8 sequences, so evaluation runs several times faster than one by one. ``seconds`` is
+    the batch's wall time shared evenly; use ``generate`` to measure single-request latency."""
+    import torch
+
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only: prompts end where generation starts
+    results: list[Generated] = []
+    try:
+        for i in range(0, len(chats), batch_size):
+            chunk = chats[i: i + batch_size]
+            texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            started = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**enc, **sampling.generate_kwargs(), eos_token_id=stops, pad_token_id=pad)
+            share = (time.perf_counter() - started) / len(chunk)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                end = next((j for j, t in enumerate(row) if t in stops), None)
+                kept = row[:end] if end is not None else row
+                n = len(kept) + (1 if end is not None else 0)  # the stop token was generated too
+                results.append(Generated(text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                                         new_tokens=n, seconds=share))
+    finally:
+        tokenizer.padding_side = side
+    return results

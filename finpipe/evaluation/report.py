@@ -17,7 +17,7 @@ METRIC_ROWS = [  # (label, set, key): key "loss"/"perplexity"/"latency_s"/"token
     *[(f"validation {m.replace('_', ' ')}", "val", m) for m in ANSWER_METRICS],
     ("golden loss", "golden", "loss"),
     *[(f"golden {m.replace('_', ' ')}", "golden", m) for m in ANSWER_METRICS],
-    ("latency per answer (s)", "val", "latency_s"), ("generation tokens/s (KV cache)", "val", "tokens_per_s"),
+    ("latency of one answer (s)", "val", "latency_s"), ("generation tokens/s (batch 1, KV cache)", "val", "tokens_per_s"),
 ]
 
 
