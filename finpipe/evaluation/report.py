@@ -85,18 +85,44 @@ def side_by_side(variants: dict[str, dict | None], answers: dict[str, list[dict]
     return out
 
 
+def md_table(rows: list[dict], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+
+
+def html_table(rows: list[dict], columns: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def html_images(images: dict[str, Path]) -> str:
+    return "".join(f"<h2>{html.escape(c)}</h2><img alt='{html.escape(c)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(p.read_bytes()).decode()}'>" for c, p in images.items())
+
+
+def html_page(title: str, summary: list[tuple[str, str]], body: str) -> str:
+    """A self-contained page: inline CSS, images as data URIs; opens from disk, no network."""
+    esc = html.escape
+    items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in summary)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>
+body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
+th{{background:#f4f4f4}}img{{max-width:100%}}.sample{{margin:1em 0}}</style></head><body>
+<h1>{esc(title)}</h1><ul>{items}</ul>{body}</body></html>"""
+
+
 def render(title: str, summary: list[tuple[str, str]], variants: dict[str, dict | None],
            answers: dict[str, list[dict]], images: dict[str, Path], out_dir: Path) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``out_dir``; returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(variants)
+    columns = ["metric", *variants]
     rows = metrics_rows(variants)
     examples = side_by_side(variants, answers)
 
     md = [f"# {title}", ""]
     md += [f"- **{k}**: {v}" for k, v in summary] + ["", "## Metrics", ""]
-    md += ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    md += ["| " + r["metric"] + " | " + " | ".join(_cell(r[n]) for n in names) + " |" for r in rows]
+    md += md_table(rows, columns)
     for caption, image in images.items():
         md += ["", f"## {caption}", "", f"![{caption}]({image.name})"]
     md += ["", "## Sample answers", ""]
@@ -108,22 +134,12 @@ def render(title: str, summary: list[tuple[str, str]], variants: dict[str, dict 
     md_path.write_text("\n".join(md))
 
     esc = html.escape
-    table = "".join(f"<tr><td>{esc(r['metric'])}</td>" + "".join(f"<td>{_cell(r[n])}</td>" for n in names) + "</tr>"
-                    for r in rows)
-    imgs = "".join(f"<h2>{esc(c)}</h2><img alt='{esc(c)}' src='data:image/png;base64,"
-                   f"{base64.b64encode(p.read_bytes()).decode()}'>" for c, p in images.items())
     samples = "".join(
         f"<div class='sample'><h3>{esc(e['family'])}: {esc(e['question'])}</h3><table>"
         f"<tr><th>reference</th><td>{esc(e['reference'])}</td></tr>"
         + "".join(f"<tr><th>{esc(n)}</th><td>{esc(e.get(n) or '–')}</td></tr>" for n in answers)
         + "</table></div>" for e in examples)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>
-body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
-th{{background:#f4f4f4}}img{{max-width:100%}}.sample{{margin:1em 0}}</style></head><body>
-<h1>{esc(title)}</h1><ul>{''.join(f'<li><b>{esc(k)}</b>: {esc(v)}</li>' for k, v in summary)}</ul>
-<h2>Metrics</h2><table><tr><th>metric</th>{''.join(f'<th>{esc(n)}</th>' for n in names)}</tr>{table}</table>
-{imgs}<h2>Sample answers</h2>{samples}</body></html>"""
+    body = f"<h2>Metrics</h2>{html_table(rows, columns)}{html_images(images)}<h2>Sample answers</h2>{samples}"
     html_path = out_dir / "report.html"
-    html_path.write_text(page)
+    html_path.write_text(html_page(title, summary, body))
     return md_path, html_path
