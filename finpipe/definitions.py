@@ -11,6 +11,7 @@ from finpipe.defs.market_data import daily_prices, market_data_checks
 from finpipe.defs.models import HuggingFaceResource, base_model, qlora_adapter, scratch_gpt
 from finpipe.defs.resources import LakeResource, MarketDataResource
 from finpipe.defs.statistics import price_statistics, statistics_sane
+from finpipe.defs.studies import study_assets
 
 #: everything downstream of the partitioned prices up to the training data
 DERIVED_ASSETS = [price_statistics, instruction_samples, dataset_split]
@@ -31,7 +32,7 @@ def build_resources() -> dict:
 
 
 defs = dg.Definitions(
-    assets=[daily_prices, *DERIVED_ASSETS, scratch_gpt, *MODEL_ASSETS],
+    assets=[daily_prices, *DERIVED_ASSETS, scratch_gpt, *MODEL_ASSETS, *study_assets],
     asset_checks=[*market_data_checks, *DERIVED_CHECKS, *MODEL_CHECKS],
     jobs=[nightly_retrain],
     schedules=[nightly_schedule],

@@ -133,6 +133,8 @@ class AdapterTrainingConfig(dg.Config):
     """The UI/run-config face of ``AdapterSpec``: same fields, same defaults (validated by AdapterSpec)."""
 
     quantization: str = Field(default=AdapterSpec.quantization, description="'nf4' = QLoRA (4-bit NF4 base), 'none' = plain LoRA")
+    method: str = Field(default=AdapterSpec.method, description="PEFT method: 'lora' (+ nf4 = QLoRA), 'dora', "
+                        "'adalora', 'vblora' or 'ia3'")
     lora_r: int = AdapterSpec.lora_r
     lora_alpha: int = AdapterSpec.lora_alpha
     lora_dropout: float = AdapterSpec.lora_dropout
@@ -151,6 +153,19 @@ class AdapterTrainingConfig(dg.Config):
     max_val_samples: int = Field(default=AdapterSpec.max_val_samples, description="validation samples per evaluation")
     logging_steps: int = AdapterSpec.logging_steps
     seed: int = AdapterSpec.seed
+    adalora_init_r: int = Field(default=AdapterSpec.adalora_init_r, description="AdaLoRA: starting rank per matrix")
+    adalora_target_r: int = Field(default=AdapterSpec.adalora_target_r,
+                                  description="AdaLoRA: final average rank per matrix (< adalora_init_r)")
+    adalora_tinit_frac: float = Field(default=AdapterSpec.adalora_tinit_frac,
+                                      description="AdaLoRA: fraction of max_steps before ranks are reallocated")
+    adalora_tfinal_frac: float = Field(default=AdapterSpec.adalora_tfinal_frac,
+                                       description="AdaLoRA: fraction of max_steps trained at the final ranks")
+    adalora_delta_t_frac: float = Field(default=AdapterSpec.adalora_delta_t_frac,
+                                        description="AdaLoRA: reallocation interval, fraction of max_steps (>= 1 step)")
+    vblora_num_vectors: int = Field(default=AdapterSpec.vblora_num_vectors, description="VB-LoRA: vectors in the bank")
+    vblora_vector_length: int = Field(default=AdapterSpec.vblora_vector_length,
+                                      description="VB-LoRA: vector length, must divide the targeted in/out features")
+    vblora_topk: int = Field(default=AdapterSpec.vblora_topk, description="VB-LoRA: bank vectors mixed per sub-vector")
     warm_start: str = Field(default="none", description="'none' = fresh LoRA; 'champion' = continue from the "
                             "champion adapter's weights when it was trained on the same base (the nightly run does)")
 
@@ -207,6 +222,7 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
         "path": dg.MetadataValue.path(str(adapter_dir)),
         "base_model": base["name"],
         "quantization": spec.quantization,
+        "method": report.method,
         "trainable_params": report.trainable_params,
         "total_params": report.total_params,
         "initial_val_loss": report.initial_eval_loss,
@@ -219,6 +235,7 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
         "tokens_per_s": report.tokens_per_s,
         "wall_time_s": report.seconds,
         "peak_memory_mb": report.peak_memory_mb,
+        "peak_rss_delta_mb": report.peak_rss_delta_mb,
         "adapter_size_mb": round(report.adapter_bytes / 2**20, 2),
         "device": report.device,
         "precision": report.precision,

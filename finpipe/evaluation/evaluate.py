@@ -21,6 +21,15 @@ from finpipe.instructions.samples import Sample
 
 #: answer metrics averaged per family and overall (None values, e.g. no labels expected, are skipped)
 ANSWER_METRICS = ("numeric_fidelity", "label_accuracy", "token_f1", "rouge_l", "format_validity")
+#: one number per model for promotion across bases, study plots and Pareto frontiers
+QUALITY_METRICS = ("numeric_fidelity", "label_accuracy", "rouge_l")
+
+
+def quality_score(overall: dict) -> float:
+    """Mean of numeric fidelity, label accuracy and ROUGE-L (metrics a set does not define are skipped)."""
+    values = [overall.get(k) for k in QUALITY_METRICS]
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else 0.0
 
 
 @dataclass(frozen=True)

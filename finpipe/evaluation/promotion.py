@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from finpipe.evaluation.evaluate import quality_score
+
 GUARDED_METRICS = ("numeric_fidelity", "label_accuracy")
-QUALITY_METRICS = ("numeric_fidelity", "label_accuracy", "rouge_l")
 
 
 @dataclass
@@ -32,9 +33,7 @@ def beats_base(challenger: dict, base: dict) -> bool:
 
 
 def quality(scores: dict) -> float:
-    values = [scores["golden"]["overall"].get(k) for k in QUALITY_METRICS]
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else 0.0
+    return quality_score(scores["golden"]["overall"])
 
 
 def golden_regressions(challenger: dict, champion: dict, tolerance: float) -> dict[str, dict[str, float]]:

@@ -1,4 +1,5 @@
-"""Train a LoRA / QLoRA adapter with TRL's SFTTrainer on chat samples, resumably and atomically.
+"""Train a PEFT adapter (LoRA / QLoRA, DoRA, AdaLoRA, VB-LoRA, IA3: see ``peft_methods``) with TRL's SFTTrainer
+on chat samples, resumably and atomically.
 
 Layout of a job (``job_dir``, one per spec + data + base fingerprint):
     job_dir/checkpoint-N/     Trainer checkpoints (adapter + optimizer + scheduler + RNG state)
@@ -15,7 +16,7 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +24,7 @@ from finpipe.instructions.samples import Sample
 from finpipe.models.files import atomic_dir, folder_size
 from finpipe.training.bnb_guard import disable_cpu_repacking
 from finpipe.training.device import DevicePlan, plan_device
+from finpipe.training.memory import RssPeak
 from finpipe.training.spec import AdapterSpec, check_prompt_budget
 
 
@@ -46,11 +48,14 @@ class TrainReport:
     train_tokens: int = 0
     tokens_per_s: float = 0.0
     seconds: float = 0.0
-    peak_memory_mb: float = 0.0
+    peak_memory_mb: float = 0.0  # process lifetime (ru_maxrss on CPU): includes everything before this training
     adapter_bytes: int = 0
     longest_prompt_tokens: int = 0
     warm_start: str | None = None
     spec: dict = field(default_factory=dict)
+    method: str = "lora"  # the PEFT method that trained (a warm-start adapter's own method wins over the spec's)
+    peak_rss_delta_mb: float = 0.0  # peak resident memory during trainer.train() above the RSS when it started
+    method_facts: dict = field(default_factory=dict)  # e.g. AdaLoRA's final and initial total rank
 
 
 def load_base(base_dir: str | Path, quantization: str, plan: DevicePlan):
@@ -96,12 +101,15 @@ def train_adapter(
     init_adapter: str | Path | None = None,
 ) -> TrainReport:
     """Train and save an adapter. ``init_adapter``: continue from an existing adapter's weights (warm start,
-    e.g. the champion: the nightly run refines yesterday's adapter on the new data); its LoRA shape wins."""
+    e.g. the champion: the nightly run refines yesterday's adapter on the new data); its method and shape win.
+    ``spec.method`` picks the PEFT method (``finpipe.training.peft_methods.build_peft_config``)."""
     import datasets
-    from peft import LoraConfig, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoTokenizer, EarlyStoppingCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
+
+    from finpipe.training import peft_methods
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     if spec.max_train_samples:
@@ -118,14 +126,19 @@ def train_adapter(
     total_params = count_parameters(model)
     if spec.quantization == "nf4":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
-    lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                      target_modules=spec.target_modules_value, task_type="CAUSAL_LM", bias="none")
-    if init_adapter is not None:
+    method = spec.method
+    if init_adapter is None:
+        peft_config = peft_methods.build_peft_config(spec, model)
+    else:
         from peft import PeftModel
 
         log(f"warm start from {init_adapter}")
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-        lora = None  # the adapter is already attached
+        peft_config = None  # the adapter is already attached
+        method = peft_methods.method_of(model.peft_config["default"])
+        if method != spec.method:
+            log(f"warm start: the adapter is {method}, not {spec.method}: training it as {method}")
+    method_callbacks = peft_methods.prepare_training(method, model if init_adapter is not None else None, log=log)
 
     to_ds = lambda samples: datasets.Dataset.from_list([{"messages": s.messages} for s in samples])  # noqa: E731
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -168,13 +181,15 @@ def train_adapter(
     from transformers.integrations import TensorBoardCallback
 
     tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(job_dir / "runs")))
-    trainer = SFTTrainer(
+    trainer = peft_methods.trainer_class(method, SFTTrainer)(
         model=model, args=config, train_dataset=to_ds(train), eval_dataset=to_ds(val), processing_class=tokenizer,
-        peft_config=lora,
+        peft_config=peft_config,
         callbacks=[tensorboard,
                    *([EarlyStoppingCallback(spec.early_stopping_patience)] if spec.early_stopping_patience else []),
-                   *callbacks],
+                   *method_callbacks, *callbacks],
     )
+    if spec.quantization == "nf4":
+        peft_methods.restore_fp32(trainer.model, replace(spec, method=method))  # after TRL's bf16 cast
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     resume = get_last_checkpoint(str(job_dir)) if job_dir.exists() else None
     initial_eval = None
@@ -184,7 +199,8 @@ def train_adapter(
     else:
         log(f"resuming from {resume}")
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with RssPeak() as rss:
+        result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     final_eval = trainer.evaluate()["eval_loss"]  # the best checkpoint, restored by load_best_model_at_end
 
@@ -196,6 +212,7 @@ def train_adapter(
         eval_losses.insert(0, (0, round(initial_eval, 4)))
 
     tensorboard.tb_writer.close()
+    method_facts = peft_methods.prepare_final_save(trainer.model, method, method_callbacks)
     with atomic_dir(adapter_dir) as tmp:
         trainer.model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -211,7 +228,8 @@ def train_adapter(
             tokens_per_s=round(tokens / seconds, 1) if tokens and seconds else 0.0,
             seconds=round(seconds, 1), peak_memory_mb=round(_peak_memory_mb(plan), 1),
             adapter_bytes=folder_size(tmp), longest_prompt_tokens=longest,
-            warm_start=str(init_adapter) if init_adapter is not None else None, spec=asdict(spec),
+            warm_start=str(init_adapter) if init_adapter is not None else None, spec=asdict(spec), method=method,
+            peak_rss_delta_mb=round(rss.delta_mb, 1), method_facts=method_facts,
         )
         (tmp / "training_report.json").write_text(json.dumps(asdict(report), indent=2))
     report.adapter_bytes = folder_size(adapter_dir)

@@ -7,14 +7,18 @@ import hashlib
 import json
 
 QUANTIZATIONS = ("nf4", "none")
+# PEFT methods (peft's LoraConfig, LoraConfig(use_dora=True), AdaLoraConfig, VBLoRAConfig, IA3Config); orthogonal to
+# `quantization`: QLoRA = method "lora" + quantization "nf4". See finpipe.training.peft_methods.
+METHODS = ("lora", "adalora", "vblora", "dora", "ia3")
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
     quantization: str = "nf4"  # "nf4": QLoRA (4-bit NF4 base, double quantization); "none": plain LoRA
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    method: str = "lora"  # one of METHODS; "lora" + "nf4" = QLoRA
+    lora_r: int = 16  # rank of lora, dora and vblora (adalora uses adalora_init_r / adalora_target_r; ia3 has none)
+    lora_alpha: int = 32  # scaling of lora, dora and adalora
+    lora_dropout: float = 0.05  # dropout of lora, dora, adalora and vblora
     target_modules: str = "all-linear"  # or a comma-separated list, e.g. "q_proj,v_proj"
     learning_rate: float = 2e-4
     # defaults sized for the offline quickstart on 2 CPU cores (minutes); raise them on a GPU
@@ -31,11 +35,27 @@ class AdapterSpec:
     max_val_samples: int = 16  # validation subset evaluated every eval_steps (CPU budget)
     logging_steps: int = 5
     seed: int = 42
+    # AdaLoRA: every targeted matrix starts at rank adalora_init_r; the total budget shrinks (cubic schedule) to an
+    # average of adalora_target_r per matrix. The schedule is given as fractions of max_steps: no reallocation for the
+    # first tinit steps, then budgeting, the last tfinal steps (>= 1) train the final ranks; reallocate every deltaT.
+    adalora_init_r: int = 24
+    adalora_target_r: int = 16
+    adalora_tinit_frac: float = 0.1
+    adalora_tfinal_frac: float = 0.2
+    adalora_delta_t_frac: float = 0.01
+    # VB-LoRA: one shared bank of num_vectors vectors of vector_length (must divide the in and out features of every
+    # targeted module, checked when the model is known); each sub-vector mixes the top-k bank vectors. The final
+    # adapter keeps only the top-k indices and weights (small); Trainer checkpoints keep the full logits (resume).
+    vblora_num_vectors: int = 256
+    vblora_vector_length: int = 64
+    vblora_topk: int = 2
 
     def __post_init__(self) -> None:
         problems = []
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "max_seq_len", "eval_steps",
                      "logging_steps"):
             if getattr(self, name) <= 0:
@@ -50,8 +70,42 @@ class AdapterSpec:
             problems.append("early_stopping_patience, max_train_samples and max_val_samples must be >= 0")
         if not self.target_modules.strip():
             problems.append("target_modules must name modules or be 'all-linear'")
+        problems += self._method_problems()
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def _method_problems(self) -> list[str]:
+        problems = []
+        for name in ("adalora_init_r", "adalora_target_r", "vblora_num_vectors", "vblora_vector_length", "vblora_topk"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if 0 < self.adalora_init_r <= self.adalora_target_r:
+            problems.append(f"adalora_target_r ({self.adalora_target_r}) must be below adalora_init_r "
+                            f"({self.adalora_init_r}): AdaLoRA only removes rank")
+        for name in ("adalora_tinit_frac", "adalora_tfinal_frac", "adalora_delta_t_frac"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adalora_tinit_frac + self.adalora_tfinal_frac >= 1:
+            problems.append(f"adalora_tinit_frac + adalora_tfinal_frac must be < 1 to leave a budgeting phase, got "
+                            f"{self.adalora_tinit_frac} + {self.adalora_tfinal_frac}")
+        if self.vblora_topk > self.vblora_num_vectors > 0:
+            problems.append(f"vblora_topk ({self.vblora_topk}) must be <= vblora_num_vectors "
+                            f"({self.vblora_num_vectors})")
+        if self.method == "adalora" and not problems and self.max_steps > 0:
+            tinit, tfinal, _ = self.adalora_schedule()
+            if tinit >= self.max_steps - tfinal:
+                problems.append(f"the AdaLoRA schedule leaves no budgeting phase: max_steps {self.max_steps} gives "
+                                f"tinit {tinit} and tfinal {tfinal} steps (tinit must be < max_steps - tfinal); "
+                                "raise max_steps or lower adalora_tinit_frac / adalora_tfinal_frac")
+        return problems
+
+    def adalora_schedule(self) -> tuple[int, int, int]:
+        """AdaLoRA's (tinit, tfinal, deltaT) in optimizer steps, from the fractions of max_steps. tfinal is at least
+        1 so that the final allocation (peft's forced mask at step total_step - tfinal) happens during training."""
+        tinit = round(self.adalora_tinit_frac * self.max_steps)
+        tfinal = max(1, round(self.adalora_tfinal_frac * self.max_steps))
+        delta_t = max(1, round(self.adalora_delta_t_frac * self.max_steps))
+        return tinit, tfinal, delta_t
 
     @property
     def target_modules_value(self) -> str | list[str]:

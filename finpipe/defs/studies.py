@@ -1,0 +1,197 @@
+"""Studies as assets: the PEFT method comparison (one partition per method) and the compression study of
+the champion, with results in lake tables (``peft_study``, ``compression_study``) and reports."""
+
+import datetime as dt
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from finpipe.defs.datasets import dataset_split, golden_path, split_dir
+from finpipe.defs.evaluation import champion_adapter
+from finpipe.defs.metadata import markdown_table
+from finpipe.defs.models import base_model
+from finpipe.defs.resources import LakeResource
+from finpipe.models import registry
+from finpipe.studies.peft_study import STUDY_METHODS, PeftStudySpec
+
+PEFT_TABLE, COMPRESSION_TABLE = "peft_study", "compression_study"
+peft_methods = dg.StaticPartitionsDefinition(list(STUDY_METHODS))
+
+
+def studies_dir(lake: LakeResource) -> Path:
+    return lake.directory / "studies"
+
+
+def _study_inputs(lake: LakeResource, golden_per_family: int = 2, seed: int = 0):
+    """Train and validation splits, and the frozen golden set (frozen here if no evaluation ran yet)."""
+    from finpipe.evaluation.golden import freeze_golden
+    from finpipe.instructions.samples import read_jsonl
+
+    train, val = read_jsonl(split_dir(lake) / "train.jsonl"), read_jsonl(split_dir(lake) / "val.jsonl")
+    golden, _ = freeze_golden(val, golden_path(lake), golden_per_family, seed)
+    return train, val, golden
+
+
+class PeftStudyConfig(dg.Config):
+    """The UI/run-config face of ``PeftStudySpec``: the budget every method gets."""
+
+    max_steps: int = PeftStudySpec.max_steps
+    batch_size: int = PeftStudySpec.batch_size
+    max_seq_len: int = PeftStudySpec.max_seq_len
+    lora_r: int = Field(default=PeftStudySpec.lora_r, description="rank of LoRA/QLoRA/DoRA/VB-LoRA; AdaLoRA "
+                        "starts at 1.5x and ends at this average rank")
+    vblora_vector_length: int = Field(default=PeftStudySpec.vblora_vector_length,
+                                      description="VB-LoRA vector length (divides every targeted layer's sizes)")
+    learning_rate: float = Field(default=PeftStudySpec.learning_rate, description="IA3 and VB-LoRA use their own")
+    eval_steps: int = PeftStudySpec.eval_steps
+    max_val_samples: int = PeftStudySpec.max_val_samples
+    loss_samples: int = PeftStudySpec.loss_samples
+    max_new_tokens: int = PeftStudySpec.max_new_tokens
+    seed: int = PeftStudySpec.seed
+
+
+@dg.asset(
+    partitions_def=peft_methods,
+    deps=[base_model, dataset_split],
+    group_name="studies",
+    kinds={"pytorch", "duckdb"},
+    description="One PEFT method (the partition) trained on the training split with the study's shared budget, "
+    "scored on the golden set; its row in the lake table peft_study. Backfill all partitions to compare.",
+)
+def peft_method_run(context: dg.AssetExecutionContext, config: PeftStudyConfig,
+                    lake: LakeResource) -> dg.MaterializeResult:
+    from finpipe.evaluation.golden import golden_hash
+    from finpipe.studies.peft_study import run_method
+    from finpipe.studies.results import upsert_rows
+
+    method = context.partition_key
+    study = PeftStudySpec(**config.model_dump())
+    base = registry.read_pointer(registry.base_pointer(lake.directory))
+    train, val, golden = _study_inputs(lake)
+    row = run_method(method, base["path"], train, val, golden, studies_dir(lake) / "peft" / method, study,
+                     log=context.log.info)
+    row |= {"base_model": base["name"], "golden_hash": golden_hash(golden),
+            "finished_at": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)}
+    upsert_rows(lake.prices_lake(), PEFT_TABLE, [row], key="method")
+    shown = {k: v for k, v in row.items() if k not in ("spec", "finished_at")}
+    return dg.MaterializeResult(metadata={
+        **{k: v for k, v in shown.items() if isinstance(v, (int, float, str)) and v is not None},
+        "adapter_path": dg.MetadataValue.path(row["adapter_path"]),
+    })
+
+
+@dg.asset(
+    deps=[peft_method_run],
+    group_name="studies",
+    kinds={"html"},
+    description="The PEFT comparison: table of every method in peft_study (peak memory, time, adapter size, "
+    "quality) and plots of quality vs adapter size and vs training time, with the Pareto frontier.",
+)
+def peft_comparison(lake: LakeResource) -> dg.MaterializeResult:
+    from finpipe.studies.report import pareto_plots, render_study
+
+    frame = lake.prices_lake().query(f"SELECT * FROM {PEFT_TABLE} ORDER BY method")
+    if frame.height == 0:
+        raise dg.Failure("peft_study is empty: materialize (backfill) peft_method_run partitions first")
+    columns = ["method", "trainable_params", "adapter_mb", "train_seconds", "peak_rss_delta_mb", "best_val_loss",
+               "golden_loss", "golden_numeric_fidelity", "golden_label_accuracy", "golden_token_f1",
+               "golden_rouge_l", "quality", "latency_s"]
+    out = studies_dir(lake) / "peft"
+    rows = frame.to_dicts()
+    plots, fronts = pareto_plots(rows, "method", [("adapter_mb", "adapter size (MB)"),
+                                                  ("train_seconds", "training time (s)")], out)
+    summary = [("methods", ", ".join(frame["method"].to_list())),
+               ("budget", f"{frame['steps'].max()} steps each on {frame['base_model'][0]}, same split and golden set"),
+               ("quality", "mean of golden numeric fidelity, label accuracy and ROUGE-L"),
+               *[(f"Pareto frontier, quality vs {c}", ", ".join(f)) for c, f in fronts.items()]]
+    md, html = render_study("finpipe PEFT method comparison", rows, columns, out, summary, plots)
+    return dg.MaterializeResult(metadata={
+        "methods": frame.height,
+        "table": dg.MetadataValue.md(markdown_table(frame.select(columns))),
+        "html": dg.MetadataValue.path(str(html)),
+        "report": dg.MetadataValue.md(_inline_images(md.read_text(), plots)),
+    })
+
+
+def _inline_images(markdown: str, images: dict[str, Path]) -> str:
+    """The UI cannot read files next to a report: inline its images."""
+    from finpipe.training.plots import markdown_image
+
+    for caption, image in images.items():
+        markdown = markdown.replace(f"![{caption}]({image.name})", markdown_image(image, caption))
+    return markdown
+
+
+class CompressionConfig(dg.Config):
+    """What to compress and how hard (the UI face of ``CompressionSpec``)."""
+
+    ks: list[int] = Field(default=[2, 4], description="decoder layers to drop in total, successively")
+    heal_steps: int = Field(default=8, description="LoRA steps after each drop (0 = no healing)")
+    answers: int = Field(default=14, description="golden answers generated per variant")
+    max_new_tokens: int = 64
+    bf16: bool = True
+    int8: bool = True
+    nf4: bool = True
+    seed: int = 0
+
+
+@dg.asset(
+    deps=[champion_adapter],
+    group_name="studies",
+    kinds={"pytorch", "duckdb", "html"},
+    description="Compression of the champion (merged into its base): post-training quantization (bf16, "
+    "8-bit, 4-bit NF4) and successive layer dropping with optional LoRA healing; size, parameters, "
+    "tokens/s, peak memory and quality per variant in the lake table compression_study, with the Pareto "
+    "frontiers (size vs quality, speed vs quality).",
+)
+def compression_study(context: dg.AssetExecutionContext, config: CompressionConfig,
+                      lake: LakeResource) -> dg.MaterializeResult:
+    from finpipe.inference.export import export_merged
+    from finpipe.studies.compression import UNSUPPORTED_METHODS, CompressionSpec, run_compression_study
+    from finpipe.studies.report import render_study
+    from finpipe.studies.results import upsert_rows
+
+    spec = CompressionSpec(**(config.model_dump() | {"ks": tuple(config.ks)}))
+    champion = registry.read_pointer(registry.champion_pointer(lake.directory))
+    out = studies_dir(lake) / "compression"
+    merged = out / "merged"
+    if not (merged / "config.json").exists() or _merged_from(merged) != champion["run_id"]:
+        context.log.info(f"merging the champion {champion['run_id']} into its base")
+        export_merged(champion["base"]["path"], champion["path"], merged, force=True,
+                      provenance={"champion": champion["run_id"]})
+    train, val, golden = _study_inputs(lake)
+    rows = run_compression_study(merged, train, val, golden, out, spec, log=context.log.info)
+    finished = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    rows = [r | {"champion": champion["run_id"], "finished_at": finished} for r in rows]
+    upsert_rows(lake.prices_lake(), COMPRESSION_TABLE, rows, key="variant")
+    columns = ["variant", "size_mb", "size_basis", "parameters", "layers", "tokens_per_s", "latency_s",
+               "peak_rss_increase_mb", "loss", "numeric_fidelity", "label_accuracy", "rouge_l", "quality",
+               "pareto_size", "pareto_speed", "skipped"]
+    plots = {"quality vs size": out / "pareto_size.png", "quality vs generation speed": out / "pareto_speed.png"}
+    summary = [("champion", champion["run_id"]), ("variants", ", ".join(r["variant"] for r in rows)),
+               ("Pareto frontier, quality vs size", ", ".join(r["variant"] for r in rows if r["pareto_size"])),
+               ("Pareto frontier, quality vs speed", ", ".join(r["variant"] for r in rows if r["pareto_speed"])),
+               ("not studied", "; ".join(f"{k}: {v}" for k, v in UNSUPPORTED_METHODS.items()))]
+    md, html = render_study("finpipe compression study", rows, columns, out, summary, plots)
+    table = pl.DataFrame([{c: r.get(c) for c in columns} for r in rows], infer_schema_length=None)
+    return dg.MaterializeResult(metadata={
+        "variants": len(rows),
+        "table": dg.MetadataValue.md(markdown_table(table, max_rows=40)),
+        "html": dg.MetadataValue.path(str(html)),
+        "report": dg.MetadataValue.md(_inline_images(md.read_text(), plots)),
+    })
+
+
+def _merged_from(folder: Path) -> str | None:
+    """The champion run a merged folder was exported from (its export manifest says)."""
+    import json
+
+    from finpipe.inference.export import EXPORT_MANIFEST
+
+    manifest = folder / EXPORT_MANIFEST
+    return json.loads(manifest.read_text()).get("champion") if manifest.exists() else None
+
+
+study_assets = [peft_method_run, peft_comparison, compression_study]

@@ -1,0 +1,1 @@
+"""Research studies over finpipe models (compression trade-offs); no Dagster."""
