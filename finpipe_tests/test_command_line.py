@@ -127,7 +127,8 @@ def test_dagster_dev_serves_the_assets_over_graphql(cli_env):
                 time.sleep(1)
         assert nodes, "dagster dev did not answer GraphQL within 120 s"
         assert {"path": ["daily_prices"]} in [n["assetKey"] for n in nodes]
-        assert {n["groupName"] for n in nodes} == {"market_data", "statistics", "datasets", "models", "evaluation"}
+        assert {n["groupName"] for n in nodes} == {"market_data", "statistics", "datasets", "models", "evaluation",
+                                                  "studies"}
         keys = {n["assetKey"]["path"][0] for n in nodes}
         assert {"price_statistics", "instruction_samples", "dataset_split", "base_model", "scratch_gpt",
                 "qlora_adapter", "adapter_evaluation", "evaluation_report", "champion_adapter"} <= keys
