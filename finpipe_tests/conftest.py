@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -37,25 +38,35 @@ def d(text: str) -> dt.date:
     return dt.date.fromisoformat(text)
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer Llama with a BPE tokenizer trained on the samples (seconds)."""
+@lru_cache(maxsize=1)
+def tiny_split():
+    """A small temporal split of real replay samples (every 9th session), for training tests."""
+    from finpipe.instructions.split import SplitSpec, temporal_split
+    from finpipe_tests.test_instruction_datasets import samples
+
+    return temporal_split(samples(date_stride=9), SplitSpec(val_fraction=0.2))
+
+
+def make_tiny_llama(folder: Path, tokenizer, num_layers: int = 2) -> Path:
+    """A randomly initialised Llama (hidden 64, intermediate 128) saved with ``tokenizer`` into ``folder``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finpipe.instructions.split import SplitSpec, temporal_split
-    from finpipe.models.scratch import train_tokenizer
-    from finpipe_tests.test_instruction_datasets import samples
-
-    train = temporal_split(samples(date_stride=9), SplitSpec(val_fraction=0.2)).train
-    tokenizer = train_tokenizer([f"{s.text_of('user')}\n{s.text_of('assistant')}" for s in train], vocab_size=600)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    folder = tmp_path_factory.mktemp("tiny_base")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A 2-layer tiny Llama with a BPE tokenizer trained on the samples (seconds)."""
+    from finpipe.models.scratch import train_tokenizer
+
+    texts = [f"{s.text_of('user')}\n{s.text_of('assistant')}" for s in tiny_split().train]
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_base"), train_tokenizer(texts, vocab_size=600))

@@ -34,20 +34,12 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny4(tiny_base, tmp_path_factory) -> Path:
     """conftest's tiny Llama, 4 layers deep (the session tokenizer; intermediate size a multiple of 32)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from finpipe_tests.conftest import make_tiny_llama
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    folder = tmp_path_factory.mktemp("tiny4")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny4"), tokenizer, num_layers=4)
 
 
 @pytest.fixture(scope="module")

@@ -7,23 +7,19 @@ promise; AdaLoRA really gives rank back; wrong method knobs are clear errors bef
 
 import json
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 
-from finpipe.instructions.split import SplitSpec, temporal_split
 from finpipe.training.spec import AdapterSpec
-from finpipe_tests.test_instruction_datasets import samples as build
+from finpipe_tests.conftest import tiny_split
 
 ADAPTER_FILE = "adapter_model.safetensors"
 MODULES = 2 * 7  # q k v o gate up down in each of the tiny model's 2 layers
 
 
-@lru_cache(maxsize=1)
-def split():
-    return temporal_split(build(date_stride=9), SplitSpec(val_fraction=0.2))
+split = tiny_split
 
 
 def spec(**changes) -> AdapterSpec:

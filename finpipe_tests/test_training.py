@@ -1,21 +1,17 @@
 """Adapter training for real: a tiny Llama (own tokenizer, built here) through 4-bit layers with TRL."""
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 
 from finpipe.instructions.builder import DatasetSpec
-from finpipe.instructions.split import SplitSpec, temporal_split
 from finpipe.training.spec import AdapterSpec
-from finpipe_tests.test_instruction_datasets import samples as build
+from finpipe_tests.conftest import tiny_split
 
 
-@lru_cache(maxsize=1)
-def split():
-    return temporal_split(build(date_stride=9), SplitSpec(val_fraction=0.2))
+split = tiny_split
 
 
 def spec(**changes) -> AdapterSpec:

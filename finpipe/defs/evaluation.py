@@ -11,7 +11,7 @@ import polars as pl
 from pydantic import Field
 
 from finpipe.defs.datasets import golden_path, split_dir
-from finpipe.defs.metadata import markdown_table
+from finpipe.defs.metadata import markdown_table, markdown_with_inline_images
 from finpipe.defs.models import qlora_adapter
 from finpipe.defs.resources import LakeResource
 from finpipe.evaluation.evaluate import EvalSpec
@@ -161,7 +161,6 @@ def _decision(evaluation: dict):
 )
 def evaluation_report(lake: LakeResource) -> dg.MaterializeResult:
     from finpipe.evaluation.report import family_bars_png, render
-    from finpipe.training.plots import markdown_image
 
     evaluation = read_evaluation(lake)
     out = evaluation_dir(evaluation["adapter_path"])
@@ -179,9 +178,7 @@ def evaluation_report(lake: LakeResource) -> dg.MaterializeResult:
                ("evaluated at", evaluation["evaluated_at"])]
     md_path, html_path = render(f"finpipe evaluation — {evaluation['run_id']}", summary, variants,
                                 evaluation["answers"], images, out)
-    ui_markdown = md_path.read_text()
-    for caption, image in images.items():  # the UI cannot read files next to the report: inline the images
-        ui_markdown = ui_markdown.replace(f"![{caption}]({image.name})", markdown_image(image, caption))
+    ui_markdown = markdown_with_inline_images(md_path.read_text(), images)
     return dg.MaterializeResult(metadata={
         "html": dg.MetadataValue.path(str(html_path)),
         "markdown": dg.MetadataValue.path(str(md_path)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 
 
@@ -23,3 +25,12 @@ def markdown_table(frame: pl.DataFrame, max_rows: int = 20, float_digits: int = 
     if frame.height > max_rows:
         lines.append(f"\n_{frame.height - max_rows} more rows not shown_")
     return "\n".join(lines)
+
+
+def markdown_with_inline_images(markdown: str, images: dict[str, Path]) -> str:
+    """The UI cannot read files next to a report: replace ``![caption](file.png)`` with data-URI images."""
+    from finpipe.training.plots import markdown_image
+
+    for caption, image in images.items():
+        markdown = markdown.replace(f"![{caption}]({image.name})", markdown_image(image, caption))
+    return markdown

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from finpipe.defs.datasets import dataset_split, golden_path, split_dir
 from finpipe.defs.evaluation import champion_adapter
-from finpipe.defs.metadata import markdown_table
+from finpipe.defs.metadata import markdown_table, markdown_with_inline_images
 from finpipe.defs.models import base_model
 from finpipe.defs.resources import LakeResource
 from finpipe.models import registry
@@ -111,17 +111,8 @@ def peft_comparison(lake: LakeResource) -> dg.MaterializeResult:
         "methods": frame.height,
         "table": dg.MetadataValue.md(markdown_table(frame.select(columns))),
         "html": dg.MetadataValue.path(str(html)),
-        "report": dg.MetadataValue.md(_inline_images(md.read_text(), plots)),
+        "report": dg.MetadataValue.md(markdown_with_inline_images(md.read_text(), plots)),
     })
-
-
-def _inline_images(markdown: str, images: dict[str, Path]) -> str:
-    """The UI cannot read files next to a report: inline its images."""
-    from finpipe.training.plots import markdown_image
-
-    for caption, image in images.items():
-        markdown = markdown.replace(f"![{caption}]({image.name})", markdown_image(image, caption))
-    return markdown
 
 
 class CompressionConfig(dg.Config):
@@ -180,7 +171,7 @@ def compression_study(context: dg.AssetExecutionContext, config: CompressionConf
         "variants": len(rows),
         "table": dg.MetadataValue.md(markdown_table(table, max_rows=40)),
         "html": dg.MetadataValue.path(str(html)),
-        "report": dg.MetadataValue.md(_inline_images(md.read_text(), plots)),
+        "report": dg.MetadataValue.md(markdown_with_inline_images(md.read_text(), plots)),
     })
 
 
