@@ -406,6 +406,49 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit")
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """Both studies on the current lake: one run per PEFT method partition, the comparison, the compression."""
+    _prepare_dagster_home()
+    import dagster as dg
+
+    from finpipe.definitions import build_resources
+    from finpipe.defs.studies import compression_study, peft_comparison, peft_method_run
+    from finpipe.studies.peft_study import STUDY_METHODS
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(STUDY_METHODS)
+    unknown = sorted(set(methods) - set(STUDY_METHODS))
+    if unknown:
+        raise ValueError(f"unknown PEFT methods {unknown}; the study covers {', '.join(STUDY_METHODS)}")
+    resources, instance = build_resources(), dg.DagsterInstance.get()
+    run_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+    peft_ops = {"ops": {"peft_method_run": {"config": {"max_steps": args.max_steps}}}}
+    reports = []
+    if not args.skip_peft:
+        for i, method in enumerate(methods, 1):
+            print(f"finpipe: [peft {i}/{len(methods)}] {method}")
+            done = dg.materialize([peft_method_run], partition_key=method, resources=resources, instance=instance,
+                                  raise_on_error=False, run_config=run_config | peft_ops)
+            if not _report(done, f"{method} study"):
+                return 1
+        done = dg.materialize([peft_comparison], resources=resources, instance=instance, raise_on_error=False,
+                              run_config=run_config)
+        if not _report(done, "PEFT comparison"):
+            return 1
+        reports.append(done.asset_materializations_for_node("peft_comparison")[0].metadata["html"].value)
+    if not args.skip_compression:
+        print("finpipe: [compression] the champion: PTQ variants and successive layer dropping")
+        ops = {"ops": {"compression_study": {"config": {"ks": [int(k) for k in args.drop.split(",")],
+                                                         "heal_steps": args.heal_steps}}}}
+        done = dg.materialize([compression_study], resources=resources, instance=instance, raise_on_error=False,
+                              run_config=run_config | ops)
+        if not _report(done, "compression study"):
+            return 1
+        reports.append(done.asset_materializations_for_node("compression_study")[0].metadata["html"].value)
+    for path in reports:
+        print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -461,6 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="print the run registry (evaluated adapters, metrics, status)")
     runs.add_argument("--limit", type=int, default=50, help="rows to print")
     runs.set_defaults(func=cmd_runs)
+
+    study = sub.add_parser("study", help="the PEFT method comparison and the compression study (after `run`)")
+    study.add_argument("--methods", help="comma-separated subset of lora,qlora,adalora,vblora,dora,ia3 (default all)")
+    study.add_argument("--max-steps", type=int, default=12, help="training steps per PEFT method")
+    study.add_argument("--drop", default="2,4", help="layers to drop in total, successively (e.g. 2,4)")
+    study.add_argument("--heal-steps", type=int, default=8, help="LoRA healing steps after each drop (0 = none)")
+    study.add_argument("--skip-peft", action="store_true")
+    study.add_argument("--skip-compression", action="store_true")
+    study.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    study.set_defaults(func=cmd_study)
     return parser
 
 
