@@ -13,7 +13,7 @@ from pydantic import Field
 from finpipe.defs.datasets import golden_path, split_dir
 from finpipe.defs.metadata import markdown_table, markdown_with_inline_images
 from finpipe.defs.models import qlora_adapter
-from finpipe.defs.resources import LakeResource
+from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
 from finpipe.evaluation.evaluate import EvalSpec
 from finpipe.evaluation.promotion import decide, golden_regressions
 from finpipe.models import registry
@@ -53,6 +53,8 @@ def _window(samples) -> tuple[str | None, str | None]:
 @dg.asset(
     deps=[qlora_adapter],
     group_name="evaluation",
+    pool=LAKE_WRITER_POOL,  # records its row in model_runs
+    op_tags=LAKE_WRITER_TAGS,
     kinds={"pytorch"},
     description="The newest adapter vs its base model (and the current champion, on the golden set): loss, "
     "perplexity, numeric fidelity, label accuracy, token F1, ROUGE-L, format validity, latency. Writes "
@@ -165,7 +167,7 @@ def evaluation_report(lake: LakeResource) -> dg.MaterializeResult:
     evaluation = read_evaluation(lake)
     out = evaluation_dir(evaluation["adapter_path"])
     decision = _decision(evaluation)
-    variants = {k: v for k, v in evaluation["variants"].items()}
+    variants = dict(evaluation["variants"])
     bars = family_bars_png(variants, out / "per_family.png")
     images = {"Per-family answer quality (validation)": bars}
     loss_png = Path(evaluation["adapter_path"]) / "loss.png"
@@ -190,6 +192,8 @@ def evaluation_report(lake: LakeResource) -> dg.MaterializeResult:
 @dg.asset(
     deps=[adapter_evaluation],
     group_name="evaluation",
+    pool=LAKE_WRITER_POOL,
+    op_tags=LAKE_WRITER_TAGS,
     kinds={"duckdb"},
     description="Promotion: the newest adapter becomes the champion (models/adapters/champion.json, "
     "model_runs.status) only if it beats the base model and the current champion without regressing.",
