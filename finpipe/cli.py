@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from finpipe.definitions import DERIVED_ASSETS, DERIVED_CHECKS, MODEL_ASSETS, MODEL_CHECKS, build_resources
 
     resources = build_resources()
-    market = resources["market_data"]
+    market = resources["market_data"].process_config_and_initialize()  # resolves EnvVar fields (the proxy)
     source = market.price_source()
     end = args.end or source.available_until() or dt.date.today()
     start = args.start or end - dt.timedelta(days=DEFAULT_HISTORY_DAYS)
@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser("study", help="the PEFT method comparison and the compression study (after `run`)")
     study.add_argument("--methods", help="comma-separated subset of lora,qlora,adalora,vblora,dora,ia3 (default all)")
-    study.add_argument("--max-steps", type=int, default=12, help="training steps per PEFT method")
+    study.add_argument("--max-steps", type=int, default=8, help="training steps per PEFT method")
     study.add_argument("--drop", default="2,4", help="layers to drop in total, successively (e.g. 2,4)")
     study.add_argument("--heal-steps", type=int, default=8, help="LoRA healing steps after each drop (0 = none)")
     study.add_argument("--skip-peft", action="store_true")

@@ -8,7 +8,7 @@ import polars as pl
 
 from finpipe.defs.metadata import markdown_table
 from finpipe.defs.partitions import trading_days
-from finpipe.defs.resources import LakeResource, MarketDataResource
+from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource, MarketDataResource
 from finpipe.market import quality
 from finpipe.market.ingest import FAILED, INCOMPLETE, NO_SESSIONS, OK, IngestRequest, ingest
 
@@ -19,6 +19,8 @@ from finpipe.market.ingest import FAILED, INCOMPLETE, NO_SESSIONS, OK, IngestReq
     # The network edge: a transient Yahoo outage gets retried with backoff before the run fails.
     retry_policy=dg.RetryPolicy(max_retries=2, delay=15, backoff=dg.Backoff.EXPONENTIAL),
     group_name="market_data",
+    pool=LAKE_WRITER_POOL,
+    op_tags=LAKE_WRITER_TAGS,
     kinds={"duckdb", "polars"},
     description="Daily OHLCV bars for the configured universe, upserted into the lake table `prices` "
     "(primary key ticker, date); invalid rows go to `price_rejects` with the reason.",

@@ -19,6 +19,11 @@ from finpipe.models.files import folder_size
 from finpipe.training.spec import AdapterSpec
 
 
+#: what base_model downloads from the hub: configs, safetensors weights, tokenizer files, chat templates; never
+#: pickles (*.bin, *.pt, *.pth, *.ckpt) and never code (*.py: remote code stays off)
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
 class HuggingFaceResource(dg.ConfigurableResource):
     """Credentials for gated hub models (e.g. meta-llama/Llama-3.2-1B-Instruct): HF_TOKEN, never in config files."""
 
@@ -62,13 +67,19 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, lake:
         from huggingface_hub import snapshot_download
 
         folder = base_root / config.model.replace("/", "__")
-        snapshot_download(config.model, revision=config.revision, local_dir=folder,
-                          token=huggingface.token or None, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        snapshot_download(config.model, revision=config.revision, local_dir=folder, token=huggingface.token or None,
+                          allow_patterns=HUB_ALLOW_PATTERNS)
         name = config.model
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
+    from finpipe.models.safe_loading import UnsafeCheckpointError, load_tokenizer, require_safetensors_model
+
+    try:
+        require_safetensors_model(folder)  # a hub repo without safetensors downloads no weights at all
+    except UnsafeCheckpointError as exc:
+        raise dg.Failure(str(exc)) from exc
     model_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     if not tokenizer.chat_template:
         raise dg.Failure(f"{name} has no chat template: finpipe trains on chat messages")
     registry.write_pointer(registry.base_pointer(lake.directory), {"name": name, "path": str(folder)})

@@ -18,6 +18,16 @@ from finpipe.market.sources import REPLAY_LAST_DATE, SOURCE_KINDS, PriceSource, 
 from finpipe.market.universes import UNIVERSES, Universe, get_universe
 
 
+#: DuckDB admits one writing process per lake file. Every asset that writes the lake is in this Dagster pool and
+#: carries LAKE_WRITER_TAGS: the executor's tag limit (LAKE_WRITER_LIMITS, finpipe.definitions) keeps two writers
+#: of one run apart, an instance pool limit (`concurrency: pools:` in dagster.yaml, or
+#: `dagster instance concurrency set finpipe_lake 1`) keeps writers of different runs apart. Readers are not
+#: limited: PriceLake.connect waits up to lock_timeout_s for a writer to finish.
+LAKE_WRITER_POOL = "finpipe_lake"
+LAKE_WRITER_TAGS = {"finpipe/lake": "writer"}
+LAKE_WRITER_LIMITS = [{"key": "finpipe/lake", "value": "writer", "limit": 1}]
+
+
 class LakeResource(dg.ConfigurableResource):
     """The DuckDB lake file under the lake directory (``FINPIPE_LAKE_DIR``, default ``data_lake/``)."""
 
@@ -98,7 +108,8 @@ class MarketDataResource(dg.ConfigurableResource):
             universe=os.environ.get("FINPIPE_UNIVERSE", "us_core"),
             tickers=[t.strip() for t in os.environ.get("FINPIPE_TICKERS", "").split(",") if t.strip()],
             replay_as_of=os.environ.get("FINPIPE_REPLAY_AS_OF", REPLAY_LAST_DATE.isoformat()),
-            yahoo_proxy=os.environ.get("FINPIPE_YAHOO_PROXY", ""),
+            # a proxy URL may carry credentials (http://user:password@host): resolved at run time, never stored
+            yahoo_proxy=dg.EnvVar("FINPIPE_YAHOO_PROXY") if os.environ.get("FINPIPE_YAHOO_PROXY") else "",
         )
 
     def get_universe(self) -> Universe:

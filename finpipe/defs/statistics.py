@@ -6,7 +6,7 @@ import polars as pl
 from finpipe.defs.market_data import daily_prices
 from finpipe.defs.metadata import markdown_table
 from finpipe.defs.partitions import REFRESH_WHEN_PRICES_LAND
-from finpipe.defs.resources import LakeResource
+from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
 from finpipe.statistics import definitions
 from finpipe.statistics.compute import STATISTICS_COLUMNS, compute_statistics
 
@@ -17,6 +17,8 @@ STATISTICS_TABLE = "price_statistics"
     deps=[daily_prices],
     group_name="statistics",
     automation_condition=REFRESH_WHEN_PRICES_LAND,
+    pool=LAKE_WRITER_POOL,
+    op_tags=LAKE_WRITER_TAGS,
     kinds={"polars", "duckdb"},
     description="Returns, volatility, SMAs, RSI, 52-week range, drawdown and relative performance per "
     "ticker and date (definitions: finpipe/statistics/definitions.py), in the lake table `price_statistics`.",

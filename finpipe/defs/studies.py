@@ -12,7 +12,7 @@ from finpipe.defs.datasets import dataset_split, golden_path, split_dir
 from finpipe.defs.evaluation import champion_adapter
 from finpipe.defs.metadata import markdown_table, markdown_with_inline_images
 from finpipe.defs.models import base_model
-from finpipe.defs.resources import LakeResource
+from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
 from finpipe.models import registry
 from finpipe.studies.peft_study import STUDY_METHODS, PeftStudySpec
 
@@ -56,6 +56,8 @@ class PeftStudyConfig(dg.Config):
     partitions_def=peft_methods,
     deps=[base_model, dataset_split],
     group_name="studies",
+    pool=LAKE_WRITER_POOL,  # upserts its row in peft_study
+    op_tags=LAKE_WRITER_TAGS,
     kinds={"pytorch", "duckdb"},
     description="One PEFT method (the partition) trained on the training split with the study's shared budget, "
     "scored on the golden set; its row in the lake table peft_study. Backfill all partitions to compare.",
@@ -131,6 +133,8 @@ class CompressionConfig(dg.Config):
 @dg.asset(
     deps=[champion_adapter],
     group_name="studies",
+    pool=LAKE_WRITER_POOL,  # upserts its rows in compression_study
+    op_tags=LAKE_WRITER_TAGS,
     kinds={"pytorch", "duckdb", "html"},
     description="Compression of the champion (merged into its base): post-training quantization (bf16, "
     "8-bit, 4-bit NF4) and successive layer dropping with optional LoRA healing; size, parameters, "

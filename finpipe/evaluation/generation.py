@@ -71,17 +71,15 @@ def load_chat_model(base_dir: str | Path, adapter_dir: str | Path | None = None,
     The tokenizer comes from the adapter folder when it has one (training saves it there), else the base's.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finpipe.models.safe_loading import load_causal_lm, load_peft_adapter, load_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=inference_dtype(device),
-                                                 device_map={"": device}, trust_remote_code=False)
+    model = load_causal_lm(base_dir, dtype=inference_dtype(device), device_map={"": device})
     tokenizer_dir = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").exists() else base_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = load_peft_adapter(model, adapter_dir)
     model.eval()
     return model, tokenizer
 

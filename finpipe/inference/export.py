@@ -51,8 +51,8 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     The tokenizer comes from the adapter folder when it has one (training saves it there), else the base's.
     """
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finpipe.models.safe_loading import load_causal_lm, load_peft_adapter, load_tokenizer
 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     for folder, what in ((base_dir, "base model"), (adapter_dir, "adapter")):
@@ -69,12 +69,12 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     if not isinstance(saved_dtype, torch.dtype):
         saved_dtype = torch.float32
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, device_map={"": "cpu"})
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    base = load_causal_lm(base_dir, dtype=torch.float32, device_map={"": "cpu"})
+    merged = load_peft_adapter(base, adapter_dir).merge_and_unload()
     merged = merged.to(saved_dtype)
     merged.eval()
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
 
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)

@@ -43,7 +43,19 @@ def _records(path: Path) -> list[dict]:
             return data
         if suffix == ".csv":
             with open(path, encoding="utf-8", newline="") as f:
-                return list(csv.DictReader(f))
+                reader = csv.DictReader(f)
+                header = reader.fieldnames or []
+                if "instruction" not in header or not {"response", "output"} & set(header):
+                    raise ExternalDataError(f"{path.name}: the CSV header needs an 'instruction' and a 'response' "
+                                            f"(or 'output') column; it has {sorted(header)}")
+                out = []
+                for record in reader:
+                    if None in record:  # more fields than the header: an unquoted comma would cut the text short
+                        raise ExternalDataError(
+                            f"{path.name}: line {reader.line_num} has {len(header) + len(record[None])} fields, "
+                            f"the header {len(header)} (quote fields that contain commas)")
+                    out.append(record)
+                return out
     except json.JSONDecodeError as exc:
         raise ExternalDataError(f"{path.name}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
     except UnicodeDecodeError as exc:

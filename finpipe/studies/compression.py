@@ -237,13 +237,14 @@ def _device() -> str:
 def load_variant(model_dir: str | Path, kind: str, device: str | None = None):
     """One post-training variant of a plain model folder: ``fp32``, ``bf16``, ``int8`` or ``nf4``."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    from finpipe.models.safe_loading import load_causal_lm
 
     if kind not in PTQ_VARIANTS:
         raise ValueError(f"unknown variant {kind!r}: expected one of {PTQ_VARIANTS}")
     device = device or _device()
-    kwargs: dict[str, Any] = {"device_map": {"": device}, "trust_remote_code": False,
-                              "dtype": torch.bfloat16 if kind == "bf16" else torch.float32}
+    kwargs: dict[str, Any] = {"device_map": {"": device}, "dtype": torch.bfloat16 if kind == "bf16" else torch.float32}
     if kind == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     elif kind == "nf4":
@@ -251,7 +252,7 @@ def load_variant(model_dir: str | Path, kind: str, device: str | None = None):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model = load_causal_lm(model_dir, **kwargs)  # safetensors only, no remote code
     if kind == "nf4":
         from finpipe.training.bnb_guard import disable_cpu_repacking
 
@@ -465,7 +466,8 @@ def successive_drop_and_heal(model_dir: str | Path, ks: list[int], train: Sequen
     total, measure (``drop{k}``); with ``heal_steps`` heal with LoRA and measure again (``drop{k}+heal``). The
     next k starts from the healed model when there is one, so adaptation and compression alternate."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finpipe.models.safe_loading import load_causal_lm, load_tokenizer
 
     ks = sorted(set(ks))
     total_layers = num_layers_of(model_dir)
@@ -485,9 +487,9 @@ def successive_drop_and_heal(model_dir: str | Path, ks: list[int], train: Sequen
     rows: list[dict] = []
     for k in ks:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(str(current), dtype=dtype, device_map={"": device})
+        model = load_causal_lm(current, dtype=dtype, device_map={"": device})
         model.eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(current))
+        tokenizer = load_tokenizer(current)
         scores = layer_importance(model, tokenizer, prompts)
         victims = least_important(scores, k - len(dropped))
         dropped += [original_ids[i] for i in victims]
@@ -508,9 +510,9 @@ def successive_drop_and_heal(model_dir: str | Path, ks: list[int], train: Sequen
             log(f"{name}: healing with {heal_steps} LoRA steps")
             opts = heal_options or {}
             heal = heal_with_lora(folder, train, val, healed_dir, heal_steps, seed=seed, log=log, **opts)
-            model = AutoModelForCausalLM.from_pretrained(str(healed_dir), dtype=dtype, device_map={"": device})
+            model = load_causal_lm(healed_dir, dtype=dtype, device_map={"": device})
             model.eval()
-            tokenizer = AutoTokenizer.from_pretrained(str(healed_dir))
+            tokenizer = load_tokenizer(healed_dir)
             row = measure_variant(f"{name}+heal", model, tokenizer, answer_samples, sampling, folder=healed_dir,
                                   save=False, log=log)
             rows.append(_row(**row, method="layer_drop+lora_heal", source=str(folder), dropped_layers=sorted(dropped),
@@ -543,7 +545,8 @@ def run_compression_study(model_dir: str | Path, train: Sequence[Sample], val: S
     """All variants of ``model_dir`` (fp32, bf16, int8, nf4, drop{k}[+heal]), measured on the same answers,
     with Pareto flags. Writes ``study.json``, ``answers.jsonl`` and two Pareto plots into ``out_dir``."""
     import torch
-    from transformers import AutoTokenizer
+
+    from finpipe.models.safe_loading import load_tokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_ks(spec.ks, num_layers_of(model_dir))  # before any expensive work
@@ -553,7 +556,7 @@ def run_compression_study(model_dir: str | Path, train: Sequence[Sample], val: S
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
     sampling = Sampling(max_new_tokens=spec.max_new_tokens)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     rows: list[dict] = []
     started = time.perf_counter()
     # timings are only comparable on a quiet machine: with other processes on the cores, OpenMP barriers of a

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from finpipe.instructions.samples import read_jsonl
@@ -37,7 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     spec = AdapterSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AdapterSpec)})
     report = train_adapter(args.base, read_jsonl(args.train), read_jsonl(args.val),
                            args.job_dir or args.out.with_suffix(".job"), args.out, spec)
-    print(json.dumps({k: v for k, v in dataclasses.asdict(report).items() if k not in ("train_losses", "spec")}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process of a multi-GPU launch
+        print(json.dumps({k: v for k, v in dataclasses.asdict(report).items() if k not in ("train_losses", "spec")},
+                         indent=2))
 
 
 if __name__ == "__main__":

@@ -61,16 +61,21 @@ class TrainReport:
 def load_base(base_dir: str | Path, quantization: str, plan: DevicePlan):
     """The base model, 4-bit NF4 (double quantization) or unquantized, on the planned device."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
+
+    from finpipe.models.safe_loading import load_causal_lm
 
     dtype = getattr(torch, plan.compute_dtype)
-    kwargs: dict = {"dtype": dtype, "device_map": {"": plan.device}, "trust_remote_code": False}
+    device = plan.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one process per GPU (accelerate launch, torchrun)
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    kwargs: dict = {"dtype": dtype, "device_map": {"": device}}  # + safetensors only, no remote code
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    model = load_causal_lm(base_dir, **kwargs)
     if quantization == "nf4":
         disable_cpu_repacking(model)
     return model
@@ -89,6 +94,30 @@ def _peak_memory_mb(plan: DevicePlan) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def last_complete_checkpoint(job_dir: Path, log=print) -> str | None:
+    """The newest ``checkpoint-N`` in ``job_dir`` whose trainer state was saved, or None.
+
+    The Trainer writes a checkpoint in place (adapter weights, optimizer, scheduler, RNG state, ``trainer_state.json``
+    last), so a process killed while saving leaves a checkpoint without its state. transformers' own
+    ``get_last_checkpoint`` picks it and ``train(resume_from_checkpoint=...)`` then fails on the missing state, on
+    every retry. Such a checkpoint is skipped: the rerun resumes from the one before and saves that step again.
+    """
+    if not job_dir.is_dir():
+        return None
+    complete = []
+    for folder in job_dir.glob("checkpoint-*"):
+        step = folder.name.removeprefix("checkpoint-")
+        if not step.isdigit() or not folder.is_dir():
+            continue
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            log(f"skipping the incomplete checkpoint {folder} (interrupted while it was being saved)")
+            continue
+        complete.append((int(step), str(folder)))
+    return max(complete)[1] if complete else None
+
+
 def train_adapter(
     base_dir: str | Path,
     train: Sequence[Sample],
@@ -105,13 +134,13 @@ def train_adapter(
     ``spec.method`` picks the PEFT method (``finpipe.training.peft_methods.build_peft_config``)."""
     import datasets
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoTokenizer, EarlyStoppingCallback
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
+    from finpipe.models.safe_loading import load_peft_adapter, load_tokenizer
     from finpipe.training import peft_methods
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    tokenizer = load_tokenizer(base_dir)
     if spec.max_train_samples:
         train = list(train)[: spec.max_train_samples]
     if spec.max_val_samples:
@@ -130,10 +159,8 @@ def train_adapter(
     if init_adapter is None:
         peft_config = peft_methods.build_peft_config(spec, model)
     else:
-        from peft import PeftModel
-
         log(f"warm start from {init_adapter}")
-        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        model = load_peft_adapter(model, init_adapter, is_trainable=True)
         peft_config = None  # the adapter is already attached
         method = peft_methods.method_of(model.peft_config["default"])
         if method != spec.method:
@@ -180,7 +207,9 @@ def train_adapter(
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(job_dir / "runs")))
+    # with several processes (accelerate launch, torchrun) only the first one logs and writes the adapter
+    main_process = config.process_index == 0
+    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(job_dir / "runs")) if main_process else None)
     trainer = peft_methods.trainer_class(method, SFTTrainer)(
         model=model, args=config, train_dataset=to_ds(train), eval_dataset=to_ds(val), processing_class=tokenizer,
         peft_config=peft_config,
@@ -191,7 +220,7 @@ def train_adapter(
     if spec.quantization == "nf4":
         peft_methods.restore_fp32(trainer.model, replace(spec, method=method))  # after TRL's bf16 cast
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    resume = get_last_checkpoint(str(job_dir)) if job_dir.exists() else None
+    resume = last_complete_checkpoint(job_dir, log)
     initial_eval = None
     if resume is None:
         initial_eval = trainer.evaluate()["eval_loss"]
@@ -211,27 +240,31 @@ def train_adapter(
     if initial_eval is not None:  # train() starts a fresh log history: keep the step-0 evaluation in the curve
         eval_losses.insert(0, (0, round(initial_eval, 4)))
 
-    tensorboard.tb_writer.close()
+    if tensorboard.tb_writer is not None:
+        tensorboard.tb_writer.close()
     method_facts = peft_methods.prepare_final_save(trainer.model, method, method_callbacks)
-    with atomic_dir(adapter_dir) as tmp:
-        trainer.model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        if (job_dir / "runs").exists():
-            shutil.copytree(job_dir / "runs", tmp / "tensorboard")
-        report = TrainReport(
-            adapter_dir=str(adapter_dir), base_model=str(base_dir), quantization=spec.quantization,
-            device=plan.device, precision=plan.compute_dtype, device_note=plan.note, trainable_params=trainable,
-            total_params=total_params, steps=trainer.state.global_step, resumed_from=resume,
-            stopped_early=trainer.state.global_step < spec.max_steps, best_eval_loss=round(final_eval, 4),
-            initial_eval_loss=None if initial_eval is None else round(initial_eval, 4),
-            train_losses=train_losses, eval_losses=eval_losses, train_tokens=tokens,
-            tokens_per_s=round(tokens / seconds, 1) if tokens and seconds else 0.0,
-            seconds=round(seconds, 1), peak_memory_mb=round(_peak_memory_mb(plan), 1),
-            adapter_bytes=folder_size(tmp), longest_prompt_tokens=longest,
-            warm_start=str(init_adapter) if init_adapter is not None else None, spec=asdict(spec), method=method,
-            peak_rss_delta_mb=round(rss.delta_mb, 1), method_facts=method_facts,
-        )
-        (tmp / "training_report.json").write_text(json.dumps(asdict(report), indent=2))
+    report = TrainReport(
+        adapter_dir=str(adapter_dir), base_model=str(base_dir), quantization=spec.quantization,
+        device=plan.device, precision=plan.compute_dtype, device_note=plan.note, trainable_params=trainable,
+        total_params=total_params, steps=trainer.state.global_step, resumed_from=resume,
+        stopped_early=trainer.state.global_step < spec.max_steps, best_eval_loss=round(final_eval, 4),
+        initial_eval_loss=None if initial_eval is None else round(initial_eval, 4),
+        train_losses=train_losses, eval_losses=eval_losses, train_tokens=tokens,
+        tokens_per_s=round(tokens / seconds, 1) if tokens and seconds else 0.0,
+        seconds=round(seconds, 1), peak_memory_mb=round(_peak_memory_mb(plan), 1),
+        adapter_bytes=0, longest_prompt_tokens=longest,
+        warm_start=str(init_adapter) if init_adapter is not None else None, spec=asdict(spec), method=method,
+        peak_rss_delta_mb=round(rss.delta_mb, 1), method_facts=method_facts,
+    )
+    if main_process:
+        with atomic_dir(adapter_dir) as tmp:
+            trainer.model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            if (job_dir / "runs").exists():
+                shutil.copytree(job_dir / "runs", tmp / "tensorboard")
+            report.adapter_bytes = folder_size(tmp)
+            (tmp / "training_report.json").write_text(json.dumps(asdict(report), indent=2))
+    trainer.accelerator.wait_for_everyone()
     report.adapter_bytes = folder_size(adapter_dir)
     del result
     return report
@@ -239,10 +272,10 @@ def train_adapter(
 
 def load_adapter(base_dir: str | Path, adapter_dir: str | Path, quantization: str = "none"):
     """The plain PEFT way: base model + ``PeftModel.from_pretrained(base, adapter_dir)``."""
-    from peft import PeftModel
+    from finpipe.models.safe_loading import load_peft_adapter
 
     base = load_base(base_dir, quantization, plan_device())
-    return PeftModel.from_pretrained(base, str(adapter_dir))
+    return load_peft_adapter(base, adapter_dir)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -188,17 +188,20 @@ class YahooSource:
             for attempt in range(1, self.max_attempts + 1):
                 self.attempts_made = attempt
                 future = pool.submit(self._download, pending, start, end)
-                try:
-                    frame, errors = future.result(timeout=max(deadline - time.monotonic(), 0.0))
-                    rows, failed = parse_download(frame, pending, self.name)
-                    for ticker, why in failed.items():
-                        reasons[ticker] = f"{why}: {errors[ticker]}" if ticker in errors else why
-                except concurrent.futures.TimeoutError:
+                # The deadline is "the attempt did not finish", never an exception type: since Python 3.11
+                # concurrent.futures.TimeoutError is the builtin TimeoutError (= socket.timeout, errno ETIMEDOUT),
+                # which the download itself raises on a timed-out socket; that is one failed attempt, retried.
+                if not concurrent.futures.wait([future], timeout=max(deadline - time.monotonic(), 0.0)).done:
                     why = f"no answer within the {self.deadline_s:.0f}s deadline (network unreachable or silent?)"
                     return FetchResult(
                         frame=pl.concat(got) if got else pl.DataFrame(schema=PRICE_COLUMNS),
                         failures={t: f"{why} (attempt {attempt})" for t in pending},
                     )
+                try:
+                    frame, errors = future.result()
+                    rows, failed = parse_download(frame, pending, self.name)
+                    for ticker, why in failed.items():
+                        reasons[ticker] = f"{why}: {errors[ticker]}" if ticker in errors else why
                 except Exception as exc:  # network edge: any client error fails this attempt, not the run
                     rows = pl.DataFrame(schema=PRICE_COLUMNS)
                     failed = {t: f"{type(exc).__name__}: {exc}" for t in pending}
