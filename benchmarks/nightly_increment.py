@@ -9,14 +9,14 @@ new sessions are added one at a time, each through:
     fetch_validate   ``finpipe.market.ingest.ingest`` for the new day (source + validation; the new days are the
                      same dates for every N, so this step does the same work for every N)
     ingest_upsert    ``PriceLake.write_batch``: the upsert into ``prices`` + rejects + ingest log, one transaction
-    stats_asset      the ``price_statistics`` Dagster asset itself (a full recompute: read every price row,
-                     ``compute_statistics``, replace the table, metadata)
-    stats_full       the same full recompute step by step (read / compute / write timed separately), without the
-                     asset's metadata: the reference rows for the check below
-    stats_incremental  a benchmark-local variant: read only the trailing ``tail`` sessions (on the universe's
-                     calendar), compute the statistics of that slice and upsert only the new day's rows
+    stats_asset      the ``price_statistics`` Dagster asset itself (it picks its refresh path: incremental when
+                     the batch only appended sessions, else a full recompute; the path it took is reported)
+    stats_full       a full recompute step by step (read every price row / ``compute_statistics`` / write a side
+                     table, timed separately), without the asset's metadata: the reference rows for the checks
+    stats_incremental  finpipe's incremental function step by step: ``read_trailing_window`` (the trailing ``tail``
+                     rows per ticker), ``compute_statistics_for_dates`` for the new day, upsert only its rows
 
-The incremental variant's new-day rows are asserted equal (rtol 1e-9, same nulls) to the full recompute's. Its
+The incremental function's (and the asset's) new-day rows are asserted equal (rtol 1e-9, same nulls) to the full recompute's. Its
 tail is 513 sessions, not 252: every window statistic looks back at most 252 sessions (definitions.py), but
 Wilder's RSI is an exponential recursion seeded at the ticker's 15th row, so it depends on the whole history;
 the seed's weight decays as (13/14)^k and is below 1e-16 after 498 sessions. The error a 252-session tail
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import math
 import statistics
 import tempfile
 import time
@@ -41,11 +40,11 @@ import numpy as np
 import polars as pl
 
 from benchmarks import _common
+from finpipe.statistics.compute import INCREMENTAL_TAIL_SESSIONS as RSI_EXACT_TAIL  # 513, derived there
 
 NAME = "nightly_increment"
 CALENDAR = "XNYS"
 FIRST_NEW_DAY = dt.date(2019, 1, 2)  # the new sessions are the same dates for every N (the lake ends before it)
-RSI_EXACT_TAIL = 15 + math.ceil(math.log(1e-16) / math.log(13 / 14))  # 513: the seed's weight < 1e-16
 STEPS = ("fetch_validate", "ingest_upsert", "stats_asset", "stats_full", "stats_incremental")
 
 
@@ -103,19 +102,18 @@ def stats_full(lake, table: str) -> tuple[pl.DataFrame, dict[str, float]]:
 
 
 def stats_incremental(lake, table: str, new_day: dt.date, tail: int) -> tuple[pl.DataFrame, dict[str, float]]:
-    """Recompute only what the new day needs: the last ``tail`` calendar sessions of prices in, the new day's
-    rows out (upserted into ``table``). Valid when the batch only appended ``new_day`` (no rewritten history)."""
-    from finpipe.market import calendars
-    from finpipe.statistics.compute import STATISTICS_COLUMNS, compute_statistics
+    """finpipe's incremental path step by step: ``read_trailing_window`` (the last ``tail`` rows per ticker
+    before ``new_day``, by row count) in, ``compute_statistics_for_dates`` out, the new day's rows upserted into
+    ``table``. Valid when the batch only appended ``new_day`` (no rewritten history)."""
+    from finpipe.statistics.refresh import read_trailing_window
+    from finpipe.statistics.compute import compute_statistics_for_dates
 
     t0 = time.perf_counter()
-    cutoff = calendars.sessions(CALENDAR, calendars.CALENDAR_START, new_day)[-tail:][0]
     with lake.connect() as con:
-        prices = con.sql("SELECT ticker, date, close, adj_close, volume FROM prices WHERE date BETWEEN ? AND ?",
-                         params=[cutoff, new_day]).pl()
+        prices = read_trailing_window(con, new_day, tail)
         universe_of = dict(con.execute("SELECT ticker, universe FROM instruments").fetchall())
         t1 = time.perf_counter()
-        new = compute_statistics(prices, universe_of).filter(pl.col("date") == new_day).select(STATISTICS_COLUMNS)
+        new = compute_statistics_for_dates(prices, [new_day], universe_of, tail=tail)
         t2 = time.perf_counter()
         con.register("incoming_statistics", new.to_arrow())
         try:
@@ -203,6 +201,7 @@ def run_size(n: int, args, workdir: Path) -> dict[str, Any]:
     times: dict[str, list[float]] = {s: [] for s in STEPS}
     parts: dict[str, list[dict]] = {"ingest_upsert": [], "stats_full": [], "stats_incremental": []}
     diffs: dict[str, float] = {}
+    refreshes: list[str] = []  # the asset's own choice per new day (metadata "refresh")
     for day in new_days:
         with _common.Timer() as t:
             batch = ingest(source, IngestRequest(universe, day, day))
@@ -217,22 +216,23 @@ def run_size(n: int, args, workdir: Path) -> dict[str, Any]:
         assert (summary.inserted, summary.replaced) == (args.tickers, 0), summary
 
         with _common.Timer() as t:
+            asset_result = price_statistics(dg.build_asset_context(), lake=resource)
+        times["stats_asset"].append(t.seconds)
+        refreshes.append(asset_result.metadata["refresh"])
+        asset_rows = lake.query(f"SELECT * FROM {STATISTICS_TABLE} WHERE date = ?", [day])
+        with _common.Timer() as t:  # into a side table: replacing the asset's table would drop its refresh state
+            full, part = stats_full(lake, f"{STATISTICS_TABLE}_full_reference")
+        times["stats_full"].append(t.seconds)
+        parts["stats_full"].append(part)
+        with _common.Timer() as t:
             incremental, part = stats_incremental(lake, STATISTICS_TABLE, day, args.tail)
         times["stats_incremental"].append(t.seconds)
         parts["stats_incremental"].append(part)
-        with _common.Timer() as t:
-            price_statistics(dg.build_asset_context(), lake=resource)
-        times["stats_asset"].append(t.seconds)
-        with _common.Timer() as t:
-            full, part = stats_full(lake, STATISTICS_TABLE)
-        times["stats_full"].append(t.seconds)
-        parts["stats_full"].append(part)
 
         reference = full.filter(pl.col("date") == day)
         for col, d in compare(incremental, reference).items():
             diffs[col] = max(diffs.get(col, 0.0), d)
-        asset_rows = lake.query(f"SELECT * FROM {STATISTICS_TABLE} WHERE date = ?", [day])
-        compare(asset_rows, reference)  # the asset wrote the same rows as the step-by-step recompute
+        compare(asset_rows, reference)  # the asset wrote the same rows as the step-by-step full recompute
 
     # Why the tail is not 252 sessions: RSI's recursion remembers the whole history
     short_tail, _ = stats_incremental(lake, STATISTICS_TABLE, new_days[-1], min(252, args.tail))
@@ -253,6 +253,7 @@ def run_size(n: int, args, workdir: Path) -> dict[str, Any]:
     row["incremental_max_abs_diff"] = max(diffs.values()) if diffs else 0.0
     row["incremental_max_abs_diff_by_column"] = diffs
     row["rsi_max_abs_diff_tail_252"] = rsi_err
+    row["stats_asset_refresh"] = ",".join(sorted(set(refreshes)))
     row["all_s"] = times
     return row
 
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "asset_rows_equal_step_by_step_recompute": True,
                    "one_row_inserted_per_ticker_per_day": True},
     }
-    columns = ["sessions", "lake_rows", *[f"{s}_s" for s in STEPS], "incremental_speedup",
+    columns = ["sessions", "lake_rows", *[f"{s}_s" for s in STEPS], "stats_asset_refresh", "incremental_speedup",
                "incremental_max_abs_diff", "rsi_max_abs_diff_tail_252"]
     table = _common.format_table(rows, columns)
     table += f"\ntime(N={large['sessions']}) / time(N={small['sessions']}) (lake rows x{size_ratio:.1f}): " + ", ".join(

@@ -111,3 +111,138 @@ def test_every_ticker_is_computed_independently_of_row_order():
     forward = compute_statistics(pl.concat([a, b])).select(STATISTICS_COLUMNS).sort("ticker", "date")
     shuffled = compute_statistics(pl.concat([b, a]).sample(fraction=1.0, shuffle=True, seed=1))
     assert shuffled.select(STATISTICS_COLUMNS).sort("ticker", "date").equals(forward)
+
+
+# ------------------------------------------------------------------------------------------------ incremental
+
+
+def assert_same_statistics(ours: pl.DataFrame, reference: pl.DataFrame) -> None:
+    """Same rows and columns; every float equal within rtol 1e-9 (atol 1e-12) with identical nulls."""
+    import numpy as np
+
+    ours = ours.select(STATISTICS_COLUMNS).sort("ticker", "date")
+    reference = reference.select(STATISTICS_COLUMNS).sort("ticker", "date")
+    assert ours.height == reference.height
+    assert ours.select("ticker", "date").equals(reference.select("ticker", "date"))
+    for col in STATISTICS_COLUMNS[2:]:
+        a, b = ours[col], reference[col]
+        assert a.is_null().to_list() == b.is_null().to_list(), f"{col}: null patterns differ"
+        np.testing.assert_allclose(a.cast(pl.Float64).to_numpy(), b.cast(pl.Float64).to_numpy(),
+                                   rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=col)
+
+
+@pytest.fixture(scope="module")
+def replay_prices() -> pl.DataFrame:
+    """~1,050 real replay sessions x 4 tickers, reshaped to per-ticker calendars: one ticker starts a year late,
+    one misses every 7th session (the tail must be taken per ticker by row count, not by calendar date)."""
+    from finpipe.market.ingest import IngestRequest, ingest
+    from finpipe.market.sources import ReplaySource
+    from finpipe.market.universes import US_CORE
+
+    prices = ingest(ReplaySource(), IngestRequest(US_CORE, dt.date(2009, 1, 2), dt.date(2013, 3, 1))).clean
+    tickers = sorted(prices["ticker"].unique().to_list())
+    row = pl.int_range(pl.len()).over("ticker")
+    return prices.sort("ticker", "date").filter(
+        ~((pl.col("ticker") == tickers[1]) & (pl.col("date") < dt.date(2010, 1, 4)))
+        & ~((pl.col("ticker") == tickers[2]) & (row % 7 == 3))
+    )
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_incremental_equals_full_recompute_on_replay_data(replay_prices, k):
+    from finpipe.statistics.compute import INCREMENTAL_TAIL_SESSIONS, compute_statistics_for_dates
+
+    tickers = sorted(replay_prices["ticker"].unique().to_list())
+    universe_of = {t: "u1" if i % 2 else "u2" for i, t in enumerate(tickers)}
+    dates = sorted(replay_prices["date"].unique().to_list())
+    new_dates = dates[-k:]
+    full = compute_statistics(replay_prices, universe_of).select(STATISTICS_COLUMNS)
+    before = compute_statistics(replay_prices.filter(pl.col("date") < new_dates[0]), universe_of)
+    new = compute_statistics_for_dates(replay_prices, new_dates, universe_of)
+    assert new["date"].unique().sort().to_list() == new_dates
+    assert new.height == replay_prices.filter(pl.col("date").is_in(new_dates)).height
+    assert_same_statistics(pl.concat([before.select(STATISTICS_COLUMNS), new]), full)
+    # every ticker has more history than the tail, so the window really is truncated
+    assert replay_prices.group_by("ticker").len()["len"].min() > INCREMENTAL_TAIL_SESSIONS + k
+
+
+def test_incremental_tail_is_derived_from_the_definitions():
+    from finpipe.statistics.compute import INCREMENTAL_TAIL_SESSIONS, RSI_EXACT_TAIL, trailing_window
+    from finpipe.statistics.definitions import YEAR_WINDOW
+
+    assert RSI_EXACT_TAIL == 513 and INCREMENTAL_TAIL_SESSIONS == 513 > YEAR_WINDOW
+    a = series([float(i) for i in range(1, 11)], ticker="A")
+    b = series([float(i) for i in range(1, 11)], ticker="B").filter(pl.col("date") != dt.date(2020, 1, 8))
+    window = trailing_window(pl.concat([a, b]), dt.date(2020, 1, 9), tail=3)  # by rows, not calendar days
+    assert window.filter(pl.col("ticker") == "A")["date"].dt.day().to_list() == [6, 7, 8, 9, 10]
+    assert window.filter(pl.col("ticker") == "B")["date"].dt.day().to_list() == [5, 6, 7, 9, 10]
+
+
+def test_price_statistics_refreshes_incrementally_through_dagster(lake_resources):
+    import dagster as dg
+
+    from finpipe.defs.resources import LakeResource
+    from finpipe.defs.statistics import STATISTICS_TABLE, price_statistics, statistics_sane
+    from finpipe_tests.test_dataset_assets import ingest
+
+    resources = lake_resources()
+    lake: LakeResource = resources["lake"]
+
+    def refresh() -> dict:
+        result = dg.materialize([price_statistics, statistics_sane], resources={"lake": lake})
+        assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+        return {k: v.value for k, v in result.asset_materializations_for_node("price_statistics")[0].metadata.items()}
+
+    def assert_table_is_a_full_recompute():
+        prices_lake = lake.prices_lake()
+        prices = prices_lake.query("SELECT ticker, date, close, adj_close, volume FROM prices")
+        universe_of = dict(prices_lake.query("SELECT ticker, universe FROM instruments").iter_rows())
+        assert_same_statistics(prices_lake.query(f"SELECT * FROM {STATISTICS_TABLE}"),
+                               compute_statistics(prices, universe_of))
+
+    ingest(resources, "2010-06-01", "2013-02-25")
+    first = refresh()
+    assert first["refresh"] == "full" and first["rows_written"] == first["dagster/row_count"]
+
+    ingest(resources, "2013-02-26", "2013-03-01")  # the next four sessions
+    second = refresh()
+    assert second["refresh"] == "incremental", second["refresh_reason"]
+    assert second["dates_written"] == 4 and second["rows_written"] == 4 * second["tickers"]
+    assert second["dagster/row_count"] == first["dagster/row_count"] + second["rows_written"]
+    assert_table_is_a_full_recompute()
+
+    third = refresh()  # nothing new: nothing written
+    assert third["refresh"] == "incremental" and third["rows_written"] == 0
+
+    ingest(resources, "2012-06-01", "2012-06-01")  # an old partition re-ingested: its rows are replaced
+    fourth = refresh()
+    assert fourth["refresh"] == "full", fourth["refresh_reason"]
+    assert "rewritten" in fourth["refresh_reason"]
+    assert_table_is_a_full_recompute()
+
+    with lake.prices_lake().connect() as con:  # a table written by anything else carries no refresh state
+        con.execute(f"COMMENT ON TABLE {STATISTICS_TABLE} IS NULL")
+    assert refresh()["refresh"] == "full"
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_lake_trailing_window_read_equals_the_polars_window(replay_prices, sparse):
+    """``read_trailing_window`` (SQL, reads only after a calendar bound when that provably suffices) returns
+    exactly ``trailing_window``'s rows, also when a sparse ticker's tail reaches before the bound."""
+    import duckdb
+
+    from finpipe.statistics.refresh import read_trailing_window
+    from finpipe.statistics.compute import INCREMENTAL_TAIL_SESSIONS, trailing_window
+
+    prices = replay_prices
+    if sparse:
+        first = sorted(prices["ticker"].unique().to_list())[0]
+        prices = prices.filter((pl.col("ticker") != first) | (pl.int_range(pl.len()).over("ticker") % 3 == 0))
+    first_date = sorted(prices["date"].unique().to_list())[-3]
+    con = duckdb.connect()
+    con.register("incoming", prices.to_arrow())
+    con.execute("CREATE TABLE prices AS SELECT * FROM incoming")
+    ours = read_trailing_window(con, first_date).sort("ticker", "date")
+    expected = trailing_window(prices, first_date, INCREMENTAL_TAIL_SESSIONS)
+    assert ours.equals(expected)
+    assert ours.height < prices.height

@@ -1,16 +1,19 @@
-"""The statistics asset: per (ticker, date) market statistics, recomputed from the clean price table."""
+"""The statistics asset: per (ticker, date) market statistics, from the clean price table.
+
+A refresh is incremental when the last refresh's table is still valid for every date it holds (the newest
+ingests only appended sessions after each ticker's last statistics date) and a full recompute otherwise; see
+``finpipe.statistics.refresh.refresh_plan``.
+"""
 
 import dagster as dg
-import polars as pl
 
 from finpipe.defs.market_data import daily_prices
 from finpipe.defs.metadata import markdown_table
 from finpipe.defs.partitions import REFRESH_WHEN_PRICES_LAND
 from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
 from finpipe.statistics import definitions
-from finpipe.statistics.compute import STATISTICS_COLUMNS, compute_statistics
-
-STATISTICS_TABLE = "price_statistics"
+from finpipe.statistics.compute import STATISTICS_COLUMNS
+from finpipe.statistics.refresh import STATISTICS_TABLE, refresh_statistics
 
 
 @dg.asset(
@@ -25,25 +28,35 @@ STATISTICS_TABLE = "price_statistics"
 )
 def price_statistics(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     prices_lake = lake.prices_lake()
-    prices = prices_lake.query("SELECT ticker, date, close, adj_close, volume FROM prices")
-    if prices.height == 0:
-        raise dg.Failure("the prices table is empty: materialize daily_prices first")
-    universe_of = dict(prices_lake.query("SELECT ticker, universe FROM instruments").iter_rows())
-    # A full recompute is cheap (see benchmarks/statistics_scale.py: 500 tickers x 10 years in seconds)
-    # and cannot drift from the definitions the way incremental window updates can.
-    stats = compute_statistics(prices, universe_of).select(STATISTICS_COLUMNS)
-    prices_lake.replace_table(STATISTICS_TABLE, stats)
-    latest = stats.filter(pl.col("date") == pl.col("date").max().over("ticker")).select(
-        "ticker", "date", "close", "ret_5d", "ret_30d", "volatility_20d", "rsi_14", "pct_vs_sma_50", "max_drawdown_252d"
-    )
-    coverage = stats.select(pl.exclude("ticker", "date").is_not_null().mean()).transpose(
-        include_header=True, header_name="statistic", column_names=["non_null_share"]
-    )
+    with prices_lake.connect() as con:
+        try:
+            outcome = refresh_statistics(con)
+        except ValueError as exc:
+            raise dg.Failure(str(exc)) from exc
+        totals = con.execute(
+            f"SELECT count(*), count(DISTINCT ticker), min(date), max(date) FROM {STATISTICS_TABLE}"
+        ).fetchall()[0]
+        latest = con.sql(
+            f"""SELECT ticker, date, close, ret_5d, ret_30d, volatility_20d, rsi_14, pct_vs_sma_50, max_drawdown_252d
+                FROM {STATISTICS_TABLE} QUALIFY date = max(date) OVER (PARTITION BY ticker) ORDER BY ticker"""
+        ).pl()
+        coverage_sql = ", ".join(f'avg(("{c}" IS NOT NULL)::DOUBLE) AS "{c}"' for c in STATISTICS_COLUMNS[2:])
+        coverage = con.sql(f"SELECT {coverage_sql} FROM {STATISTICS_TABLE}").pl().transpose(
+            include_header=True, header_name="statistic", column_names=["non_null_share"]
+        )
+    context.log.info(f"price_statistics: {outcome['refresh']} refresh ({outcome['refresh_reason']}), "
+                     f"{outcome['rows_written']} rows written")
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": stats.height,
-            "tickers": stats["ticker"].n_unique(),
-            "date_range": f"{stats['date'].min()} .. {stats['date'].max()}",
+            "dagster/row_count": totals[0],
+            "tickers": totals[1],
+            "date_range": f"{totals[2]} .. {totals[3]}",
+            "refresh": outcome["refresh"],
+            "refresh_reason": outcome["refresh_reason"],
+            "rows_recomputed": outcome["rows_written"],
+            "rows_written": outcome["rows_written"],
+            "dates_written": outcome["dates_written"],
+            "price_rows_read": outcome["price_rows_read"],
             "latest": dg.MetadataValue.md(markdown_table(latest)),
             "coverage": dg.MetadataValue.md(markdown_table(coverage, max_rows=50)),
             "definitions": dg.MetadataValue.md(definitions.__doc__ or ""),

@@ -101,3 +101,55 @@ STATISTICS_COLUMNS = (
     + ["rsi_14", "high_52w", "low_52w", "dist_52w_high", "dist_52w_low", "max_drawdown_252d", "avg_volume_20d"]
     + [f"rel_ret_{n}d" for n in RETURN_WINDOWS]
 )
+
+
+# ------------------------------------------------------------------------------------------------ incremental
+
+# Rows of history (per ticker, before the first recomputed date) that make a recompute of later dates agree with a
+# full recompute. Every plain window looks back at most YEAR_WINDOW (252) rows (52-week range, drawdown; returns,
+# SMAs, volatility and volume need fewer), but Wilder's RSI is an exponential recursion seeded on the ticker's
+# 15th row, so it depends on the whole history: a different start changes the averages by (13/14)^k times the
+# seeds' difference after k further rows. With k = 498 that factor is < 1e-16, so 15 + 498 = 513 rows leave
+# rsi_14 equal to the full recompute to double precision (benchmarks/nightly_increment.py measures it, and the
+# error a 252-row tail would leave).
+RSI_EXACT_TAIL = RSI_WINDOW + 1 + math.ceil(math.log(1e-16) / math.log(1 - 1 / RSI_WINDOW))  # 513
+INCREMENTAL_TAIL_SESSIONS = max(
+    RSI_EXACT_TAIL, YEAR_WINDOW, max(RETURN_WINDOWS), *SMA_WINDOWS, VOLATILITY_WINDOW + 1, VOLUME_WINDOW
+)
+
+
+def trailing_window(prices: pl.DataFrame, first_date, tail: int = INCREMENTAL_TAIL_SESSIONS) -> pl.DataFrame:
+    """Per ticker: every row dated ``first_date`` or later plus the ``tail`` rows before it.
+
+    The window is taken per ticker by row count, not by calendar date: tickers trade on different calendars
+    (and may have gaps), and every statistic counts rows of its ticker.
+    """
+    before = (pl.col("date") < first_date).cast(pl.Int64)
+    rank_from_end = before.cum_sum(reverse=True).over("ticker")  # 1 = the last row before first_date
+    return (
+        prices.select(INPUT_COLUMNS)
+        .sort("ticker", "date")
+        .filter((pl.col("date") >= first_date) | (rank_from_end <= tail))
+    )
+
+
+def compute_statistics_for_dates(
+    prices: pl.DataFrame,
+    dates,
+    universe_of: dict[str, str] | None = None,
+    tail: int = INCREMENTAL_TAIL_SESSIONS,
+) -> pl.DataFrame:
+    """The statistics rows of ``dates`` only (every ticker that has a price on one of them), equal to what
+    ``compute_statistics`` over the whole history gives for those rows (within ~1e-11, identical nulls).
+
+    ``prices`` must hold, per ticker, at least its last ``tail`` rows before ``min(dates)`` and all its rows from
+    then on (more history is fine: it is trimmed here with ``trailing_window``). ``rel_ret_Nd`` is the
+    cross-sectional mean over every ticker priced on the date, exactly like the full recompute, because every
+    row dated ``>= min(dates)`` is kept for every ticker. Columns: ``STATISTICS_COLUMNS``.
+    """
+    dates = sorted(set(dates))
+    if not dates or prices.height == 0:
+        return compute_statistics(prices.select(INPUT_COLUMNS).clear(), universe_of).select(STATISTICS_COLUMNS)
+    window = trailing_window(prices, dates[0], tail)
+    stats = compute_statistics(window, universe_of)
+    return stats.filter(pl.col("date").is_in(dates)).select(STATISTICS_COLUMNS).sort("ticker", "date")
