@@ -235,14 +235,15 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.|peft\.")
 
 
-def _load(choice: tuple[str, Path, Path | None]):
-    """(label, model, tokenizer) for a ``_resolve_model`` choice."""
+def _load(choice: tuple[str, Path, Path | None], merge: bool = True):
+    """(label, model, tokenizer) for a ``_resolve_model`` choice; the adapter merged unless the caller needs
+    to switch it off (the demo compares with the base)."""
     from finpipe.evaluation.generation import load_chat_model
 
     _quiet_transformers()
     label, base_dir, adapter_dir = choice
     print(f"finpipe: loading {label} ({base_dir}{' + ' + str(adapter_dir) if adapter_dir else ''})", file=sys.stderr)
-    model, tokenizer = load_chat_model(base_dir, adapter_dir)
+    model, tokenizer = load_chat_model(base_dir, adapter_dir, merge=merge)
     return label, model, tokenizer
 
 
@@ -332,7 +333,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     choice = _resolve_model(args.adapter)
     facts = _facts()
     questions = demo_questions(facts.tickers())
-    label, model, tokenizer = _load(choice)
+    label, model, tokenizer = _load(choice, merge=False)  # disable_adapter() gives the base model
     width = min(shutil.get_terminal_size((120, 24)).columns, 160)
     for i, (family, question) in enumerate(questions, 1):
         grounding = ground(question, facts)

@@ -233,3 +233,23 @@ def test_batched_greedy_answers_equal_one_by_one_answers(tiny_base):
     assert [g.text for g in batched] == [g.text for g in one_by_one]
     assert [g.new_tokens for g in batched] == [g.new_tokens for g in one_by_one]
     assert tokenizer.padding_side == side  # restored for training code that pads on the right
+
+
+def test_serving_merges_the_adapter_and_answers_exactly_like_the_unmerged_model(tiny_base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finpipe.evaluation.generation import Sampling, generate, load_chat_model
+    from finpipe_tests.test_instruction_datasets import default_samples
+
+    torch.manual_seed(1)
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+                             LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "adapter")
+    unmerged, tokenizer = load_chat_model(tiny_base, tmp_path / "adapter")
+    merged, _ = load_chat_model(tiny_base, tmp_path / "adapter", merge=True)
+    assert not hasattr(merged, "disable_adapter")  # a plain transformers model: no LoRA layers left
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    chat = default_samples()[0].messages[:-1]
+    sampling = Sampling(max_new_tokens=12)
+    assert generate(merged, tokenizer, chat, sampling).text == generate(unmerged, tokenizer, chat, sampling).text
