@@ -262,3 +262,30 @@ def captured_stdout(verbose: bool):
         return
     with contextlib.redirect_stdout(io.StringIO()):
         yield
+
+
+class MemoryWindow:
+    """Peak memory of one variant: VmRSS above its start (CPU) or max_memory_allocated (CUDA)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def __enter__(self) -> "MemoryWindow":
+        release_memory()
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        from finpipe.training.memory import RssPeak
+
+        self._rss = RssPeak().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._rss.__exit__(*exc)
+        if self.cuda:
+            import torch
+
+            self.mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.mb = self._rss.delta_mb

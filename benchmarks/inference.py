@@ -100,37 +100,10 @@ def prompts_for(args) -> tuple[list[list[dict]], list[str], str]:
     return [s.messages[:-1] for s in chosen], _common.sample_texts(train), note
 
 
-class Window:
-    """Peak memory of one variant (load + generation)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def __enter__(self) -> "Window":
-        _common.release_memory()
-        if self.cuda:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        from finpipe.training.memory import RssPeak
-
-        self.rss = RssPeak().__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.rss.__exit__(*exc)
-        if self.cuda:
-            import torch
-
-            self.mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self.mb = self.rss.delta_mb
-
-
 def run_variant(name: str, dtype: str, load, chats, sampling, cuda: bool) -> dict[str, Any]:
     from finpipe.evaluation.generation import Sampling, generate
 
-    with Window(cuda) as mem:
+    with _common.MemoryWindow(cuda) as mem:
         started = time.perf_counter()
         model, tokenizer = load()
         load_s = time.perf_counter() - started

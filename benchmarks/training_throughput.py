@@ -153,33 +153,6 @@ def _meter_class():
     return ThroughputMeter
 
 
-class MemoryWindow:
-    """Peak memory of one variant: VmRSS above its start (CPU) or max_memory_allocated (CUDA)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def __enter__(self) -> "MemoryWindow":
-        _common.release_memory()
-        if self.cuda:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        from finpipe.training.memory import RssPeak
-
-        self._rss = RssPeak().__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._rss.__exit__(*exc)
-        if self.cuda:
-            import torch
-
-            self.mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self.mb = self._rss.delta_mb
-
-
 def _preimport() -> None:
     """Import what ``train_adapter`` imports lazily, so that no variant's memory window holds one-time imports."""
     import datasets  # noqa: F401
@@ -226,7 +199,7 @@ def run_finpipe(name, base, train, val, spec, workdir: Path, cuda: bool) -> dict
     meter = _meter_class()(cuda)
     logs: list[str] = []
     started = time.perf_counter()
-    with MemoryWindow(cuda) as mem:
+    with _common.MemoryWindow(cuda) as mem:
         report = train_adapter(base, train, val, workdir / name / "job", workdir / name / "adapter", spec,
                                callbacks=[meter], log=logs.append)
     wall = time.perf_counter() - started
@@ -251,7 +224,7 @@ def run_trl(name, base, train, spec, workdir: Path, cuda: bool, pad_to_max: bool
     meter = _meter_class()(cuda)
     plan = plan_device()
     started = time.perf_counter()
-    with MemoryWindow(cuda) as mem:
+    with _common.MemoryWindow(cuda) as mem:
         torch.manual_seed(spec.seed)
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         model = load_base(base, spec.quantization, plan)  # the same model object finpipe trains on
