@@ -9,20 +9,11 @@ Needs ``pip install dagster-celery`` (the version matching dagster); finpipe its
 
 from pathlib import Path
 
-import dagster as dg
 import yaml
 from dagster_celery import celery_executor
 
-from finpipe.definitions import defs as local_defs
+from finpipe.definitions import definitions_with_executor
 
 CELERY_CONFIG = yaml.safe_load((Path(__file__).with_name("dagster-celery.yaml")).read_text())["execution"]["config"]
 
-defs = dg.Definitions(
-    assets=local_defs.assets,
-    asset_checks=local_defs.asset_checks,
-    jobs=local_defs.jobs,
-    schedules=local_defs.schedules,
-    sensors=local_defs.sensors,
-    resources=local_defs.resources,
-    executor=celery_executor.configured(CELERY_CONFIG, name="finpipe_celery_executor"),
-)
+defs = definitions_with_executor(celery_executor.configured(CELERY_CONFIG, name="finpipe_celery_executor"))

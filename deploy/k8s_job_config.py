@@ -20,10 +20,9 @@ context from the instance's K8sRunLauncher; only what differs per step is set he
 (the executor merges both into the step's Job; ``per_step_k8s_config`` wins where they conflict).
 """
 
-import dagster as dg
 from dagster_k8s import k8s_job_executor
 
-from finpipe.definitions import defs as local_defs
+from finpipe.definitions import definitions_with_executor
 from finpipe.defs.resources import LAKE_WRITER_LIMITS
 
 #: the training step: a GPU node (label set by NVIDIA's GPU feature discovery / GPU operator), one GPU, and the
@@ -54,12 +53,4 @@ K8S_EXECUTOR_CONFIG = {
 
 k8s_executor = k8s_job_executor.configured(K8S_EXECUTOR_CONFIG, name="finpipe_k8s_job_executor")
 
-defs = dg.Definitions(
-    assets=local_defs.assets,
-    asset_checks=local_defs.asset_checks,
-    jobs=local_defs.jobs,
-    schedules=local_defs.schedules,
-    sensors=local_defs.sensors,
-    resources=local_defs.resources,
-    executor=k8s_executor,
-)
+defs = definitions_with_executor(k8s_executor)

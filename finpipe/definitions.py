@@ -48,12 +48,18 @@ def build_resources() -> dict:
     }
 
 
-defs = dg.Definitions(
-    assets=[daily_prices, *DERIVED_ASSETS, scratch_gpt, *MODEL_ASSETS, *study_assets],
-    asset_checks=[*market_data_checks, *DERIVED_CHECKS, *MODEL_CHECKS],
-    jobs=[nightly_retrain],
-    schedules=[nightly_schedule],
-    sensors=[refresh_on_new_prices],
-    resources=build_resources(),
-    executor=multiprocess_lake_safe,
-)
+def definitions_with_executor(executor) -> dg.Definitions:
+    """finpipe's assets, checks, jobs, schedule, sensor and resources run by ``executor`` (deploy/ swaps in the
+    Kubernetes or Celery executor; locally it is ``multiprocess_lake_safe``)."""
+    return dg.Definitions(
+        assets=[daily_prices, *DERIVED_ASSETS, scratch_gpt, *MODEL_ASSETS, *study_assets],
+        asset_checks=[*market_data_checks, *DERIVED_CHECKS, *MODEL_CHECKS],
+        jobs=[nightly_retrain],
+        schedules=[nightly_schedule],
+        sensors=[refresh_on_new_prices],
+        resources=build_resources(),
+        executor=executor,
+    )
+
+
+defs = definitions_with_executor(multiprocess_lake_safe)

@@ -43,6 +43,15 @@ def golden_path(lake: LakeResource) -> Path:
     return datasets_dir(lake) / "golden.jsonl"
 
 
+def split_and_golden(lake: LakeResource, golden_per_family: int, seed: int):
+    """(train, val, golden, created): the split files and the golden set, frozen from val on first use."""
+    from finpipe.evaluation.golden import freeze_golden
+
+    train, val = read_jsonl(split_dir(lake) / "train.jsonl"), read_jsonl(split_dir(lake) / "val.jsonl")
+    golden, created = freeze_golden(val, golden_path(lake), golden_per_family, seed)
+    return train, val, golden, created
+
+
 class InstructionSamplesConfig(dg.Config):
     seed: int = Field(default=42, description="fixes phrasings, horizons and pairs: same seed, same bytes")
     date_stride: int = Field(default=3, description="every Nth session (from the newest) is an as-of date")

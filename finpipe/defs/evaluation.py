@@ -10,7 +10,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from finpipe.defs.datasets import golden_path, split_dir
+from finpipe.defs.datasets import golden_path, split_and_golden, split_dir
 from finpipe.defs.metadata import markdown_table, markdown_with_inline_images
 from finpipe.defs.models import qlora_adapter
 from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
@@ -63,14 +63,12 @@ def _window(samples) -> tuple[str | None, str | None]:
 def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig,
                        lake: LakeResource) -> dg.MaterializeResult:
     from finpipe.evaluation.evaluate import evaluate_base_and_adapter, evaluate_champion
-    from finpipe.evaluation.golden import freeze_golden, golden_hash
-    from finpipe.instructions.samples import read_jsonl
+    from finpipe.evaluation.golden import golden_hash
     from finpipe.models.files import atomic_write_text
 
     spec = EvalSpec(**config.model_dump())
     latest = registry.read_pointer(registry.latest_adapter_pointer(lake.directory))
-    train, val = read_jsonl(split_dir(lake) / "train.jsonl"), read_jsonl(split_dir(lake) / "val.jsonl")
-    golden, created = freeze_golden(val, golden_path(lake), spec.golden_per_family, spec.seed)
+    train, val, golden, created = split_and_golden(lake, spec.golden_per_family, spec.seed)
     if created:
         context.log.info(f"froze the golden set: {len(golden)} samples at {golden_path(lake)}")
     base, adapter = evaluate_base_and_adapter(latest["base"]["path"], latest["path"], val, golden, spec,

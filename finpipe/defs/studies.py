@@ -8,10 +8,11 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from finpipe.defs.datasets import dataset_split, golden_path, split_dir
+from finpipe.defs.datasets import dataset_split, split_and_golden
 from finpipe.defs.evaluation import champion_adapter
 from finpipe.defs.metadata import markdown_table, markdown_with_inline_images
 from finpipe.defs.models import base_model
+from finpipe.evaluation.evaluate import EvalSpec
 from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
 from finpipe.models import registry
 from finpipe.studies.peft_study import STUDY_METHODS, PeftStudySpec
@@ -22,16 +23,6 @@ peft_methods = dg.StaticPartitionsDefinition(list(STUDY_METHODS))
 
 def studies_dir(lake: LakeResource) -> Path:
     return lake.directory / "studies"
-
-
-def _study_inputs(lake: LakeResource, golden_per_family: int = 2, seed: int = 0):
-    """Train and validation splits, and the frozen golden set (frozen here if no evaluation ran yet)."""
-    from finpipe.evaluation.golden import freeze_golden
-    from finpipe.instructions.samples import read_jsonl
-
-    train, val = read_jsonl(split_dir(lake) / "train.jsonl"), read_jsonl(split_dir(lake) / "val.jsonl")
-    golden, _ = freeze_golden(val, golden_path(lake), golden_per_family, seed)
-    return train, val, golden
 
 
 class PeftStudyConfig(dg.Config):
@@ -71,7 +62,7 @@ def peft_method_run(context: dg.AssetExecutionContext, config: PeftStudyConfig,
     method = context.partition_key
     study = PeftStudySpec(**config.model_dump())
     base = registry.read_pointer(registry.base_pointer(lake.directory))
-    train, val, golden = _study_inputs(lake)
+    train, val, golden, _ = split_and_golden(lake, EvalSpec.golden_per_family, EvalSpec.seed)
     row = run_method(method, base["path"], train, val, golden, studies_dir(lake) / "peft" / method, study,
                      log=context.log.info)
     row |= {"base_model": base["name"], "golden_hash": golden_hash(golden),
@@ -156,7 +147,7 @@ def compression_study(context: dg.AssetExecutionContext, config: CompressionConf
         context.log.info(f"merging the champion {champion['run_id']} into its base")
         export_merged(champion["base"]["path"], champion["path"], merged, force=True,
                       provenance={"champion": champion["run_id"]})
-    train, val, golden = _study_inputs(lake)
+    train, val, golden, _ = split_and_golden(lake, EvalSpec.golden_per_family, EvalSpec.seed)
     rows = run_compression_study(merged, train, val, golden, out, spec, log=context.log.info)
     finished = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     rows = [r | {"champion": champion["run_id"], "finished_at": finished} for r in rows]

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from finpipe.evaluation import metrics as m
-from finpipe.evaluation.generation import Sampling, generate, generate_batch
+from finpipe.evaluation.generation import Sampling, generate, generate_batch, load_chat_model
+from finpipe.evaluation.golden import pick_per_family
 from finpipe.instructions.samples import Sample
 
 #: answer metrics averaged per family and overall (None values, e.g. no labels expected, are skipped)
@@ -115,6 +116,12 @@ def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
+def loss_subset(samples: Sequence[Sample], n: int, seed: int) -> list[Sample]:
+    """About ``n`` samples for the teacher-forced loss, spread evenly over the families (seeded)."""
+    families = max(1, len({s.family for s in samples}))
+    return pick_per_family(samples, max(1, n // families), seed)
+
+
 def score_answer(sample: Sample, answer: str) -> dict:
     reference = sample.text_of("assistant")
     return {
@@ -187,12 +194,9 @@ def evaluate_variant(name: str, model, tokenizer, val_loss_samples: Sequence[Sam
 def evaluate_base_and_adapter(base_dir: str, adapter_dir: str, val: Sequence[Sample], golden: Sequence[Sample],
                               spec: EvalSpec, log: Callable[[str], None] = print) -> tuple[ModelScores, ModelScores]:
     """The base model and base + adapter, from one load: the base is the PeftModel with its adapter disabled."""
-    from finpipe.evaluation.generation import load_chat_model
-    from finpipe.evaluation.golden import pick_per_family
-
     model, tokenizer = load_chat_model(base_dir, adapter_dir)
     val_answers = pick_per_family(val, spec.val_answers_per_family, spec.seed)
-    val_loss = pick_per_family(val, max(1, spec.loss_samples // max(1, len({s.family for s in val}))), spec.seed)
+    val_loss = loss_subset(val, spec.loss_samples, spec.seed)
     with model.disable_adapter():
         base = evaluate_variant("base", model, tokenizer, val_loss, val_answers, golden, spec, log)
     adapter = evaluate_variant("adapter", model, tokenizer, val_loss, val_answers, golden, spec, log)
@@ -202,7 +206,5 @@ def evaluate_base_and_adapter(base_dir: str, adapter_dir: str, val: Sequence[Sam
 def evaluate_champion(base_dir: str, adapter_dir: str, golden: Sequence[Sample], spec: EvalSpec,
                       log: Callable[[str], None] = print) -> ModelScores:
     """The current champion on the golden set (its own base: a champion may predate a base change)."""
-    from finpipe.evaluation.generation import load_chat_model
-
     model, tokenizer = load_chat_model(base_dir, adapter_dir)
     return evaluate_variant("champion", model, tokenizer, [], [], golden, spec, log, with_val=False)

@@ -9,6 +9,7 @@ import datetime as dt
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -102,6 +103,13 @@ class RunRegistry:
     def __init__(self, lake) -> None:  # a finpipe.market.lake.PriceLake
         self.lake = lake
 
+    @contextmanager
+    def _connect(self):
+        """A write connection on the lake with the table in place (created on first use)."""
+        with self.lake.connect() as con:
+            con.execute(RUNS_SQL)
+            yield con
+
     def record(self, row: dict) -> None:
         """Insert or replace one run (re-evaluating a run replaces its row)."""
         row = dict(row)
@@ -110,8 +118,7 @@ class RunRegistry:
         row.setdefault("status", "evaluated")
         if isinstance(row.get("metrics_json"), dict):
             row["metrics_json"] = json.dumps(row["metrics_json"], sort_keys=True)
-        with self.lake.connect() as con:
-            con.execute(RUNS_SQL)
+        with self._connect() as con:
             columns = [c[0] for c in con.execute("DESCRIBE model_runs").fetchall()]
             unknown = set(row) - set(columns)
             if unknown:
@@ -126,8 +133,7 @@ class RunRegistry:
 
     def runs(self, where: str = "1=1", params: list | None = None):
         """All runs, newest first, as a Polars frame (empty with the right columns before the first run)."""
-        with self.lake.connect() as con:
-            con.execute(RUNS_SQL)
+        with self._connect() as con:
             return con.sql(f"SELECT * FROM model_runs WHERE {where} ORDER BY created_at DESC, run_id DESC",
                            params=params or []).pl()
 
@@ -136,8 +142,7 @@ class RunRegistry:
         pointer file in one rename. A crash between the two leaves the old pointer, which promotion repairs
         on its next run (the table is the record; the pointer follows it)."""
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-        with self.lake.connect() as con:
-            con.execute(RUNS_SQL)
+        with self._connect() as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 con.execute("UPDATE model_runs SET status = 'retired' WHERE status = 'champion' AND run_id <> ?", [run_id])
@@ -151,7 +156,6 @@ class RunRegistry:
 
     def reject(self, run_id: str, reason: str) -> None:
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-        with self.lake.connect() as con:
-            con.execute(RUNS_SQL)
+        with self._connect() as con:
             con.execute("UPDATE model_runs SET status = 'rejected', decided_at = ?, reason = ? WHERE run_id = ?",
                         [now, reason, run_id])

@@ -73,9 +73,8 @@ def run_method(method: str, base_dir: str | Path, train: Sequence[Sample], val: 
 
     import torch
 
-    from finpipe.evaluation.evaluate import score_set
+    from finpipe.evaluation.evaluate import assistant_loss, loss_subset, score_set
     from finpipe.evaluation.generation import Sampling, load_chat_model
-    from finpipe.evaluation.golden import pick_per_family
     from finpipe.training.sft import train_adapter
 
     spec = method_spec(method, study)
@@ -87,9 +86,7 @@ def run_method(method: str, base_dir: str | Path, train: Sequence[Sample], val: 
     sampling = Sampling(max_new_tokens=study.max_new_tokens)
     log(f"{method}: scoring on the golden set ({len(golden)} answers)")
     scores = score_set(model, tokenizer, golden, golden, sampling, log)
-    families = max(1, len({s.family for s in val}))
-    val_loss = score_set(model, tokenizer, pick_per_family(val, max(1, study.loss_samples // families), study.seed),
-                         [], sampling).loss
+    val_loss = round(assistant_loss(model, tokenizer, loss_subset(val, study.loss_samples, study.seed)), 4)
     adapter_file = adapter_dir / "adapter_model.safetensors"
     return {
         "method": method, "peft_method": spec.method, "quantization": spec.quantization,
