@@ -105,6 +105,18 @@ class WriteSummary:
     outcomes: list[TickerOutcome] = field(default_factory=list)
 
 
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN ... COMMIT on ``con``; on any error ROLLBACK and re-raise, so the lake stays as it was."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
 class PriceLake:
     def __init__(self, path: Path | str, lock_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
@@ -144,23 +156,17 @@ class PriceLake:
         """Upsert clean rows, record rejects and the per-ticker log - all or nothing."""
         universe = batch.request.universe
         outcomes = {o.ticker: o for o in batch.outcomes}
-        with self.connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                refused = self._refuse_mixed_sources(con, batch)
-                for ticker, why in refused.items():
-                    o = outcomes[ticker]
-                    outcomes[ticker] = TickerOutcome(ticker, FAILED, o.expected_sessions, 0, o.rejected,
-                                                     o.expected_sessions, why)
-                incoming = batch.clean.filter(~pl.col("ticker").is_in(list(refused)))
-                inserted, replaced = self._upsert_prices(con, incoming, batch.simulated)
-                rejected = self._record_rejects(con, batch.rejects, run_id)
-                self._log(con, batch, list(outcomes.values()), run_id)
-                self._register_instruments(con, universe, batch)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self.connect() as con, transaction(con):
+            refused = self._refuse_mixed_sources(con, batch)
+            for ticker, why in refused.items():
+                o = outcomes[ticker]
+                outcomes[ticker] = TickerOutcome(ticker, FAILED, o.expected_sessions, 0, o.rejected,
+                                                 o.expected_sessions, why)
+            incoming = batch.clean.filter(~pl.col("ticker").is_in(list(refused)))
+            inserted, replaced = self._upsert_prices(con, incoming, batch.simulated)
+            rejected = self._record_rejects(con, batch.rejects, run_id)
+            self._log(con, batch, list(outcomes.values()), run_id)
+            self._register_instruments(con, universe, batch)
         return WriteSummary(inserted, replaced, rejected, refused, [outcomes[t] for t in universe.symbols])
 
     @staticmethod
@@ -247,12 +253,8 @@ class PriceLake:
         with self.connect() as con:
             con.register("incoming_frame", frame.to_arrow())
             try:
-                con.execute("BEGIN TRANSACTION")
-                con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM incoming_frame")
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+                with transaction(con):
+                    con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM incoming_frame")
             finally:
                 con.unregister("incoming_frame")
 

@@ -142,16 +142,12 @@ class RunRegistry:
         pointer file in one rename. A crash between the two leaves the old pointer, which promotion repairs
         on its next run (the table is the record; the pointer follows it)."""
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-        with self._connect() as con:
-            con.execute("BEGIN TRANSACTION")
-            try:
-                con.execute("UPDATE model_runs SET status = 'retired' WHERE status = 'champion' AND run_id <> ?", [run_id])
-                con.execute("UPDATE model_runs SET status = 'champion', decided_at = ?, reason = ? WHERE run_id = ?",
-                            [now, reason, run_id])
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        from finpipe.market.lake import transaction
+
+        with self._connect() as con, transaction(con):
+            con.execute("UPDATE model_runs SET status = 'retired' WHERE status = 'champion' AND run_id <> ?", [run_id])
+            con.execute("UPDATE model_runs SET status = 'champion', decided_at = ?, reason = ? WHERE run_id = ?",
+                        [now, reason, run_id])
         write_pointer(pointer, payload)
 
     def reject(self, run_id: str, reason: str) -> None:

@@ -10,6 +10,8 @@ import json
 import duckdb
 import polars as pl
 
+from finpipe.market.lake import transaction
+
 from finpipe.statistics.compute import (
     INCREMENTAL_TAIL_SESSIONS,
     STATISTICS_COLUMNS,
@@ -140,33 +142,29 @@ def _write_state(con: duckdb.DuckDBPyConnection, watermark, universe_of: dict[st
 def refresh_statistics(con: duckdb.DuckDBPyConnection, force_full: bool = False) -> dict:
     """Bring the statistics table up to date inside one transaction on ``con`` (a write connection, which
     holds the lake's lock, so the plan, the prices read and the write see one snapshot). Returns what ran."""
-    con.execute("BEGIN TRANSACTION")
     try:
-        universe_of = dict(con.execute("SELECT ticker, universe FROM instruments").fetchall())
-        (watermark,) = con.execute("SELECT max(ingested_at) FROM prices").fetchall()[0]
-        mode, why, new_dates = ("full", "forced", []) if force_full else refresh_plan(con, universe_of)
-        if mode == "full":
-            prices = con.sql("SELECT ticker, date, close, adj_close, volume FROM prices").pl()
-            if prices.height == 0:
-                raise ValueError("the prices table is empty: materialize daily_prices first")
-            stats = compute_statistics(prices, universe_of).select(STATISTICS_COLUMNS)
-            con.register("incoming_statistics", stats.to_arrow())
-            con.execute(f"CREATE OR REPLACE TABLE {STATISTICS_TABLE} AS SELECT * FROM incoming_statistics")
-            prices_read, written = prices.height, stats
-        else:
-            prices = read_trailing_window(con, new_dates[0]) if new_dates else None
-            written = (compute_statistics_for_dates(prices, new_dates, universe_of) if new_dates
-                       else pl.DataFrame(schema=con.sql(f"SELECT * FROM {STATISTICS_TABLE} LIMIT 0").pl().schema))
-            prices_read = prices.height if prices is not None else 0
-            if new_dates:
-                con.register("incoming_statistics", written.to_arrow())
-                con.execute(f"DELETE FROM {STATISTICS_TABLE} WHERE date IN (SELECT unnest(?))", [new_dates])
-                con.execute(f"INSERT INTO {STATISTICS_TABLE} BY NAME SELECT * FROM incoming_statistics")
-        _write_state(con, watermark, universe_of)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+        with transaction(con):
+            universe_of = dict(con.execute("SELECT ticker, universe FROM instruments").fetchall())
+            (watermark,) = con.execute("SELECT max(ingested_at) FROM prices").fetchall()[0]
+            mode, why, new_dates = ("full", "forced", []) if force_full else refresh_plan(con, universe_of)
+            if mode == "full":
+                prices = con.sql("SELECT ticker, date, close, adj_close, volume FROM prices").pl()
+                if prices.height == 0:
+                    raise ValueError("the prices table is empty: materialize daily_prices first")
+                stats = compute_statistics(prices, universe_of).select(STATISTICS_COLUMNS)
+                con.register("incoming_statistics", stats.to_arrow())
+                con.execute(f"CREATE OR REPLACE TABLE {STATISTICS_TABLE} AS SELECT * FROM incoming_statistics")
+                prices_read, written = prices.height, stats
+            else:
+                prices = read_trailing_window(con, new_dates[0]) if new_dates else None
+                written = (compute_statistics_for_dates(prices, new_dates, universe_of) if new_dates
+                           else pl.DataFrame(schema=con.sql(f"SELECT * FROM {STATISTICS_TABLE} LIMIT 0").pl().schema))
+                prices_read = prices.height if prices is not None else 0
+                if new_dates:
+                    con.register("incoming_statistics", written.to_arrow())
+                    con.execute(f"DELETE FROM {STATISTICS_TABLE} WHERE date IN (SELECT unnest(?))", [new_dates])
+                    con.execute(f"INSERT INTO {STATISTICS_TABLE} BY NAME SELECT * FROM incoming_statistics")
+            _write_state(con, watermark, universe_of)
     finally:
         try:
             con.unregister("incoming_statistics")

@@ -6,6 +6,8 @@ import json
 
 import polars as pl
 
+from finpipe.market.lake import transaction
+
 
 def upsert_rows(lake, table: str, rows: list[dict], key: str) -> int:
     """Replace the rows of ``table`` whose ``key`` matches, in one transaction (a partition rerun replaces
@@ -19,19 +21,15 @@ def upsert_rows(lake, table: str, rows: list[dict], key: str) -> int:
     with lake.connect() as con:
         con.register("incoming_rows", frame.to_arrow())
         try:
-            con.execute("BEGIN TRANSACTION")
-            con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM incoming_rows LIMIT 0")
-            existing = {c[0] for c in con.execute(f"DESCRIBE {table}").fetchall()}
-            for name, dtype in zip(frame.columns, con.execute("DESCRIBE incoming_rows").fetchall()):
-                if name not in existing:  # a new metric: widen the table instead of failing the study
-                    con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {dtype[1]}')
-            con.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM incoming_rows)")
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
-            count = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+            with transaction(con):
+                con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM incoming_rows LIMIT 0")
+                existing = {c[0] for c in con.execute(f"DESCRIBE {table}").fetchall()}
+                for name, dtype in zip(frame.columns, con.execute("DESCRIBE incoming_rows").fetchall()):
+                    if name not in existing:  # a new metric: widen the table instead of failing the study
+                        con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {dtype[1]}')
+                con.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM incoming_rows)")
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")
+                count = con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
         finally:
             con.unregister("incoming_rows")
     return count
