@@ -6,6 +6,7 @@ promise; AdaLoRA really gives rank back; wrong method knobs are clear errors bef
 """
 
 import json
+import mmap
 import time
 from pathlib import Path
 
@@ -276,8 +277,13 @@ def test_unknown_target_modules_name_the_models_layers(tiny_base):
 def test_rss_sampler_sees_memory_allocated_inside_the_block():
     from finpipe.training.memory import RssPeak
 
+    size = 64 * 2**20
     with RssPeak() as rss:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        # fresh anonymous pages, touched one by one: a malloc'ed block could reuse pages an earlier test freed
+        # but left resident, and then RSS would not grow at all
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
         time.sleep(0.3)
-        del block
+        block.close()
     assert rss.delta_mb >= 48, rss.delta_mb  # freed before the block ended: only a sampler running during it sees it
