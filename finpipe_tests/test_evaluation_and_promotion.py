@@ -13,9 +13,12 @@ import torch
 from finpipe.evaluation.promotion import decide, golden_regressions
 
 
-def scores(val_loss=1.0, golden_loss=1.0, fidelity=0.5, labels=0.5, rouge=0.5):
-    overall = {"numeric_fidelity": fidelity, "label_accuracy": labels, "rouge_l": rouge}
-    return {"val": {"loss": val_loss, "overall": overall}, "golden": {"loss": golden_loss, "overall": overall}}
+def scores(val_loss=1.0, golden_loss=1.0, numbers=0.5, labels=0.5, exact=0.5, probe=None):
+    overall = {"number_correctness": numbers, "label_correctness": labels, "exact_match": exact}
+    out = {"val": {"loss": val_loss, "overall": overall}, "golden": {"loss": golden_loss, "overall": overall}}
+    if probe is not None:  # probe: the forgetting probe's answers, right or wrong
+        out["forgetting"] = {"score": sum(probe) / len(probe), "rows": [{"right": r} for r in probe]}
+    return out
 
 
 # ----------------------------------------------------------------------------------------- promotion rule
@@ -30,55 +33,159 @@ def test_the_first_challenger_that_beats_the_base_becomes_champion():
     assert d.promote and "first champion" in d.reason
 
 
-def test_promotion_refuses_a_worse_challenger_and_keeps_the_champion():
-    base, champion = scores(val_loss=1.5), scores(val_loss=1.0, golden_loss=0.90)
-    worse = decide(scores(val_loss=1.1, golden_loss=0.95), base, champion, tolerance=0.05)
+def test_promotion_decides_on_strict_golden_quality_not_loss():
+    base, champion = scores(val_loss=1.5), scores(val_loss=1.0, golden_loss=0.90, numbers=0.8, labels=0.6, exact=0.5)
+    # a lower loss with the same strict scores is only a tie-break ...
+    tie = decide(scores(val_loss=1.1, golden_loss=0.85, numbers=0.8, labels=0.6, exact=0.5), base, champion, 0.05)
+    assert tie.promote and "equal" in tie.reason
+    # ... and never outweighs worse answers
+    worse = decide(scores(val_loss=1.1, golden_loss=0.10, numbers=0.8, labels=0.58, exact=0.5), base, champion, 0.05)
     assert not worse.promote and "does not improve" in worse.reason
-    better = decide(scores(val_loss=1.1, golden_loss=0.85), base, champion, tolerance=0.05)
-    assert better.promote
+    better = decide(scores(val_loss=1.1, golden_loss=0.95, numbers=0.85, labels=0.6, exact=0.5), base, champion, 0.05)
+    assert better.promote and "strict quality" in better.reason
 
 
-def test_a_lower_loss_does_not_excuse_a_regression_beyond_the_tolerance():
-    champion = scores(golden_loss=0.9, fidelity=0.80, labels=0.70)
-    challenger = scores(golden_loss=0.5, fidelity=0.70, labels=0.68)  # fidelity -0.10 > 0.05; labels -0.02 ok
+def test_a_better_mean_does_not_excuse_a_strict_regression_beyond_the_tolerance():
+    champion = scores(numbers=0.80, labels=0.70, exact=0.30)
+    challenger = scores(numbers=0.70, labels=0.95, exact=0.60)  # numbers -0.10 > 0.05, though the mean is higher
     d = decide(challenger, scores(val_loss=2.0), champion, tolerance=0.05)
-    assert not d.promote and d.regressions == {"numeric_fidelity": {"champion": 0.80, "challenger": 0.70}}
+    assert not d.promote and d.regressions == {"number_correctness": {"champion": 0.80, "challenger": 0.70}}
     assert golden_regressions(challenger, champion, tolerance=0.15) == {}
 
 
-def test_across_different_bases_answer_quality_decides_not_loss():
-    champion = scores(golden_loss=0.1, fidelity=0.5, labels=0.5, rouge=0.5)  # other tokenizer: loss incomparable
-    d = decide(scores(golden_loss=3.0, fidelity=0.6, labels=0.5, rouge=0.5), scores(val_loss=2.0), champion,
-               tolerance=0.05, same_base=False)
-    assert d.promote and "different bases" in d.reason
+def test_promotion_refuses_an_adapter_that_clearly_forgot_general_skills():
+    base = scores(val_loss=2.0, probe=[True] * 20 + [False] * 3)
+    forgot = decide(scores(val_loss=1.0, probe=[True] * 8 + [False] * 15), base, None, tolerance=0.05)
+    assert not forgot.promote and "forgets general skills" in forgot.reason and forgot.forgetting["forgot"]
+    # one question fewer is within the tolerance and not significant: promoted
+    kept = decide(scores(val_loss=1.0, probe=[True] * 19 + [False] * 4), base, None, tolerance=0.05)
+    assert kept.promote and not kept.forgetting["forgot"]
 
 
 # --------------------------------------------------------------------------------- golden set and loss
 
-def test_the_golden_set_is_frozen_once_and_held_out_of_later_splits(tmp_path):
-    from finpipe.evaluation.golden import freeze_golden, golden_hash
+def test_the_golden_set_is_frozen_once_balanced_across_labels_and_held_out_of_later_splits(tmp_path):
+    from collections import Counter
+
+    from finpipe.evaluation.golden import PARAPHRASE_ORIGIN, freeze_golden, golden_hash, part_of
+    from finpipe.evaluation.paraphrases import HELD_OUT_QUESTIONS
+    from finpipe.instructions.balance import label_stratum
+    from finpipe.instructions.families import QUESTIONS
     from finpipe.instructions.split import SplitSpec, temporal_split
-    from finpipe_tests.test_instruction_datasets import default_samples
+    from finpipe_tests.helpers import default_samples
 
     first = temporal_split(default_samples(), SplitSpec(val_fraction=0.2))
-    golden, created = freeze_golden(first.val, tmp_path / "golden.jsonl", per_family=2, seed=0)
-    assert created and len(golden) == 14 and {s.family for s in golden} == {
-        "price", "performance", "volatility", "trend", "momentum", "range", "comparison"}
+    golden, created = freeze_golden(first.val, tmp_path / "golden.jsonl", per_family=10, seed=0)
+    assert created and len(golden) == 70
+    assert Counter(s.family for s in golden) == {f: 10 for f in QUESTIONS}
+    assert Counter(part_of(s) for s in golden) == {"seen": 35, "paraphrase": 35}
+    # balanced: risk cycles low / medium / high (the split's validation side has all three)
+    risk = Counter(label_stratum(s) for s in golden if s.family == "volatility")
+    assert len(risk) == 3 and max(risk.values()) - min(risk.values()) <= 1
+    # a paraphrased question uses a held-out wording, keeps the context, the facts and the answer
+    para = next(s for s in golden if s.origin == PARAPHRASE_ORIGIN)
+    question = para.text_of("user").rsplit("Question: ", 1)[1]
+    assert question in {q.format(**para.facts) for q in HELD_OUT_QUESTIONS[para.family]}
+    source = next(s for s in first.val if s.text_of("assistant") == para.text_of("assistant"))
+    assert para.facts == source.facts and para.text_of("user").split("Question:")[0] == \
+        source.text_of("user").split("Question:")[0]
     # a later night: different candidates, same golden set
     again, created_again = freeze_golden(first.train, tmp_path / "golden.jsonl", per_family=5, seed=1)
     assert not created_again and golden_hash(again) == golden_hash(golden)
     # a later split with an earlier cutoff would put golden samples in train: they are held out instead
     later = temporal_split(default_samples(), SplitSpec(val_fraction=0.05), holdout=golden)
-    held = {s.text_of("user") for s in golden}
-    assert not held & {s.text_of("user") for s in later.train + later.val}
-    assert later.dropped["holdout"] == len(golden)
+    held = {s.text_of("assistant") for s in golden}
+    assert not held & {s.text_of("assistant") for s in later.train + later.val}
+
+
+def test_held_out_wordings_never_appear_in_training_data():
+    import ast
+    import inspect
+
+    from finpipe.evaluation.paraphrases import HELD_OUT_QUESTIONS
+    from finpipe.instructions import builder, families
+    from finpipe_tests.helpers import default_samples
+
+    training_questions = {s.text_of("user").rsplit("Question: ", 1)[1] for s in default_samples()}
+    for family, wordings in HELD_OUT_QUESTIONS.items():
+        assert len(wordings) >= 4 and not set(wordings) & set(families.QUESTIONS[family])
+        stems = {w.split("{")[0] for w in wordings}
+        assert not any(q.startswith(stem) for q in training_questions for stem in stems if len(stem) > 8)
+    for module in (builder, families):  # the dataset builder never imports the held-out list
+        imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(module))) if isinstance(n, ast.ImportFrom)}
+        assert "finpipe.evaluation.paraphrases" not in imported
+
+
+def test_a_golden_set_of_an_older_version_is_set_aside_and_refrozen(tmp_path):
+    from finpipe.evaluation.golden import GOLDEN_VERSION, freeze_golden
+    from finpipe.instructions.samples import write_jsonl
+    from finpipe.instructions.split import SplitSpec, temporal_split
+    from finpipe_tests.helpers import default_samples
+
+    val = temporal_split(default_samples(), SplitSpec(val_fraction=0.2)).val
+    old = tmp_path / "golden.jsonl"
+    write_jsonl(val[:14], old)
+    old.with_suffix(".manifest.json").write_text(json.dumps({"hash": "x", "samples": 14}))  # no version: v1
+    golden, created = freeze_golden(val, old, per_family=10, seed=0)
+    assert created and len(golden) == 70
+    assert (tmp_path / "golden.v1.jsonl").exists() and (tmp_path / "golden.v1.manifest.json").exists()
+    assert json.loads(old.with_suffix(".manifest.json").read_text())["version"] == GOLDEN_VERSION
+
+
+def test_label_balancing_makes_each_label_value_equally_frequent_and_keeps_family_sizes():
+    from collections import Counter
+
+    from finpipe.instructions.balance import balance_by_label, strata_counts
+    from finpipe_tests.helpers import default_samples
+
+    samples = default_samples()
+    before = strata_counts(samples)
+    assert before["momentum"]["momentum=neutral"] > 5 * before["momentum"].get("momentum=oversold", 1)
+    balanced = balance_by_label(samples, seed=0, max_repeat=100)
+    after = strata_counts(balanced)
+    for family, strata in after.items():
+        share = sum(before[family].values()) // len(strata)
+        # each label value as often as the others, unless it is too rare to repeat that often (a tie: 1 sample)
+        assert strata == {k: min(share, n * 100) for k, n in before[family].items()}, (family, strata)
+    capped = strata_counts(balance_by_label(samples, seed=0, max_repeat=2))
+    assert capped["momentum"]["momentum=oversold"] <= 2 * before["momentum"]["momentum=oversold"]
+    assert balance_by_label(samples, seed=0) == balance_by_label(samples, seed=0)  # seeded
+    assert Counter(s.family for s in balanced).keys() == Counter(s.family for s in samples).keys()
+
+
+def test_bootstrap_intervals_cover_the_mean_and_shrink_with_more_samples():
+    from finpipe.evaluation.stats import bootstrap_ci, paired_difference_ci
+
+    few, many = [1, 0, 1, 1, 0] * 2, [1, 0, 1, 1, 0] * 40
+    lo, hi = bootstrap_ci(few)
+    assert lo < 0.6 < hi
+    lo2, hi2 = bootstrap_ci(many)
+    assert lo2 < 0.6 < hi2 and (hi2 - lo2) < (hi - lo) / 3
+    assert bootstrap_ci([]) is None and bootstrap_ci([0.5]) == (0.5, 0.5)
+    assert bootstrap_ci(few, seed=3) == bootstrap_ci(few, seed=3)
+    diff, dlo, dhi = paired_difference_ci([1] * 30, [0] * 25 + [1] * 5)
+    assert diff == pytest.approx(25 / 30, abs=1e-4) and dlo > 0  # clearly better
+    same = paired_difference_ci([1, 0] * 10, [0, 1] * 10)
+    assert same[1] < 0 < same[2]  # not established
+
+
+def test_the_forgetting_probe_scores_whole_words():
+    from finpipe.evaluation.forgetting import PROBE, is_right, score_probe
+
+    assert is_right("The capital of France is Paris.", "Paris")
+    assert not is_right("Parisian food", "Paris") and not is_right("7 + 5 = 125", "12")
+    assert is_right("The boiling point is 100.0 degrees", r"100(?:\.0)?")
+    score, rows = score_probe([f"answer: {accepted.split('|')[0]}" for _, accepted in PROBE])
+    assert score == 1.0 and all(r.right for r in rows)
+    with pytest.raises(ValueError, match="answers"):
+        score_probe(["too few"])
 
 
 def test_assistant_loss_is_the_cross_entropy_of_the_answer_tokens_only(tiny_base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finpipe.evaluation.evaluate import assistant_loss
-    from finpipe_tests.test_instruction_datasets import default_samples
+    from finpipe_tests.helpers import default_samples
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_base), AutoTokenizer.from_pretrained(tiny_base)
     sample = default_samples()[0]
@@ -103,9 +210,10 @@ def materialize(assets, resources, ops=None):
     return dg.materialize(assets, resources=resources, raise_on_error=False, run_config={"ops": ops or {}})
 
 
-EVAL = {"val_answers_per_family": 1, "golden_per_family": 1, "loss_samples": 14, "max_new_tokens": 12}
-TRAIN = {"quantization": "none", "max_steps": 8, "eval_steps": 4, "max_val_samples": 8, "max_train_samples": 96,
-         "batch_size": 4, "learning_rate": 5e-3, "max_seq_len": 512, "early_stopping_patience": 0}
+EVAL = {"golden_per_family": 2, "loss_samples": 14, "max_new_tokens": 12}
+TRAIN = {"quantization": "none", "max_minutes": 0, "max_steps": 8, "eval_points": 2, "max_val_samples": 8,
+         "max_train_samples": 96, "batch_size": 4, "learning_rate": 5e-3, "max_seq_len": 512,
+         "early_stopping_patience": 0, "curve_answers_per_family": 1}
 
 
 def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_failed_evaluation(
@@ -113,17 +221,18 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from finpipe.defs.evaluation import (adapter_evaluation, champion_adapter, evaluation_checks,
-                                         evaluation_report)
-    from finpipe.defs.models import HuggingFaceResource, base_model, qlora_adapter
+    from finpipe.definitions import in_groups
+    from finpipe.defs.evaluation import adapter_evaluation, champion_adapter
+    from finpipe.defs.models import qlora_adapter
+    from finpipe.defs.resources import HuggingFaceResource
     from finpipe.market.lake import PriceLake
     from finpipe.models import registry
-    from finpipe_tests.test_dataset_assets import derive, ingest
+    from finpipe_tests.helpers import derive, ingest
 
     resources = lake_resources() | {"huggingface": HuggingFaceResource()}
     ingest(resources)
     assert derive(resources).success
-    lineage = [base_model, qlora_adapter, adapter_evaluation, evaluation_report, champion_adapter, *evaluation_checks]
+    lineage = in_groups("models", "evaluation")
     ops = {"base_model": {"config": {"model": str(tiny_base)}}, "qlora_adapter": {"config": TRAIN},
            "adapter_evaluation": {"config": EVAL}}
     first = materialize(lineage, resources, ops)
@@ -133,20 +242,31 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
     assert evaluation["adapter_val_loss"] < evaluation["base_val_loss"]  # a random tiny base learns fast
     assert promotion["promoted"] is True and promotion["champion"] == evaluation["run_id"]
     checks = {c.check_name: c.passed for c in first.get_asset_check_evaluations()}
-    assert checks == {"adapter_beats_base_on_val_loss": True, "no_golden_regression_vs_champion": True}
-    html = Path(report["html"]).read_text()
-    assert "<th>base</th><th>adapter</th><th>champion</th>" in html and "data:image/png;base64," in html
-    assert "validation numeric fidelity" in html and "promote: first champion" in html
-    assert "Sample answers" in Path(report["markdown"]).read_text()
+    assert checks == {"adapter_beats_base_on_val_loss": True, "adapter_keeps_general_skills": True,
+                      "no_golden_regression_vs_champion": True}
+    html, markdown = Path(report["html"]).read_text(), Path(report["markdown"]).read_text()
+    assert "<th>golden set</th><th>base</th><th>adapter</th>" in html and "data:image/png;base64," in html
+    for section in ("number correctness", "label correctness", "exact match", "Training wording vs held-out wording",
+                    "Forgetting probe", "Learning curve: strict metrics vs training tokens", "promote: first champion",
+                    "trained as", "LoRA (unquantized base)"):
+        assert section in html and section in markdown, section
+    # the report shows the same numbers as evaluation.json, with their intervals
+    saved = json.loads(Path(evaluation["path"]).read_text())
+    golden_adapter = saved["variants"]["adapter"]["golden"]
+    number, (low, high) = golden_adapter["overall"]["number_correctness"], golden_adapter["ci"]["number_correctness"]
+    assert f"{number:.3f} [{low:.2f}, {high:.2f}]" in html and low <= number <= high
+    assert saved["variants"]["adapter"]["forgetting"]["score"] == evaluation["adapter_forgetting_probe"]
+    assert set(saved["differences"]["adapter - base"]) == {"number_correctness", "label_correctness",
+                                                           "exact_match", "format_validity"}
     golden = isolated_lake / "datasets/golden.jsonl"
-    assert golden.exists() and len(golden.read_text().splitlines()) == 7
+    assert golden.exists() and len(golden.read_text().splitlines()) == 14
 
     champion_pointer = registry.champion_pointer(isolated_lake)
     champion_bytes = champion_pointer.read_bytes()
-    champion = json.loads(champion_bytes)
+    champion = registry.read_pointer(champion_pointer)  # paths resolved against the lake
 
     # a weaker challenger (2 small steps): evaluated, reported, refused; the champion stays
-    worse_ops = ops | {"qlora_adapter": {"config": TRAIN | {"learning_rate": 1e-3, "max_steps": 2, "eval_steps": 1}}}
+    worse_ops = ops | {"qlora_adapter": {"config": TRAIN | {"learning_rate": 1e-3, "max_steps": 2, "eval_points": 1}}}
     second = materialize(lineage, resources, worse_ops)
     assert second.success
     refused = meta(second, "champion_adapter")
@@ -163,7 +283,7 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), champion["path"])
 
     # a failed evaluation (the newest adapter's weights are corrupt) leaves the champion untouched
-    latest = json.loads(registry.latest_adapter_pointer(isolated_lake).read_text())
+    latest = registry.read_pointer(registry.latest_adapter_pointer(isolated_lake))
     (Path(latest["path"]) / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     third = materialize([adapter_evaluation, champion_adapter], resources, {"adapter_evaluation": {"config": EVAL}})
     assert not third.success
@@ -177,13 +297,14 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
     fresh = meta(first, "qlora_adapter")
     assert warm["initial_val_loss"] < fresh["initial_val_loss"] - 0.1
     assert math.isclose(warm["initial_val_loss"], fresh["best_val_loss"], abs_tol=0.02)
+    assert warm["cumulative_train_tokens"] == fresh["train_tokens"] + warm["train_tokens"]  # the curve accumulates
 
 
 # ----------------------------------------------------------------------------------- nightly automation
 
 def test_the_nightly_schedule_runs_weekdays_after_the_us_close_over_the_documented_assets():
-    from finpipe.defs.automation import NIGHTLY_ASSETS, nightly_retrain, nightly_schedule
     from finpipe.definitions import defs
+    from finpipe.defs.automation import NIGHTLY_ASSETS, nightly_retrain, nightly_schedule
 
     assert nightly_schedule.cron_schedule == "30 18 * * 1-5"
     assert nightly_schedule.execution_timezone == "America/New_York"
@@ -205,14 +326,13 @@ def test_the_nightly_schedule_runs_weekdays_after_the_us_close_over_the_document
 
 
 def test_a_new_price_partition_makes_statistics_and_datasets_refresh(lake_resources):
-    from finpipe.definitions import defs
-    from finpipe.defs.market_data import daily_prices, market_data_checks
+    from finpipe.definitions import defs, in_groups
 
     instance = dg.DagsterInstance.ephemeral()
     resources = lake_resources()
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
 
-    dg.materialize([daily_prices, *market_data_checks], resources=resources, instance=instance,
+    dg.materialize(in_groups("market_data"), resources=resources, instance=instance,
                    partition_key="2013-03-01")
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
     requested = {r.key.to_user_string() for r in result.results if r.true_subset.size}
@@ -222,9 +342,9 @@ def test_a_new_price_partition_makes_statistics_and_datasets_refresh(lake_resour
 
 def test_batched_greedy_answers_equal_one_by_one_answers(tiny_base):
     from finpipe.evaluation.generation import Sampling, generate, generate_batch, load_chat_model
-    from finpipe_tests.test_instruction_datasets import default_samples
+    from finpipe_tests.helpers import default_samples
 
-    model, tokenizer = load_chat_model(tiny_base)
+    model, tokenizer = load_chat_model(tiny_base, dtype=torch.float32)  # same precision both ways
     chats = [s.messages[:-1] for s in default_samples()[:5]]  # prompts of different lengths: left padding
     assert len({len(tokenizer.apply_chat_template(c, tokenize=False)) for c in chats}) > 1
     sampling, side = Sampling(max_new_tokens=10), tokenizer.padding_side
@@ -240,14 +360,14 @@ def test_serving_merges_the_adapter_and_answers_exactly_like_the_unmerged_model(
     from transformers import AutoModelForCausalLM
 
     from finpipe.evaluation.generation import Sampling, generate, load_chat_model
-    from finpipe_tests.test_instruction_datasets import default_samples
+    from finpipe_tests.helpers import default_samples
 
     torch.manual_seed(1)
     adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
                              LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "adapter")
-    unmerged, tokenizer = load_chat_model(tiny_base, tmp_path / "adapter")
-    merged, _ = load_chat_model(tiny_base, tmp_path / "adapter", merge=True)
+    unmerged, tokenizer = load_chat_model(tiny_base, tmp_path / "adapter", dtype=torch.float32)
+    merged, _ = load_chat_model(tiny_base, tmp_path / "adapter", merge=True, dtype=torch.float32)
     assert not hasattr(merged, "disable_adapter")  # a plain transformers model: no LoRA layers left
     assert not any("lora_" in name for name, _ in merged.named_parameters())
     chat = default_samples()[0].messages[:-1]

@@ -3,41 +3,17 @@
 import copy
 import datetime as dt
 import json
-from functools import lru_cache
 
-import polars as pl
 import pytest
 
 from finpipe.instructions import rules
-from finpipe.instructions.builder import DatasetSpec, build_samples
 from finpipe.instructions.external import ExternalDataError, load_external
 from finpipe.instructions.factcheck import unsupported_numbers
 from finpipe.instructions.families import ALL_FAMILIES
 from finpipe.instructions.quality import validate_samples
 from finpipe.instructions.samples import read_jsonl, write_jsonl
 from finpipe.instructions.split import SplitSpec, load_as_dataset, temporal_split
-from finpipe.market.ingest import IngestRequest, ingest
-from finpipe.market.sources import ReplaySource
-from finpipe.market.universes import US_CORE
-from finpipe.statistics.compute import compute_statistics
-from finpipe_tests.conftest import d
-
-
-@lru_cache(maxsize=1)
-def replay_inputs():
-    batch = ingest(ReplaySource(), IngestRequest(US_CORE, d("2011-03-01"), d("2013-03-01")))
-    prices = batch.clean
-    return compute_statistics(prices), prices, {t.symbol: t.name for t in US_CORE.tickers}
-
-
-def samples(**spec):
-    stats, prices, names = replay_inputs()
-    return build_samples(stats, prices, names, DatasetSpec(**spec))
-
-
-@lru_cache(maxsize=1)
-def default_samples():
-    return samples()
+from finpipe_tests.helpers import default_samples, samples
 
 
 def failing_gates(result):

@@ -21,6 +21,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    max_time_s: float | None = None  # stop generating after this many seconds (a server's bound)
 
     def __post_init__(self) -> None:
         problems = []
@@ -30,14 +31,23 @@ class Sampling:
             problems.append(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        import math
+
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.max_time_s is not None and not self.max_time_s > 0:
+            problems.append(f"max_time_s must be > 0, got {self.max_time_s}")
         if problems:
             raise ValueError("invalid sampling: " + "; ".join(problems))
 
     def generate_kwargs(self) -> dict:
         kwargs: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty,
                         "use_cache": True}
+        if self.max_time_s is not None:
+            kwargs["max_time"] = self.max_time_s
         if self.temperature > 0:
             kwargs |= {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
         else:
@@ -56,29 +66,22 @@ class Generated:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def inference_dtype(device: str):
-    """fp32 on CPU (bf16 matmuls are slow without AVX512-BF16), bf16/fp16 on CUDA."""
-    import torch
-
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def load_chat_model(base_dir: str | Path, adapter_dir: str | Path | None = None, device: str | None = None,
-                    merge: bool = False):
-    """(model, tokenizer): the unquantized base, with the adapter applied by plain ``PeftModel.from_pretrained``;
+                    merge: bool = False, dtype=None):
+    """(model, tokenizer): the unquantized base at the device's inference precision (``runtime.inference_dtype``:
+    bf16 where the CPU or GPU computes it natively), with the adapter applied by plain ``PeftModel.from_pretrained``;
     ``merge`` folds it into the weights (``merge_and_unload``: same greedy text, 1.26x the tokens/s on CPU in
     ``benchmarks.inference``) for serving, where nobody needs the adapter switched off.
 
     The tokenizer comes from the adapter folder when it has one (training saves it there), else the base's.
+    ``dtype`` overrides the precision (e.g. fp32 to compare two ways of computing the same answer exactly).
     """
-    import torch
-
     from finpipe.models.safe_loading import load_causal_lm, load_peft_adapter, load_tokenizer
+    from finpipe.runtime import accelerator, claim_cpu_share, inference_dtype
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_causal_lm(base_dir, dtype=inference_dtype(device), device_map={"": device})
+    claim_cpu_share()
+    device = device or accelerator()
+    model = load_causal_lm(base_dir, dtype=dtype or inference_dtype(device), device_map={"": device})
     tokenizer_dir = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").exists() else base_dir
     tokenizer = load_tokenizer(tokenizer_dir)
     if adapter_dir is not None:
@@ -94,8 +97,10 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
 
 
-def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Sampling = Sampling()) -> Generated:
-    """One answer to a chat (system/user turns) with the KV cache; the reply text without template tokens."""
+def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Sampling = Sampling(),
+             streamer=None) -> Generated:
+    """One answer to a chat (system/user turns) with the KV cache; the reply text without template tokens.
+    ``streamer``: a transformers streamer that receives the tokens as they are generated."""
     import torch
 
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -105,7 +110,7 @@ def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Samplin
     with torch.inference_mode():
         out = model.generate(**prompt, **sampling.generate_kwargs(), eos_token_id=stop_token_ids(tokenizer),
                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                             else tokenizer.eos_token_id)
+                             else tokenizer.eos_token_id, streamer=streamer)
     seconds = time.perf_counter() - started
     new = out[0, prompt["input_ids"].shape[1]:]
     return Generated(text=tokenizer.decode(new, skip_special_tokens=True).strip(), new_tokens=int(new.shape[0]),
@@ -113,19 +118,24 @@ def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Samplin
 
 
 def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling: Sampling = Sampling(),
-                   batch_size: int = 8) -> list[Generated]:
+                   batch_size: int = 8, progress=None) -> list[Generated]:
     """Answers to many chats, ``batch_size`` at a time (left padding): on a CPU a decoding step costs about
     the same for 1 or 8 sequences, so evaluation runs several times faster than one by one. ``seconds`` is
-    the batch's wall time shared evenly; use ``generate`` to measure single-request latency."""
+    the batch's wall time shared evenly; use ``generate`` to measure single-request latency. ``progress``, if
+    given, is called with a line after each batch (answers done, of how many, elapsed)."""
     import torch
+
+    from finpipe.runtime import rebalance
 
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only: prompts end where generation starts
     results: list[Generated] = []
+    begun = time.perf_counter()
     try:
         for i in range(0, len(chats), batch_size):
+            rebalance()
             chunk = chats[i: i + batch_size]
             texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -140,6 +150,8 @@ def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling
                 n = len(kept) + (1 if end is not None else 0)  # the stop token was generated too
                 results.append(Generated(text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
                                          new_tokens=n, seconds=share))
+            if progress is not None and len(chats) > batch_size:
+                progress(f"  answers {len(results)}/{len(chats)} ({time.perf_counter() - begun:.0f} s)")
     finally:
         tokenizer.padding_side = side
     return results

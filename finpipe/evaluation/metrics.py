@@ -1,10 +1,6 @@
-"""Answer-level metrics, each in [0, 1], computed against a sample's structured fields and reference text.
+"""Text-level answer metrics, each in [0, 1] (the strict, fact-level ones are in ``finpipe.evaluation.strict``):
 
-- numeric fidelity: share of the sample's ``expected`` numbers that the answer states, within a tolerance
-  (absolute 0.011 for 2-decimal values: a rounding slip of one cent/basis point still counts; signs are
-  ignored because answers say "fell 1.2%" for -1.2%);
-- label accuracy: share of the sample's ``labels`` whose value appears in the answer (case-insensitive);
-- token F1: SQuAD-style bag-of-words F1 against the reference answer;
+- token F1: SQuAD-style bag-of-words F1 against the reference answer (text overlap, a secondary signal);
 - ROUGE-L: F-measure of the longest common subsequence of tokens;
 - format validity: non-empty, no chat-template debris, no NaN, ends like a sentence.
 """
@@ -14,27 +10,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from finpipe.instructions.factcheck import numbers_in
-
-NUMBER_TOLERANCE = 0.011
 TOKEN = re.compile(r"[A-Za-z]+|\d+(?:\.\d+)?")
 TEMPLATE_DEBRIS = re.compile(r"<\|im_(start|end)\|>|<\|endoftext\|>|^(system|user|assistant)\s*$", re.MULTILINE)
-
-
-def numeric_fidelity(answer: str, expected: dict[str, float]) -> float | None:
-    """None when the sample expects no numbers."""
-    if not expected:
-        return None
-    stated, _ = numbers_in(answer)
-    hits = sum(1 for value in expected.values() if any(abs(abs(value) - s) <= NUMBER_TOLERANCE for s in stated))
-    return hits / len(expected)
-
-
-def label_accuracy(answer: str, labels: dict[str, str]) -> float | None:
-    if not labels:
-        return None
-    text = answer.lower()
-    return sum(1 for value in labels.values() if value.lower() in text) / len(labels)
 
 
 def tokens(text: str) -> list[str]:

@@ -4,20 +4,24 @@ and the asset checks and the promotion asset apply exactly the same rule.
 
 A challenger is promoted only if all hold:
 1. it beats the base model on validation loss (an adapter that does not is broken, whatever else it does);
-2. no golden-set answer metric (numeric fidelity, label accuracy) drops more than ``tolerance`` below the
-   champion's;
-3. it improves on the champion on the golden set: lower golden loss when both share a base (same tokenizer,
-   comparable losses), else a higher mean of numeric fidelity, label accuracy and ROUGE-L.
-With no champion yet, rule 1 alone decides.
+2. it has not clearly forgotten general skills: on the forgetting probe it is not more than
+   ``forgetting_tolerance`` below the base **and** significantly below it (the paired 95% bootstrap interval
+   of challenger - base lies below zero);
+3. no strict golden metric (number correctness, label correctness, exact match) drops more than ``tolerance``
+   below the champion's;
+4. it improves on the champion on the golden set's strict quality (the mean of the strict metrics); at equal
+   quality, a lower golden loss decides when both share a base (same tokenizer, comparable losses).
+With no champion yet, rules 1 and 2 decide.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finpipe.evaluation.evaluate import quality_score
+from finpipe.evaluation.evaluate import STRICT_METRICS, quality_score
+from finpipe.evaluation.stats import paired_difference_ci
 
-GUARDED_METRICS = ("numeric_fidelity", "label_accuracy")
+GUARDED_METRICS = STRICT_METRICS
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Decision:
     reason: str
     beats_base: bool
     regressions: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> {champion, challenger}
+    forgetting: dict | None = None  # {challenger, base, difference, interval}
 
 
 def beats_base(challenger: dict, base: dict) -> bool:
@@ -45,26 +50,46 @@ def golden_regressions(challenger: dict, champion: dict, tolerance: float) -> di
     return out
 
 
-def decide(challenger: dict, base: dict, champion: dict | None, tolerance: float, same_base: bool = True) -> Decision:
+def forgetting_check(challenger: dict, base: dict, tolerance: float) -> dict | None:
+    """The probe comparison, with ``forgot`` True when the challenger is clearly below the base; None when either
+    was not probed."""
+    new, old = challenger.get("forgetting"), base.get("forgetting")
+    if not new or not old:
+        return None
+    paired = paired_difference_ci([float(r["right"]) for r in new["rows"]], [float(r["right"]) for r in old["rows"]])
+    difference, lo, hi = paired if paired else (new["score"] - old["score"], None, None)
+    forgot = new["score"] < old["score"] - tolerance and hi is not None and hi < 0
+    return {"challenger": new["score"], "base": old["score"], "difference": round(difference, 4),
+            "interval": [lo, hi], "forgot": forgot}
+
+
+def decide(challenger: dict, base: dict, champion: dict | None, tolerance: float, same_base: bool = True,
+           forgetting_tolerance: float = 0.10) -> Decision:
     if not beats_base(challenger, base):
         return Decision(False, f"validation loss {challenger['val']['loss']:.4f} does not beat the base model's "
                                f"{base['val']['loss']:.4f}", beats_base=False)
+    forgetting = forgetting_check(challenger, base, forgetting_tolerance)
+    if forgetting and forgetting["forgot"]:
+        return Decision(False, f"forgets general skills: forgetting probe {forgetting['challenger']:.3f} vs base "
+                               f"{forgetting['base']:.3f} (difference {forgetting['difference']:+.3f}, 95% interval "
+                               f"{forgetting['interval'][0]:+.3f} .. {forgetting['interval'][1]:+.3f})",
+                        beats_base=True, forgetting=forgetting)
     if champion is None:
         return Decision(True, "first champion: beats the base model on validation loss "
-                              f"({challenger['val']['loss']:.4f} < {base['val']['loss']:.4f})", beats_base=True)
+                              f"({challenger['val']['loss']:.4f} < {base['val']['loss']:.4f})", beats_base=True,
+                        forgetting=forgetting)
     regressions = golden_regressions(challenger, champion, tolerance)
     if regressions:
         worst = ", ".join(f"{k} {v['challenger']:.3f} < champion {v['champion']:.3f} - {tolerance}"
                           for k, v in regressions.items())
-        return Decision(False, f"regresses on the golden set: {worst}", beats_base=True, regressions=regressions)
-    if same_base:
-        new, old = challenger["golden"]["loss"], champion["golden"]["loss"]
-        if new < old:
-            return Decision(True, f"golden loss {new:.4f} < champion {old:.4f}, no regression", beats_base=True)
-        return Decision(False, f"golden loss {new:.4f} does not improve on the champion's {old:.4f}", beats_base=True)
+        return Decision(False, f"regresses on the golden set: {worst}", beats_base=True, regressions=regressions,
+                        forgetting=forgetting)
     new, old = quality(challenger), quality(champion)
     if new > old:
-        return Decision(True, f"golden quality {new:.3f} > champion {old:.3f} (different bases), no regression",
-                        beats_base=True)
-    return Decision(False, f"golden quality {new:.3f} does not improve on the champion's {old:.3f} (different bases)",
-                    beats_base=True)
+        return Decision(True, f"golden strict quality {new:.3f} > champion {old:.3f}, no regression", beats_base=True,
+                        forgetting=forgetting)
+    if new == old and same_base and challenger["golden"]["loss"] < champion["golden"]["loss"]:
+        return Decision(True, f"golden strict quality equal ({new:.3f}), golden loss {challenger['golden']['loss']:.4f} "
+                              f"< champion {champion['golden']['loss']:.4f}", beats_base=True, forgetting=forgetting)
+    return Decision(False, f"golden strict quality {new:.3f} does not improve on the champion's {old:.3f}",
+                    beats_base=True, forgetting=forgetting)

@@ -1,7 +1,10 @@
-"""The evaluation report: one self-contained HTML file (images inlined) and its Markdown twin.
+"""The evaluation report: one self-contained HTML file (images inlined) and its Markdown twin, with the same
+numbers as ``evaluation.json``.
 
-Sections: the decision, the metrics table (base vs adapter vs champion), the adapter's loss curves,
-per-family bars, and sample answers side by side.
+Sections: the decision and what trained; the strict golden-set metrics with 95% intervals, base vs adapter vs
+champion; the seen and held-out-wording parts; the paired differences (established or not); the forgetting
+probe; the learning curve (strict metrics vs training tokens); validation; loss curves; per-family bars;
+sample golden answers with what was wrong in each.
 """
 
 from __future__ import annotations
@@ -10,31 +13,133 @@ import base64
 import html
 from pathlib import Path
 
-from finpipe.evaluation.evaluate import ANSWER_METRICS
+from finpipe.evaluation.evaluate import ANSWER_METRICS, HEADLINE_METRICS, STRICT_METRICS, quality_score
 
-METRIC_ROWS = [  # (label, set, key): key "loss"/"perplexity"/"latency_s"/"tokens_per_s" or an answer metric
-    ("validation loss", "val", "loss"), ("validation perplexity", "val", "perplexity"),
-    *[(f"validation {m.replace('_', ' ')}", "val", m) for m in ANSWER_METRICS],
-    ("golden loss", "golden", "loss"),
-    *[(f"golden {m.replace('_', ' ')}", "golden", m) for m in ANSWER_METRICS],
-    ("latency of one answer (s)", "val", "latency_s"), ("generation tokens/s (batch 1, KV cache)", "val", "tokens_per_s"),
-]
+LABELS = {"number_correctness": "number correctness", "label_correctness": "label correctness",
+          "exact_match": "exact match", "format_validity": "format validity", "token_f1": "token F1 (overlap)",
+          "rouge_l": "ROUGE-L (overlap)"}
 
 
-def metric_value(scores: dict | None, where: str, key: str) -> float | None:
-    if not scores or not scores.get(where):
-        return None
-    block = scores[where]
-    return block.get(key) if key in block else block["overall"].get(key)
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def _with_ci(value, ci) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.3f}"
 
 
 def metrics_rows(variants: dict[str, dict | None]) -> list[dict]:
-    """One row per metric, one column per variant (None where a variant was not scored on that set)."""
-    return [{"metric": label} | {name: metric_value(scores, where, key) for name, scores in variants.items()}
-            for label, where, key in METRIC_ROWS]
+    """One row per metric, one column per variant (plain numbers; None where not scored): the UI table."""
+    rows = []
+    for where in ("golden", "val"):
+        for metric in ANSWER_METRICS:
+            rows.append({"metric": f"{where} {LABELS[metric]}"} | {
+                name: ((s or {}).get(where) or {}).get("overall", {}).get(metric) for name, s in variants.items()})
+        rows.append({"metric": f"{where} loss"} | {name: ((s or {}).get(where) or {}).get("loss")
+                                                   for name, s in variants.items()})
+    rows.append({"metric": "golden strict quality"} | {
+        name: quality_score(s["golden"]["overall"]) if s and s.get("golden") else None for name, s in variants.items()})
+    rows.append({"metric": "forgetting probe"} | {name: ((s or {}).get("forgetting") or {}).get("score")
+                                                  for name, s in variants.items()})
+    rows.append({"metric": "latency of one answer (s)"} | {name: ((s or {}).get("val") or {}).get("latency_s")
+                                                           for name, s in variants.items()})
+    return rows
 
 
-def family_bars_png(variants: dict[str, dict | None], path: Path, where: str = "val") -> Path:
+def headline_rows(variants: dict[str, dict | None]) -> list[dict]:
+    """Golden-set strict metrics as 'value [low, high]' per variant, then loss and the probe."""
+    present = {n: s for n, s in variants.items() if s and s.get("golden")}
+    rows = []
+    for metric in HEADLINE_METRICS:
+        rows.append({"golden set": LABELS[metric]} | {
+            n: _with_ci(s["golden"]["overall"].get(metric), (s["golden"].get("ci") or {}).get(metric))
+            for n, s in present.items()})
+    rows.append({"golden set": "strict quality (mean of the strict metrics)"} | {
+        n: _fmt(quality_score(s["golden"]["overall"])) for n, s in present.items()})
+    for metric in ("token_f1", "rouge_l"):
+        rows.append({"golden set": LABELS[metric]} | {n: _fmt(s["golden"]["overall"].get(metric))
+                                                      for n, s in present.items()})
+    rows.append({"golden set": "loss (reference answers)"} | {n: _fmt(s["golden"].get("loss")) for n, s in present.items()})
+    rows.append({"golden set": "forgetting probe (general questions)"} | {
+        n: _fmt((variants[n].get("forgetting") or {}).get("score")) for n in present})
+    return rows
+
+
+def parts_rows(variants: dict[str, dict | None]) -> list[dict]:
+    rows = []
+    for name, s in variants.items():
+        if not s or not s.get("golden"):
+            continue
+        for part, means in (s["golden"].get("parts") or {}).items():
+            rows.append({"model": name, "part": "held-out wording" if part == "paraphrase" else "training wording"}
+                        | {LABELS[m]: _fmt(means.get(m)) for m in HEADLINE_METRICS})
+    return rows
+
+
+def difference_rows(differences: dict) -> list[dict]:
+    rows = []
+    for pair, per_metric in differences.items():
+        for metric, d in per_metric.items():
+            if d is None:
+                continue
+            mean, lo, hi = d
+            verdict = "higher" if lo > 0 else "lower" if hi < 0 else "not established"
+            rows.append({"comparison": pair, "metric": LABELS[metric], "difference": f"{mean:+.3f}",
+                         "95% interval": f"[{lo:+.3f}, {hi:+.3f}]", "verdict": verdict})
+    return rows
+
+
+def forgetting_rows(variants: dict[str, dict | None]) -> list[dict]:
+    """The probe's questions where the models differ (all of them when none differs)."""
+    probes = {n: {r["question"]: r for r in (s.get("forgetting") or {}).get("rows", [])}
+              for n, s in variants.items() if s and s.get("forgetting")}
+    if not probes:
+        return []
+    questions = list(next(iter(probes.values())))
+    differing = [q for q in questions if len({p[q]["right"] for p in probes.values() if q in p}) > 1] or questions
+    return [{"question": q} | {n: ("right: " if p[q]["right"] else "wrong: ") + p[q]["answer"][:90]
+                               for n, p in probes.items() if q in p} for q in differing]
+
+
+def learning_curve_png(curve: list[dict], path: Path, title: str) -> Path | None:
+    points = [p for p in curve if p.get("number_correctness") is not None or p.get("val_loss") is not None]
+    if len(points) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens = [p["tokens"] for p in points]
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=100)
+    for metric in (*STRICT_METRICS, "format_validity"):
+        values = [p.get(metric) for p in points]
+        if any(v is not None for v in values):
+            ax.plot(tokens, [v if v is not None else float("nan") for v in values], marker="o", label=LABELS[metric])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("training tokens (cumulative)")
+    ax.set_ylabel("validation answers, strict")
+    ax.grid(alpha=0.3)
+    loss = ax.twinx()
+    loss.plot(tokens, [p.get("val_loss") for p in points], color="gray", linestyle="--", label="val loss")
+    loss.set_ylabel("validation loss")
+    lines, names = ax.get_legend_handles_labels()
+    more, more_names = loss.get_legend_handles_labels()
+    ax.legend(lines + more, names + more_names, fontsize=8, loc="center right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def family_bars_png(variants: dict[str, dict | None], path: Path, where: str = "golden") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,14 +147,14 @@ def family_bars_png(variants: dict[str, dict | None], path: Path, where: str = "
 
     shown = {n: s for n, s in variants.items() if s and s.get(where)}
     families = sorted({f for s in shown.values() for f in s[where]["per_family"]})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=100, sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=100, sharey=True)
     width = 0.8 / max(1, len(shown))
-    for ax, metric in zip(axes, ("numeric_fidelity", "rouge_l")):
+    for ax, metric in zip(axes, STRICT_METRICS):
         for i, (name, scores) in enumerate(shown.items()):
             values = [(scores[where]["per_family"].get(f) or {}).get(metric) or 0.0 for f in families]
             ax.bar([x + i * width for x in range(len(families))], values, width, label=name)
         ax.set_xticks([x + width * (len(shown) - 1) / 2 for x in range(len(families))], families, rotation=30)
-        ax.set_title(f"{metric.replace('_', ' ')} per family ({where})")
+        ax.set_title(f"{LABELS[metric]} per family ({where})")
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend()
@@ -59,40 +164,35 @@ def family_bars_png(variants: dict[str, dict | None], path: Path, where: str = "
     return path
 
 
-def _cell(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
-    return str(v)
-
-
-def side_by_side(variants: dict[str, dict | None], answers: dict[str, list[dict]], per_family: int = 1) -> list[dict]:
-    """A few validation samples (``per_family`` per family) with each variant's answer."""
-    first = next(iter(answers.values()), [])
+def sample_answers(golden_answers: dict[str, list[dict]], per_family: int = 1) -> list[dict]:
+    """Per family, ``per_family`` golden questions of each part with every variant's answer and its problems."""
+    first = golden_answers.get("adapter") or next(iter(golden_answers.values()), [])
     picked, seen = [], {}
     for row in first:
-        if seen.get(row["family"], 0) < per_family:
-            seen[row["family"]] = seen.get(row["family"], 0) + 1
+        key = (row["family"], row.get("part", "seen"))
+        if seen.get(key, 0) < per_family:
+            seen[key] = seen.get(key, 0) + 1
             picked.append(row)
     out = []
     for row in picked:
-        entry = {"family": row["family"], "question": row["question"], "reference": row["reference"]}
-        for name, rows in answers.items():
+        entry = {"family": row["family"], "part": row.get("part", "seen"), "question": row["question"],
+                 "reference": row["reference"], "answers": {}}
+        for name, rows in golden_answers.items():
             match = next((r for r in rows if r["id"] == row["id"]), None)
-            entry[name] = match["answer"] if match else None
+            if match:
+                entry["answers"][name] = (match["answer"], match.get("problems") or [])
         out.append(entry)
     return out
 
 
 def md_table(rows: list[dict], columns: list[str]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return lines + ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return lines + ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
 
 
 def html_table(rows: list[dict], columns: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -106,40 +206,103 @@ def html_page(title: str, summary: list[tuple[str, str]], body: str) -> str:
     esc = html.escape
     items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in summary)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>
-body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+body{{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
-th{{background:#f4f4f4}}img{{max-width:100%}}.sample{{margin:1em 0}}</style></head><body>
+th{{background:#f4f4f4}}img{{max-width:100%}}.sample{{margin:1em 0}}.bad{{color:#a00;font-size:90%}}</style></head><body>
 <h1>{esc(title)}</h1><ul>{items}</ul>{body}</body></html>"""
 
 
-def render(title: str, summary: list[tuple[str, str]], variants: dict[str, dict | None],
-           answers: dict[str, list[dict]], images: dict[str, Path], out_dir: Path) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` into ``out_dir``; returns both paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["metric", *variants]
-    rows = metrics_rows(variants)
-    examples = side_by_side(variants, answers)
+def _columns(rows: list[dict]) -> list[str]:
+    out: list[str] = []
+    for r in rows:
+        out += [k for k in r if k not in out]
+    return out
 
-    md = [f"# {title}", ""]
-    md += [f"- **{k}**: {v}" for k, v in summary] + ["", "## Metrics", ""]
-    md += md_table(rows, columns)
+
+def render_evaluation(evaluation: dict, training: dict, decision, out_dir: Path) -> tuple[Path, Path, dict[str, Path]]:
+    """Write ``report.md`` and ``report.html`` into ``out_dir``; returns both paths and the images they show."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    variants = {k: v for k, v in evaluation["variants"].items() if v}
+    images: dict[str, Path] = {}
+    curve = learning_curve_png(training.get("curve") or [], out_dir / "learning_curve.png",
+                               "learning curve (validation questions, greedy)")
+    if curve:
+        images["Learning curve: strict metrics vs training tokens"] = curve
+    loss_png = Path(evaluation["adapter_path"]) / "loss.png"
+    if loss_png.exists():
+        images["Adapter loss curves"] = loss_png
+    images["Per-family strict metrics (golden set)"] = family_bars_png(variants, out_dir / "per_family.png")
+
+    plan = training.get("device_plan") or {}
+    trained_as = "QLoRA (4-bit NF4 base)" if training.get("quantization") == "nf4" else "LoRA (unquantized base)"
+    summary = [
+        ("run", evaluation["run_id"]), ("base model", evaluation["base"]["name"]),
+        ("trained as", f"{trained_as}, {training.get('precision')} on {training.get('device')}"),
+        ("device plan", training.get("device_note", "")),
+        ("why", "; ".join(str(plan[k]) for k in ("quantization_reason", "gradient_checkpointing_reason") if k in plan)),
+        ("training", f"{training.get('steps')} steps, {training.get('train_tokens', 0):,} tokens in "
+                     f"{training.get('seconds')} s ({training.get('tokens_per_s')} tokens/s), stopped by "
+                     f"{training.get('stopped_by') or 'early stopping'}; cumulative tokens "
+                     f"{training.get('cumulative_train_tokens', 0):,}"
+                     + (f"; warm start from {training['warm_start']}" if training.get("warm_start") else "")),
+        ("champion before this run", evaluation["champion"]["run_id"] if evaluation["champion"] else "none"),
+        ("golden set", f"{evaluation['golden_samples']} samples "
+                       f"({', '.join(f'{n} {p}' for p, n in _part_counts(evaluation).items())}), "
+                       f"hash {evaluation['golden_hash']}"),
+        ("promotion decision", ("promote: " if decision.promote else "keep the champion: ") + decision.reason),
+        ("evaluated at", evaluation["evaluated_at"]),
+    ]
+    sections: list[tuple[str, list[dict], str]] = [
+        ("Golden set, strict metrics (95% bootstrap intervals)", headline_rows(variants),
+         "Strict: a number counts only in its own slot, for the right ticker, with the right value and sign; a label "
+         "only when it is the one label of its vocabulary the answer names; exact match is the whole answer word for "
+         "word. Intervals are percentile bootstraps over the golden questions."),
+        ("Training wording vs held-out wording", parts_rows(variants),
+         "Held-out wordings (finpipe/evaluation/paraphrases.py) never appear in training."),
+        ("Differences (paired over the same golden questions)", difference_rows(evaluation.get("differences") or {}),
+         "A difference is established only when its 95% interval excludes zero."),
+        ("Forgetting probe (general questions; questions where the models differ)", forgetting_rows(variants),
+         "Promotion refuses an adapter clearly below the base here."),
+        ("All metrics (validation: a few answers per family; golden: the whole set)", metrics_rows(variants), ""),
+    ]
+    examples = sample_answers(evaluation.get("golden_answers") or {})
+
+    md = [f"# finpipe evaluation — {evaluation['run_id']}", ""] + [f"- **{k}**: {v}" for k, v in summary]
+    for title, rows, note in sections:
+        md += ["", f"## {title}", ""] + ([note, ""] if note else []) + (md_table(rows, _columns(rows)) if rows else ["–"])
     for caption, image in images.items():
         md += ["", f"## {caption}", "", f"![{caption}]({image.name})"]
-    md += ["", "## Sample answers", ""]
+    md += ["", "## Sample golden answers", ""]
     for e in examples:
-        md += [f"**{e['family']}** — {e['question']}", "", f"- reference: {e['reference']}"]
-        md += [f"- {n}: {e.get(n) if e.get(n) is not None else '–'}" for n in answers]
+        wording = "held-out wording" if e["part"] == "paraphrase" else "training wording"
+        md += [f"**{e['family']}** ({wording}) — {e['question']}", "", f"- reference: {e['reference']}"]
+        for name, (answer, problems) in e["answers"].items():
+            md.append(f"- {name}: {answer or '(empty)'}" + (f"  \n  _wrong: {'; '.join(problems)}_" if problems else ""))
         md.append("")
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md))
 
     esc = html.escape
-    samples = "".join(
-        f"<div class='sample'><h3>{esc(e['family'])}: {esc(e['question'])}</h3><table>"
-        f"<tr><th>reference</th><td>{esc(e['reference'])}</td></tr>"
-        + "".join(f"<tr><th>{esc(n)}</th><td>{esc(e.get(n) or '–')}</td></tr>" for n in answers)
-        + "</table></div>" for e in examples)
-    body = f"<h2>Metrics</h2>{html_table(rows, columns)}{html_images(images)}<h2>Sample answers</h2>{samples}"
+    body = "".join(f"<h2>{esc(t)}</h2>" + (f"<p>{esc(n)}</p>" if n else "") + (html_table(r, _columns(r)) if r else "–")
+                   for t, r, n in sections)
+    body += html_images(images) + "<h2>Sample golden answers</h2>"
+    for e in examples:
+        wording = "held-out wording" if e["part"] == "paraphrase" else "training wording"
+        body += (f"<div class='sample'><h3>{esc(e['family'])} ({wording}): {esc(e['question'])}</h3><table>"
+                 f"<tr><th>reference</th><td>{esc(e['reference'])}</td></tr>")
+        for name, (answer, problems) in e["answers"].items():
+            bad = f"<div class='bad'>wrong: {esc('; '.join(problems))}</div>" if problems else ""
+            body += f"<tr><th>{esc(name)}</th><td>{esc(answer or '(empty)')}{bad}</td></tr>"
+        body += "</table></div>"
     html_path = out_dir / "report.html"
-    html_path.write_text(html_page(title, summary, body))
-    return md_path, html_path
+    html_path.write_text(html_page(f"finpipe evaluation — {evaluation['run_id']}", summary, body))
+    return md_path, html_path, images
+
+
+def _part_counts(evaluation: dict) -> dict[str, int]:
+    rows = (evaluation.get("golden_answers") or {}).get("adapter") or []
+    counts: dict[str, int] = {}
+    for r in rows:
+        name = "held-out wording" if r.get("part") == "paraphrase" else "training wording"
+        counts[name] = counts.get(name, 0) + 1
+    return counts

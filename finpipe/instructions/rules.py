@@ -9,8 +9,12 @@ Labels (thresholds are inclusive where stated):
             otherwise "in a bear market".
 - compare:  the ticker with the higher N-day return "outperformed"; the gap is stated in percentage points.
 
+Each rule is applied to the number **as the context shows it** (rounded), never to the unrounded statistic:
+an RSI of 69.96 shows as "70.0" and reads overbought, so every label follows from what the model can see.
+
 Numbers: prices with 2 decimals, percentages as percent with 2 decimals, RSI with 1 decimal, volume
-as a whole number with thousands separators. Answers repeat numbers exactly as the context shows them.
+as a whole number with thousands separators, a gap in percentage points with 2 decimals. Answers repeat
+numbers exactly as the context shows them.
 """
 
 from __future__ import annotations
@@ -84,3 +88,13 @@ def rsi(x: float) -> str:
 
 def volume(x: float) -> str:
     return f"{int(round(x)):,}"
+
+
+def side(x: float) -> str:
+    """Where a close sits relative to a level, from ``close / level - 1``: 'above' (or at) / 'below'."""
+    return "above" if x >= 0 else "below"
+
+
+def gap(points: float) -> str:
+    """A gap in percentage points: 1.2345 -> '1.23'."""
+    return f"{points:.2f}"

@@ -28,7 +28,10 @@ class Sample:
     messages: list[dict[str, str]]
     expected: dict[str, float] = field(default_factory=dict)  # numbers an answer must state
     labels: dict[str, str] = field(default_factory=dict)  # labels an answer must state
-    origin: str = "finpipe"  # "finpipe" or "external:<file name>"
+    origin: str = "finpipe"  # "finpipe", "finpipe:paraphrase" (a held-out question wording) or "external:<file>"
+    #: every slot of the family's answer forms, as written (``finpipe.instructions.families``): what strict
+    #: scoring and answer verification compare with; empty for external samples
+    facts: dict[str, str] = field(default_factory=dict)
 
     @property
     def grounded(self) -> bool:
@@ -47,6 +50,7 @@ class Sample:
             id=data["id"], family=data["family"], tickers=list(data.get("tickers") or []), as_of=data.get("as_of"),
             messages=list(data["messages"]), expected=dict(data.get("expected") or {}),
             labels=dict(data.get("labels") or {}), origin=data.get("origin", "finpipe"),
+            facts=dict(data.get("facts") or {}),
         )
 
 
@@ -56,7 +60,8 @@ def sample_id(family: str, tickers: Iterable[str], as_of: str | None, messages: 
 
 
 def write_jsonl(samples: Iterable[Sample], path: Path) -> int:
-    """Write atomically (temp file + rename): a crash never leaves a half-written dataset."""
+    """Write atomically (temp file + rename): a crash never leaves a half-written dataset; identical content
+    leaves the existing file untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     n = 0
@@ -65,11 +70,26 @@ def write_jsonl(samples: Iterable[Sample], path: Path) -> int:
             for s in samples:
                 out.write(s.to_json() + "\n")
                 n += 1
-        os.replace(tmp, path)
+        if path.exists() and _same_bytes(Path(tmp), path):
+            Path(tmp).unlink()  # unchanged: the file (and its modification time) stays as it was
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return n
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
 
 
 def read_jsonl(path: Path) -> list[Sample]:
