@@ -2,31 +2,33 @@
 
     python -m benchmarks.training_throughput [--quick] [--json PATH] [--model smollm2|tiny] [--quantization none|nf4]
 
-Variants (same base model object loading, device, precision, LoRA config, batch size, max_length, seed and number
-of optimizer steps; samples ``[:--train-samples]`` of the same split):
+Variants (same base model loading, device, precision, LoRA config, batch size, max_length, seed and number of
+optimizer steps; samples ``[:--train-samples]`` of the same split, not label-balanced):
 
-    finpipe          ``finpipe.training.sft.train_adapter`` itself, ``AdapterSpec(packing=True, ...)``: best-fit
-                     packing + padding-free batches, assistant-only loss, gradient checkpointing (the spec default).
-                     The full function runs (initial evaluation, checkpoint, final evaluation, adapter save); only the
-                     optimizer steps are timed, so its evaluation/saving overhead does not enter tokens/s (the
-                     report's own tokens/s, which does include it, is printed next to it).
-    trl_default      ``SFTTrainer`` with TRL's defaults: no packing, each batch padded to its longest sample
-                     (TRL's collator default, pad_to_multiple_of=None), gradient checkpointing on (TRL's default).
-    trl_pad_to_max   the same, every batch padded to max_length (``pad_to_multiple_of=max_length``).
-    finpipe_no_gc    ``train_adapter`` with ``gradient_checkpointing=False``: a spec knob, measured as a candidate.
+    finpipe            ``finpipe.training.sft.train_adapter`` itself with the spec's defaults: batches of samples of
+                       similar length (no packing), the loss projected through the vocabulary only at the answer
+                       positions (``answer_loss``), plain attention on CPU, gradient checkpointing as the device plan
+                       decides (off on a CPU with memory to spare). The full function runs (initial evaluation,
+                       checkpoint, adapter save); only the optimizer steps are timed (the report's own tokens/s,
+                       which includes the rest, is printed next to it).
+    finpipe_packed     the same with best-fit packing into padding-free rows (finpipe's previous default).
+    finpipe_checkpointing  the same with gradient checkpointing on (what a memory-bound device gets).
+    trl_default        ``SFTTrainer`` with TRL's defaults: no packing, each batch padded to its longest sample, gradient
+                       checkpointing on, loss on every token through TRL's fused head (which also computes entropy
+                       and top-1 statistics over the vocabulary for its logs), SDPA attention.
+    trl_pad_to_max     the same, every batch padded to max_length (``pad_to_multiple_of=max_length``).
 
-finpipe's loss covers the assistant tokens only (``assistant_only_loss=True``; TRL's fused LM head then projects only
-those positions through the vocabulary), TRL's default loss every token: that is part of finpipe's path and part of
-the difference (``loss_tokens`` shows it). Before the variants, one untimed 1-step run of each path takes the
-one-time costs (imports, kernel/allocator warm-up) out of the first variant (``--no-warmup-run`` skips it).
+Before the variants, one untimed 1-step run of each path takes the one-time costs (imports, kernel/allocator
+warm-up) out of the first variant (``--no-warmup-run`` skips it).
 
-What is measured: real tokens (non-pad input tokens, counted from every training forward's attention_mask, or the
-flattened length of a padding-free packed batch) per second of optimizer steps (``on_step_begin`` ->
-``on_step_end``, i.e. forward + backward + optimizer, not the collation of the next batch; the first
-``--warmup-steps`` are excluded from the rate), and peak memory: on CPU the peak VmRSS
+What is measured: real tokens (non-pad input tokens, counted from every training forward of the decoder backbone:
+its attention_mask, or the flattened length of a padding-free packed batch) per second of optimizer steps
+(``on_step_begin`` -> ``on_step_end``, i.e. forward + backward + optimizer, not the collation of the next batch; the
+first ``--warmup-steps`` are excluded from the rate), and peak memory: on CPU the peak VmRSS
 (``finpipe.training.memory.RssPeak``) from just before the model is loaded to the end of the variant, above the
-VmRSS at that start; on CUDA ``torch.cuda.max_memory_allocated``. The real-token count is asserted equal to TRL's own
-``num_tokens``; steps, trainable parameters and the LoRA config are asserted equal across variants.
+VmRSS at that start; on CUDA ``torch.cuda.max_memory_allocated``. The real-token count is asserted equal to the
+Trainer's own ``num_input_tokens_seen`` (non-padding); steps, trainable parameters and the LoRA config are asserted
+equal across variants. The machine record (CPU model and flags, oneDNN's bf16 kernels) is in the JSON.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any
 from benchmarks import _common
 
 NAME = "training_throughput"
-VARIANTS = ("finpipe", "trl_default", "trl_pad_to_max", "finpipe_no_gc")
+VARIANTS = ("finpipe", "trl_default", "trl_pad_to_max", "finpipe_packed", "finpipe_checkpointing")
 LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_dora", "task_type")
 
 
@@ -95,7 +97,7 @@ def _meter_class():
         def __init__(self, cuda: bool):
             self.cuda = cuda
             self.steps: list[dict[str, float]] = []
-            self.real = self.padded = self.loss = 0
+            self.real = self.padded = 0
             self.lora: dict = {}
             self.trainable = 0
             self._hook = None
@@ -111,9 +113,6 @@ def _meter_class():
             self.padded += int(ids.numel())
             # padding-free packed batches carry position_ids and no mask: every token is real
             self.real += int(mask.sum()) if mask is not None else int(ids.numel())
-            labels = kwargs.get("labels")
-            if labels is not None:
-                self.loss += int((labels[..., 1:] != -100).sum())  # positions that enter the shifted loss
 
         def _sync(self):
             if self.cuda:
@@ -122,7 +121,10 @@ def _meter_class():
                 torch.cuda.synchronize()
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+            # the decoder backbone: every path runs it once per training forward (the LM head may be fused)
+            causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+            backbone = getattr(causal, causal.base_model_prefix)
+            self._hook = backbone.register_forward_pre_hook(self._count, with_kwargs=True)
             config = getattr(model, "peft_config", {}).get("default")
             if config is not None:
                 d = config.to_dict()
@@ -132,13 +134,13 @@ def _meter_class():
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._sync()
-            self._mark = (time.perf_counter(), self.real, self.padded, self.loss)
+            self._mark = (time.perf_counter(), self.real, self.padded)
 
         def on_step_end(self, args, state, control, **kwargs):
             self._sync()
-            t0, real, padded, loss = self._mark
+            t0, real, padded = self._mark
             self.steps.append({"seconds": time.perf_counter() - t0, "real": self.real - real,
-                               "padded": self.padded - padded, "loss": self.loss - loss})
+                               "padded": self.padded - padded})
 
         def on_train_end(self, args, state, control, **kwargs):
             if self._hook is not None:
@@ -189,10 +191,6 @@ def resolve_data(args):
     return train, val, "grounded samples from the offline replay data (finpipe_tests default_samples)"
 
 
-def _trl_log_tokens(history: list[dict]) -> int:
-    return int(max([h.get("num_tokens", 0) for h in history] + [0]))
-
-
 def run_finpipe(name, base, train, val, spec, workdir: Path, cuda: bool) -> dict[str, Any]:
     from finpipe.training.sft import train_adapter
 
@@ -208,7 +206,7 @@ def run_finpipe(name, base, train, val, spec, workdir: Path, cuda: bool) -> dict
             "precision": report.precision, "first_loss": report.train_losses[0][1] if report.train_losses else None,
             "last_loss": report.train_losses[-1][1] if report.train_losses else None,
             "report_tokens_per_s": report.tokens_per_s, "report_train_seconds": report.seconds,
-            "device_note": report.device_note}
+            "device_note": report.device_note, "device_plan": report.device_plan}
 
 
 def run_trl(name, base, train, spec, workdir: Path, cuda: bool, pad_to_max: bool) -> dict[str, Any]:
@@ -222,12 +220,13 @@ def run_trl(name, base, train, spec, workdir: Path, cuda: bool, pad_to_max: bool
     from finpipe.training.sft import load_base
 
     meter = _meter_class()(cuda)
-    plan = plan_device()
+    plan = plan_device(spec.quantization)
     started = time.perf_counter()
     with _common.MemoryWindow(cuda) as mem:
         torch.manual_seed(spec.seed)
         tokenizer = AutoTokenizer.from_pretrained(str(base))
-        model = load_base(base, spec.quantization, plan)  # the same model object finpipe trains on
+        # the same weights, device and precision finpipe trains on, with TRL's default attention (SDPA)
+        model = load_base(base, spec.quantization, dataclasses.replace(plan, attention="sdpa"))
         if spec.quantization == "nf4":
             from peft import prepare_model_for_kbit_training
 
@@ -241,6 +240,7 @@ def run_trl(name, base, train, spec, workdir: Path, cuda: bool, pad_to_max: bool
             max_length=spec.max_seq_len, seed=spec.seed, data_seed=spec.seed,
             bf16=plan.bf16, fp16=plan.fp16, use_cpu=plan.device == "cpu",
             save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=spec.logging_steps,
+            include_num_input_tokens_seen="non_padding",  # counts only: the real-token check below
             **({"pad_to_multiple_of": spec.max_seq_len} if pad_to_max else {}),
         )
         trainer = SFTTrainer(
@@ -253,7 +253,7 @@ def run_trl(name, base, train, spec, workdir: Path, cuda: bool, pad_to_max: bool
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     out = {"variant": name, "meter": meter, "memory_mb": mem.mb, "steps_done": trainer.state.global_step,
-           "trl_num_tokens": _trl_log_tokens(history), "wall_s": wall, "device": plan.device,
+           "trl_num_tokens": int(trainer.state.num_input_tokens_seen or 0), "wall_s": wall, "device": plan.device,
            "precision": plan.compute_dtype, "first_loss": round(losses[0], 4) if losses else None,
            "last_loss": round(losses[-1], 4) if losses else None, "optimizer": str(config.optim),
            "gradient_checkpointing": config.gradient_checkpointing}
@@ -275,7 +275,6 @@ def summarize(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
         "tokens_per_s": real / seconds if seconds else 0.0,
         "s_per_step": seconds / len(timed) if timed else 0.0,
         "pad_fraction": 1 - real / padded if padded else 0.0,
-        "loss_tokens": sum(s["loss"] for s in timed),
         "peak_mem_mb": raw["memory_mb"],
         "train_peak_rss_delta_mb": meter.train_rss_delta_mb,
         "trainable_params": meter.trainable,
@@ -310,17 +309,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base, model_note = resolve_model(args, train, workdir)
         print(f"model: {model_note}\ndata: {data_note} ({len(train)} train, {len(val)} val; "
               f"{min(args.train_samples, len(train))} offered to training)")
-        spec = AdapterSpec(quantization=args.quantization, packing=True, max_steps=args.steps,
-                           batch_size=args.batch_size, grad_accum=1, max_seq_len=args.max_seq_len,
-                           eval_steps=args.steps, early_stopping_patience=0, max_train_samples=args.train_samples,
-                           max_val_samples=args.val_samples, logging_steps=1)
+        spec = AdapterSpec(quantization=args.quantization, max_minutes=0, max_steps=args.steps, max_epochs=0,
+                           batch_size=args.batch_size, grad_accum=1, max_seq_len=args.max_seq_len, eval_points=1,
+                           early_stopping_patience=0, max_train_samples=args.train_samples, balance_labels=False,
+                           curve_answers_per_family=0, general_replay_share=0.0, max_val_samples=args.val_samples,
+                           logging_steps=1)
         if not args.no_warmup_run:
             # one untimed 1-step run of each path first (train_adapter: a step, evaluations, a checkpoint, an
             # adapter save; plain SFTTrainer: a padded batch): one-time costs (lazy imports, kernel and allocator
             # warm-up, TensorBoard writer, safetensors/pickle machinery) would otherwise land in the first
             # variant's time and memory
             print("warm-up runs (1 step of each path, not reported) ...", flush=True)
-            one = dataclasses.replace(spec, max_steps=1, eval_steps=1, max_val_samples=1)
+            one = dataclasses.replace(spec, max_steps=1, max_val_samples=1)
             with _common.captured_stdout(args.verbose):
                 run_finpipe("warmup_finpipe", base, train, val, one, workdir, cuda)
                 _common.release_memory()
@@ -332,9 +332,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             with _common.captured_stdout(args.verbose):
                 if name == "finpipe":
                     raw = run_finpipe(name, base, train, val, spec, workdir, cuda)
-                elif name == "finpipe_no_gc":
-                    raw = run_finpipe(name, base, train, val,
-                                      dataclasses.replace(spec, gradient_checkpointing=False), workdir, cuda)
+                elif name == "finpipe_packed":
+                    raw = run_finpipe(name, base, train, val, dataclasses.replace(spec, packing=True), workdir, cuda)
+                elif name == "finpipe_checkpointing":
+                    raw = run_finpipe(name, base, train, val, dataclasses.replace(spec, gradient_checkpointing="on"),
+                                      workdir, cuda)
                 else:
                     raw = run_trl(name, base, train, spec, workdir, cuda, pad_to_max=name == "trl_pad_to_max")
             rows.append(summarize(raw, args.warmup_steps))
@@ -343,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checks = check(rows, args.steps)
     by = {r["variant"]: r for r in rows}
     ratios = {}
-    for fast in ("finpipe", "finpipe_no_gc"):
+    for fast in ("finpipe", "finpipe_packed", "finpipe_checkpointing"):
         for slow in ("trl_default", "trl_pad_to_max", "finpipe"):
             if fast in by and slow in by and fast != slow and by[slow]["tokens_per_s"]:
                 ratios[f"{fast}_vs_{slow}_tokens_per_s"] = round(by[fast]["tokens_per_s"] / by[slow]["tokens_per_s"], 3)
@@ -366,9 +368,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "ratios": ratios,
         "checks": checks,
-        "goal": "finpipe >= 1.5x the plain TRL baseline's real tokens/s on CPU (see ratios)",
+        "goal": "finpipe >= 1.5x TRL's default SFTTrainer real tokens/s (see ratios)",
     }
-    columns = ["variant", "steps", "timed_steps", "real_tokens", "loss_tokens", "tokens_per_s", "s_per_step",
+    columns = ["variant", "steps", "timed_steps", "real_tokens", "tokens_per_s", "s_per_step",
                "pad_fraction", "peak_mem_mb", "train_peak_rss_delta_mb", "speedup_vs_trl_default"]
     table = _common.format_table(rows, columns) + "\n" + "\n".join(f"{k}: {v}" for k, v in ratios.items())
     if "finpipe" in by:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from finpipe.training.spec import AdapterSpec
-from finpipe_tests.conftest import tiny_split
+from finpipe_tests.helpers import tiny_split
 
 ADAPTER_FILE = "adapter_model.safetensors"
 MODULES = 2 * 7  # q k v o gate up down in each of the tiny model's 2 layers
@@ -24,9 +24,10 @@ split = tiny_split
 
 
 def spec(**changes) -> AdapterSpec:
-    # one checkpoint (eval_steps == max_steps): the restored "best" model is the trained one
-    base = dict(quantization="none", lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, max_steps=6,
-                batch_size=4, max_seq_len=512, eval_steps=6, early_stopping_patience=0, max_train_samples=160,
+    # one checkpoint (one evaluation, at the end): the restored "best" model is the trained one
+    base = dict(quantization="none", lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, max_minutes=0,
+                max_steps=6, batch_size=4, max_seq_len=512, eval_points=1, early_stopping_patience=0,
+                max_train_samples=160, curve_answers_per_family=0, general_replay_share=0.0,
                 max_val_samples=8, logging_steps=1, warmup_ratio=0.0, adalora_init_r=12, adalora_target_r=4,
                 vblora_num_vectors=32, vblora_vector_length=16)
     return AdapterSpec(**(base | changes))
@@ -174,7 +175,7 @@ def test_adalora_resumes_inside_its_final_phase_and_keeps_the_allocation(tiny_ba
                 raise Interrupt
 
     # 12 steps, tfinal 5: the final allocation happens at step 8 (index 7); checkpoint-8 is in the final phase
-    s = spec(method="adalora", max_steps=12, eval_steps=4, adalora_tfinal_frac=0.4)
+    s = spec(method="adalora", max_steps=12, eval_points=3, adalora_tfinal_frac=0.4)
     assert s.adalora_schedule() == (1, 5, 1)
     with pytest.raises(Interrupt):
         train_adapter(tiny_base, split().train, split().val, tmp_path / "job", tmp_path / "adapter", s,
@@ -213,16 +214,16 @@ def test_ia3_scales_the_mlp_inputs_and_the_attention_outputs(tiny_base):
     assert not only_attention.feedforward_modules
 
 
-def test_the_default_spec_still_trains_qlora_with_the_same_lora_config(tiny_base):
+def test_the_default_spec_trains_lora_with_quantization_chosen_per_device(tiny_base):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     from finpipe.training.peft_methods import build_peft_config
 
     default = AdapterSpec()
-    assert (default.method, default.quantization) == ("lora", "nf4")
+    assert (default.method, default.quantization) == ("lora", "auto")  # QLoRA on CUDA, plain LoRA on CPU
     config = build_peft_config(default, AutoModelForCausalLM.from_pretrained(tiny_base))
-    expected = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM",
+    expected = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
                           bias="none")
     assert type(config) is LoraConfig and config.to_dict() == expected.to_dict()
 

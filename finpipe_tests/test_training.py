@@ -1,23 +1,22 @@
 """Adapter training for real: a tiny Llama (own tokenizer, built here) through 4-bit layers with TRL."""
 
 import json
-from pathlib import Path
+import re
 
 import pytest
 import torch
 
-from finpipe.instructions.builder import DatasetSpec
 from finpipe.training.spec import AdapterSpec
-from finpipe_tests.conftest import tiny_split
-
+from finpipe_tests.helpers import tiny_split
 
 split = tiny_split
 
 
 def spec(**changes) -> AdapterSpec:
-    base = dict(quantization="nf4", lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, max_steps=16,
-                batch_size=4, max_seq_len=512, eval_steps=4, early_stopping_patience=0, max_train_samples=160,
-                max_val_samples=12, logging_steps=2, warmup_ratio=0.0)
+    base = dict(quantization="nf4", lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, max_minutes=0,
+                max_steps=16, batch_size=4, max_seq_len=512, eval_points=4, early_stopping_patience=0,
+                max_train_samples=160, max_val_samples=12, logging_steps=2, warmup_ratio=0.0,
+                curve_answers_per_family=0, general_replay_share=0.0)
     return AdapterSpec(**(base | changes))
 
 
@@ -91,7 +90,7 @@ def test_adapter_reloads_with_plain_peft_and_generates(tiny_base, tmp_path):
     from finpipe.training.sft import train_adapter
 
     train_adapter(tiny_base, split().train, split().val, tmp_path / "job", tmp_path / "adapter",
-                  spec(max_steps=4, eval_steps=2))
+                  spec(max_steps=4, eval_points=2))
     adapter = tmp_path / "adapter"
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_base)
@@ -120,7 +119,7 @@ def test_interrupted_training_keeps_the_previous_adapter_and_the_next_run_resume
     from finpipe.training.sft import train_adapter
 
     previous = tmp_path / "adapters" / "run-1"
-    train_adapter(tiny_base, split().train, split().val, tmp_path / "job-1", previous, spec(max_steps=4, eval_steps=2))
+    train_adapter(tiny_base, split().train, split().val, tmp_path / "job-1", previous, spec(max_steps=4, eval_points=2))
     previous_bytes = {p.name: p.read_bytes() for p in previous.iterdir() if p.is_file()}
 
     class KillAtStep7(TrainerCallback):
@@ -130,12 +129,13 @@ def test_interrupted_training_keeps_the_previous_adapter_and_the_next_run_resume
 
     job, target = tmp_path / "job-2", tmp_path / "adapters" / "run-2"
     with pytest.raises(Interrupt):
-        train_adapter(tiny_base, split().train, split().val, job, target, spec(max_steps=12), callbacks=[KillAtStep7()])
+        train_adapter(tiny_base, split().train, split().val, job, target, spec(max_steps=12, eval_points=3),
+                      callbacks=[KillAtStep7()])
     assert not target.exists()  # no half-written adapter
     assert {p.name: p.read_bytes() for p in previous.iterdir() if p.is_file()} == previous_bytes
     assert (job / "checkpoint-4").exists()
 
-    report = train_adapter(tiny_base, split().train, split().val, job, target, spec(max_steps=12))
+    report = train_adapter(tiny_base, split().train, split().val, job, target, spec(max_steps=12, eval_points=3))
     assert report.resumed_from and report.resumed_from.endswith("checkpoint-4")
     assert report.steps == 12 and (target / "adapter_model.safetensors").exists()
 
@@ -144,9 +144,9 @@ def test_early_stopping_stops_a_diverging_run_and_restores_the_best_checkpoint(t
     from finpipe.training.sft import train_adapter
 
     report = train_adapter(tiny_base, split().train, split().val, tmp_path / "job", tmp_path / "adapter",
-                           spec(learning_rate=5.0, max_steps=40, eval_steps=2, early_stopping_patience=1))
+                           spec(learning_rate=5.0, max_steps=40, eval_points=20, early_stopping_patience=1))
     assert report.stopped_early and report.steps < 40
-    evals = [loss for _, loss in report.eval_losses[:-1]]  # the last entry is the final evaluate()
+    evals = [loss for _, loss in report.eval_losses]
     assert report.best_eval_loss == pytest.approx(min(evals), abs=1e-3)
 
 
@@ -167,3 +167,105 @@ def test_max_seq_len_below_the_longest_prompt_fails_before_training(tiny_base, t
     with pytest.raises(ValueError, match=r"max_seq_len 64 is below the longest prompt template \(\d+ tokens"):
         train_adapter(tiny_base, split().train, split().val, tmp_path / "job", tmp_path / "adapter", spec(max_seq_len=64))
     assert not (tmp_path / "job").exists()
+
+
+# ------------------------------------------------------------------------------ the budget, the plan, the loss
+
+def test_the_learning_rate_follows_the_budget_s_progress():
+    from finpipe.training.budget import lr_factor
+
+    assert lr_factor(0.0, 0.1) == pytest.approx(0.02) and lr_factor(0.05, 0.1) == pytest.approx(0.5)
+    assert lr_factor(0.1, 0.1) == pytest.approx(1.0) and lr_factor(1.0, 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(0.55, 0.1) == pytest.approx(0.5)  # cosine: half way through the decay
+    assert lr_factor(0.55, 0.1, "linear") == pytest.approx(0.5) and lr_factor(0.9, 0.0, "linear") == pytest.approx(0.1)
+    assert lr_factor(0.99, 0.1, "constant") == 1.0
+    assert lr_factor(2.0, 0.1) == pytest.approx(0.0, abs=1e-12)  # past the budget: no learning rate left
+
+
+def test_a_time_budget_stops_training_and_an_interrupted_run_continues_its_clock(tiny_base, tmp_path):
+    from transformers import TrainerCallback
+
+    from finpipe.training.budget import CLOCK_FILE
+    from finpipe.training.sft import train_adapter
+
+    budget = spec(max_minutes=0.15, max_steps=0, max_epochs=0, eval_points=3, warmup_ratio=0.1,
+                  max_train_samples=0, batch_size=2)
+    started = __import__("time").perf_counter()
+    lines: list[str] = []
+    report = train_adapter(tiny_base, split().train, split().val, tmp_path / "job", tmp_path / "adapter", budget,
+                           log=lines.append)
+    assert report.stopped_by == "time" and report.steps > 3
+    # progress: a line at each tenth of the budget (no flood), with the step, tokens and the time left
+    progress = [line for line in lines if line.startswith("training: ") and "of the budget" in line]
+    assert 5 <= len(progress) <= 10 and len(progress) < report.steps, progress
+    assert re.fullmatch(r"training: \d+% of the budget \(step \d+, [\d,]+ tokens, about \d+\.\d min left\)", progress[0])
+    assert 9 <= report.seconds <= 9 + 8, report.seconds  # the 9 s budget, plus at most the last step and evaluation
+    assert __import__("time").perf_counter() - started < 60
+    assert len(report.eval_losses) == 1 + 3  # before training, then at each third of the budget
+
+    class StopAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_save = True  # a checkpoint (and the clock) at step 3, then an interruption
+            if state.global_step == 4:
+                raise Interrupt("stop")
+
+    job = tmp_path / "job-2"
+    with pytest.raises(Interrupt):
+        train_adapter(tiny_base, split().train, split().val, job, tmp_path / "adapter-2", budget,
+                      callbacks=[StopAtStep3()])
+    spent = json.loads((job / CLOCK_FILE).read_text())["elapsed_s"]
+    assert spent > 0
+    resumed = train_adapter(tiny_base, split().train, split().val, job, tmp_path / "adapter-2", budget)
+    assert resumed.resumed_from.endswith("checkpoint-3") and resumed.stopped_by == "time"
+    assert resumed.seconds <= 9 - spent + 8  # the rest of the budget, not a new one
+
+
+def test_the_learning_curve_scores_validation_answers_strictly_at_each_evaluation(tiny_base, tmp_path):
+    from finpipe.training.sft import train_adapter
+
+    report = train_adapter(tiny_base, split().train, split().val, tmp_path / "job", tmp_path / "adapter",
+                           spec(max_steps=6, eval_points=2, curve_answers_per_family=1))
+    assert [p["step"] for p in report.curve] == [0, 3, 6]
+    assert report.curve[0]["tokens"] == 0 < report.curve[1]["tokens"] < report.curve[2]["tokens"] == report.train_tokens
+    for point in report.curve:
+        assert set(point) >= {"val_loss", "number_correctness", "label_correctness", "exact_match", "format_validity"}
+        assert 0 <= point["number_correctness"] <= 1
+    saved = json.loads((tmp_path / "adapter" / "training_report.json").read_text())
+    assert saved["curve"] == report.curve and saved["cumulative_train_tokens"] == report.train_tokens
+
+
+def test_the_device_plan_says_what_trains_and_why():
+    from finpipe.training.device import plan_device
+
+    class Shape:
+        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads = 576, 1536, 30, 9
+
+    cpu = plan_device("auto", "auto", Shape(), tokens_per_batch=8 * 256, seq_len=256, prefer_cpu=True)
+    assert cpu.device == "cpu" and cpu.quantization == "none" and "LoRA on CPU" in cpu.facts["quantization_reason"]
+    assert cpu.gradient_checkpointing is False and "off (memory allows" in cpu.facts["gradient_checkpointing_reason"]
+    huge = plan_device("auto", "auto", Shape(), tokens_per_batch=10**8, seq_len=4096, prefer_cpu=True)
+    assert huge.gradient_checkpointing is True and "on (memory needs it)" in huge.facts["gradient_checkpointing_reason"]
+    forced = plan_device("nf4", "off", Shape(), prefer_cpu=True)
+    assert forced.quantization == "nf4" and forced.gradient_checkpointing is False
+    assert "QLoRA" in forced.note and forced.facts["quantization_reason"] == "set: nf4"
+    assert set(cpu.as_dict()) >= {"device", "precision", "quantization", "attention", "gradient_checkpointing", "cpu"}
+
+
+def test_the_answer_loss_equals_the_causal_lm_loss_on_answer_tokens(tiny_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finpipe.training.sft import answer_loss
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_base), AutoTokenizer.from_pretrained(tiny_base)
+    sample = split().train[0]
+    prompt = tokenizer.apply_chat_template(sample.messages[:-1], add_generation_prompt=True, tokenize=True)
+    full = tokenizer.apply_chat_template(sample.messages, tokenize=True)
+    prompt, full = list(getattr(prompt, "input_ids", prompt)), list(getattr(full, "input_ids", full))
+    ids = torch.tensor([full])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=labels).loss
+        ours = answer_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-5)

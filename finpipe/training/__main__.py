@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from finpipe.instructions.samples import read_jsonl
+from finpipe.settings import add_options, chosen
 from finpipe.training.sft import train_adapter
 from finpipe.training.spec import AdapterSpec
 
@@ -28,14 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--job-dir", type=Path, help="checkpoints (default: <out>.job); rerun to resume")
-    for f in dataclasses.fields(AdapterSpec):
-        if isinstance(f.default, bool):
-            kind = lambda v: v.lower() in ("1", "true", "yes")  # noqa: E731
-        else:
-            kind = type(f.default)
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    add_options(parser, AdapterSpec)  # every AdapterSpec field, with its help and default
     args = parser.parse_args(argv)
-    spec = AdapterSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AdapterSpec)})
+    spec = AdapterSpec(**chosen(args, AdapterSpec))
     report = train_adapter(args.base, read_jsonl(args.train), read_jsonl(args.val),
                            args.job_dir or args.out.with_suffix(".job"), args.out, spec)
     if int(os.environ.get("RANK", "0")) == 0:  # one report, not one per process of a multi-GPU launch

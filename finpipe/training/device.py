@@ -1,8 +1,21 @@
-"""Pick the device and precision actually available, and say so."""
+"""Pick the device, precision, quantization and gradient checkpointing that pay on the machine at hand, and
+say why: the plan is recorded in the adapter's training report, its metadata and the evaluation report.
+
+Measured on this project's CPUs (README, docs/training.md): on a CPU, 4-bit NF4 saves memory but costs time
+(dequantization on every matmul), so ``quantization: auto`` trains plain LoRA on CPU and QLoRA on CUDA;
+gradient checkpointing costs ~30% of the time to save activation memory, so ``auto`` turns it on only when
+the estimated activations would take more than ``CHECKPOINTING_MEMORY_SHARE`` of the memory available.
+bf16 is used where the hardware computes it natively (CUDA, AVX512-BF16, AMX), with the frozen base loaded
+directly in bf16 (no re-cast of fp32 weights on every autocast forward).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from finpipe import runtime
+
+CHECKPOINTING_MEMORY_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -12,28 +25,89 @@ class DevicePlan:
     bf16: bool
     fp16: bool
     optimizer: str  # TrainingArguments.optim
-    note: str
+    quantization: str = "none"  # resolved: "nf4" (QLoRA) | "none" (LoRA)
+    attention: str = "sdpa"  # attn_implementation for training: "eager" on CPU (faster for short sequences)
+    gradient_checkpointing: bool = False
+    note: str = ""
+    facts: dict = field(default_factory=dict)  # CPU model and flags, oneDNN kernels, memory estimate, reasons
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "precision": self.compute_dtype, "quantization": self.quantization,
+                "attention": self.attention,
+                "gradient_checkpointing": self.gradient_checkpointing, "optimizer": self.optimizer,
+                "note": self.note, **self.facts}
 
 
-def cpu_supports_bf16() -> bool:
+def available_memory_bytes(device: str) -> int:
+    """Free accelerator memory on CUDA; MemAvailable on a CPU (0 when unknown)."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        pass
+    return 0
 
 
-def plan_device(prefer_cpu: bool = False) -> DevicePlan:
+def activation_bytes(model_config, tokens_per_batch: int, seq_len: int, bytes_per_value: int = 2) -> int:
+    """A generous estimate of the activations a decoder keeps for the backward pass: per layer and token, about
+    16 hidden-size and 3 intermediate-size values, plus the attention probabilities (seq_len per head)."""
+    hidden = getattr(model_config, "hidden_size", 0) or 0
+    inter = getattr(model_config, "intermediate_size", 4 * hidden) or 4 * hidden
+    layers = getattr(model_config, "num_hidden_layers", 0) or 0
+    heads = getattr(model_config, "num_attention_heads", 1) or 1
+    per_token = (16 * hidden + 3 * inter + heads * seq_len) * bytes_per_value
+    return int(layers * tokens_per_batch * per_token)
+
+
+def plan_device(quantization: str = "auto", gradient_checkpointing: str = "auto", model_config=None,
+                tokens_per_batch: int = 0, seq_len: int = 0, prefer_cpu: bool = False) -> DevicePlan:
     import torch
 
-    if torch.cuda.is_available() and not prefer_cpu:
+    cuda = torch.cuda.is_available() and not prefer_cpu
+    facts: dict = {}
+    if cuda:
         bf16 = torch.cuda.is_bf16_supported()
-        return DevicePlan("cuda", "bfloat16" if bf16 else "float16", bf16, not bf16, "paged_adamw_8bit",
-                          f"CUDA ({torch.cuda.get_device_name(0)}): {'bf16' if bf16 else 'fp16'} mixed precision, "
-                          "paged 8-bit AdamW")
-    if cpu_supports_bf16():
-        return DevicePlan("cpu", "bfloat16", True, False, "adamw_torch",
-                          "CPU with native bf16: bf16 compute, plain AdamW. On CPU 4-bit saves memory, not time.")
-    return DevicePlan("cpu", "float32", False, False, "adamw_torch",
-                      "CPU without native bf16: fp32 compute, plain AdamW. On CPU 4-bit saves memory, not time.")
+        device, dtype, optimizer = "cuda", "bfloat16" if bf16 else "float16", "paged_adamw_8bit"
+        facts["gpu"] = torch.cuda.get_device_name(0)
+        where = f"CUDA ({facts['gpu']})"
+    else:
+        bf16 = runtime.cpu_supports_bf16()
+        device, dtype, optimizer = "cpu", "bfloat16" if bf16 else "float32", "adamw_torch"
+        facts |= {"cpu": runtime.cpu_model(), "cpu_flags": runtime.cpu_flags(), "threads": torch.get_num_threads()}
+        if bf16:
+            facts["onednn_bf16_kernels"] = runtime.onednn_bf16_isa()
+        where = f"CPU ({facts['cpu']}; {', '.join(facts['cpu_flags']) or 'no relevant flags'})"
+
+    if quantization == "auto":
+        quantization = "nf4" if cuda else "none"
+        facts["quantization_reason"] = ("auto: QLoRA (4-bit NF4 base) on CUDA" if cuda else
+                                        "auto: plain LoRA on CPU, where 4-bit saves memory but costs time")
+    else:
+        facts["quantization_reason"] = f"set: {quantization}"
+
+    if gradient_checkpointing == "auto":
+        need = activation_bytes(model_config, tokens_per_batch, seq_len, 2 if bf16 else 4) if model_config else 0
+        have = available_memory_bytes(device)
+        checkpointing = bool(have) and need > CHECKPOINTING_MEMORY_SHARE * have
+        facts["gradient_checkpointing_reason"] = (
+            f"auto: estimated activations {need / 2**30:.2f} GiB vs {have / 2**30:.1f} GiB available -> "
+            + ("on (memory needs it)" if checkpointing else "off (memory allows; ~30% faster)"))
+    else:
+        checkpointing = gradient_checkpointing == "on"
+        facts["gradient_checkpointing_reason"] = f"set: {gradient_checkpointing}"
+
+    precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    method = "QLoRA (4-bit NF4 base)" if quantization == "nf4" else "LoRA"
+    note = (f"{where}: {method}, {precision} compute, gradient checkpointing "
+            f"{'on' if checkpointing else 'off'}, {'paged 8-bit AdamW' if cuda else 'AdamW'}")
+    # PyTorch's CPU flash-attention kernel costs more than plain attention on ~250-token sequences (8% of a
+    # training step on SmolLM2, measured); on CUDA, SDPA's fused kernels win
+    attention = "sdpa" if cuda else "eager"
+    return DevicePlan(device, dtype, dtype == "bfloat16", dtype == "float16", optimizer, quantization, attention,
+                      checkpointing, note, facts)

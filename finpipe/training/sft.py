@@ -1,12 +1,17 @@
 """Train a PEFT adapter (LoRA / QLoRA, DoRA, AdaLoRA, VB-LoRA, IA3: see ``peft_methods``) with TRL's SFTTrainer
-on chat samples, resumably and atomically.
+on chat samples, within a budget, resumably and atomically.
+
+``train_adapter`` reads top to bottom: prepare the data, plan the device, load the base and attach the adapter,
+configure TRL, train within the budget, save atomically, report.
 
 Layout of a job (``job_dir``, one per spec + data + base fingerprint):
     job_dir/checkpoint-N/     Trainer checkpoints (adapter + optimizer + scheduler + RNG state)
+    job_dir/clock.json        the budget spent so far (a resumed run continues it)
+    job_dir/curve.json        the learning curve so far
     job_dir/runs/             TensorBoard event files
 The finished adapter is written to ``adapter_dir`` through a temp folder and one rename, so a crash or
 an interruption never leaves a half-written adapter and never touches an earlier one. Rerunning the
-same job after an interruption resumes from the newest checkpoint.
+same job after an interruption resumes from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -20,19 +25,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from finpipe.instructions.balance import balance_by_label
 from finpipe.instructions.samples import Sample
 from finpipe.models.files import atomic_dir, folder_size
 from finpipe.training.bnb_guard import disable_cpu_repacking
 from finpipe.training.device import DevicePlan, plan_device
 from finpipe.training.memory import RssPeak
-from finpipe.training.spec import AdapterSpec, check_prompt_budget
+from finpipe.training.spec import AdapterSpec, fit_sequence_length
 
 
 @dataclass
 class TrainReport:
     adapter_dir: str
     base_model: str
-    quantization: str
+    quantization: str  # what trained: "nf4" (QLoRA) or "none" (LoRA), after resolving "auto"
     device: str
     precision: str
     device_note: str
@@ -40,12 +46,12 @@ class TrainReport:
     total_params: int
     steps: int
     resumed_from: str | None
-    stopped_early: bool
+    stopped_early: bool  # early stopping on the validation loss ended training before the budget
     best_eval_loss: float | None
     initial_eval_loss: float | None
     train_losses: list[tuple[int, float]] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
-    train_tokens: int = 0
+    train_tokens: int = 0  # real (non-padding) tokens trained on in this run
     tokens_per_s: float = 0.0
     seconds: float = 0.0
     peak_memory_mb: float = 0.0  # process lifetime (ru_maxrss on CPU): includes everything before this training
@@ -56,10 +62,49 @@ class TrainReport:
     method: str = "lora"  # the PEFT method that trained (a warm-start adapter's own method wins over the spec's)
     peak_rss_delta_mb: float = 0.0  # peak resident memory during trainer.train() above the RSS when it started
     method_facts: dict = field(default_factory=dict)  # e.g. AdaLoRA's final and initial total rank
+    device_plan: dict = field(default_factory=dict)  # what was chosen for this machine, and why
+    max_seq_len: int = 0  # the sequence length trained with (fitted to the data unless set)
+    stopped_by: str | None = None  # the budget limit that ended training: time, steps or epochs
+    curve: list[dict] = field(default_factory=list)  # learning curve: tokens, val loss, strict metrics
+    cumulative_train_tokens: int = 0  # this run's tokens plus those of the adapter it warm-started from
+    train_samples: int = 0  # after label balancing
+
+
+def answer_loss(model, inputs: dict, num_items_in_batch=None):
+    """Cross-entropy on the answer tokens only, projecting only their positions through the vocabulary: the
+    backbone's hidden states, the positions whose next token is a label, then the LM head on those alone.
+    TRL's fused head does the same projection but also computes entropy and top-1 statistics over the whole
+    vocabulary for its logs: on a CPU that doubled the time of a step (benchmarks/training_throughput.py)."""
+    import torch
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(causal, causal.base_model_prefix)
+    kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if inputs.get(k) is not None}
+    hidden = backbone(**kwargs, use_cache=False).last_hidden_state[:, :-1]
+    target = inputs["labels"][:, 1:]
+    mask = target != -100
+    logits = causal.get_output_embeddings()(hidden[mask]).float()
+    loss = torch.nn.functional.cross_entropy(logits, target[mask], reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+    return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+
+
+def answer_loss_trainer_class(base):
+    """``base`` (SFTTrainer) computing its loss with ``answer_loss``."""
+
+    class AnswerLossSFTTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = answer_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as TRL: DDP averages, the count is global
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return AnswerLossSFTTrainer
 
 
 def load_base(base_dir: str | Path, quantization: str, plan: DevicePlan):
-    """The base model, 4-bit NF4 (double quantization) or unquantized, on the planned device."""
+    """The base model, 4-bit NF4 (double quantization) or unquantized, on the planned device, frozen weights
+    directly in the compute dtype (no per-forward re-cast of fp32 weights under autocast)."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -69,7 +114,8 @@ def load_base(base_dir: str | Path, quantization: str, plan: DevicePlan):
     device = plan.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one process per GPU (accelerate launch, torchrun)
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    kwargs: dict = {"dtype": dtype, "device_map": {"": device}}  # + safetensors only, no remote code
+    kwargs: dict = {"dtype": dtype, "device_map": {"": device},  # + safetensors only, no remote code
+                    "attn_implementation": plan.attention}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -118,6 +164,110 @@ def last_complete_checkpoint(job_dir: Path, log=print) -> str | None:
     return max(complete)[1] if complete else None
 
 
+@dataclass
+class _Data:
+    train: list[Sample]
+    val: list[Sample]
+    curve: list[Sample]
+    max_seq_len: int
+    longest_prompt: int
+
+
+#: generous training throughput per device (real tokens/s, several times what finpipe measures) used only to cap the
+#: samples a time budget can reach, so a short run does not tokenize a whole decade of samples it will never see
+ASSUMED_TOKENS_PER_S = {"cpu_per_core": 400, "cuda": 100_000}
+MEAN_SAMPLE_TOKENS = 150  # below the real mean (~224 with SmolLM2's template): errs towards more samples
+CURVE_MAX_NEW_TOKENS = 96  # as the evaluation: the longest reference answer is ~82 tokens
+
+
+def reachable_samples(spec: AdapterSpec, device: str) -> int | None:
+    """How many training samples the budget can possibly consume (None: no cap)."""
+    caps = []
+    if spec.max_steps > 0:
+        caps.append(spec.max_steps * spec.batch_size * spec.grad_accum)
+    if spec.max_minutes > 0:
+        rate = ASSUMED_TOKENS_PER_S["cuda"] if device == "cuda" else \
+            ASSUMED_TOKENS_PER_S["cpu_per_core"] * (os.cpu_count() or 1)
+        caps.append(int(spec.max_minutes * 60 * rate / MEAN_SAMPLE_TOKENS) + 1)
+    return min(caps) if caps else None
+
+
+def prepare_data(spec: AdapterSpec, tokenizer, train: Sequence[Sample], val: Sequence[Sample], device: str,
+                 replay: Sequence[Sample] = ()) -> _Data:
+    """The training set (label-balanced, shuffled, capped at what the budget can reach, with its share of general
+    replay samples), the validation subset, the learning-curve questions, and the sequence length (fitted to the
+    longest training sample unless set)."""
+    import random
+
+    from finpipe.evaluation.golden import pick_per_family
+
+    train = balance_by_label(train, spec.seed) if spec.balance_labels else list(train)
+    order = random.Random(f"{spec.seed}|order")
+    order.shuffle(train)  # the cap below keeps every family and label
+    cap = min(c for c in (spec.max_train_samples or None, reachable_samples(spec, device), len(train)) if c)
+    train = train[:cap]
+    if replay and spec.general_replay_share > 0:
+        wanted = round(len(train) * spec.general_replay_share / (1 - spec.general_replay_share))
+        train = train + [replay[i % len(replay)] for i in range(wanted)]
+        order.shuffle(train)
+    val = list(val)
+    curve = pick_per_family([s for s in val if s.facts], spec.curve_answers_per_family, spec.seed + 1) \
+        if spec.curve_answers_per_family else []
+    if spec.max_val_samples:
+        val = val[: spec.max_val_samples]
+    if not train or not val:
+        raise ValueError(f"need training and validation samples, got {len(train)} and {len(val)}")
+    max_seq_len, longest_prompt = fit_sequence_length(spec, tokenizer, [s.messages for s in (*train, *val)])
+    return _Data(train, val, curve, max_seq_len, longest_prompt)
+
+
+def attach_adapter(model, spec: AdapterSpec, plan: DevicePlan, init_adapter, log):
+    """(model, peft_config or None, method): a fresh adapter config for TRL to attach, or a warm start's weights."""
+    from peft import prepare_model_for_kbit_training
+
+    from finpipe.models.safe_loading import load_peft_adapter
+    from finpipe.training import peft_methods
+
+    if plan.quantization == "nf4":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
+    if init_adapter is None:
+        return model, peft_methods.build_peft_config(spec, model), spec.method
+    log(f"warm start from {init_adapter}")
+    model = load_peft_adapter(model, init_adapter, is_trainable=True)
+    method = peft_methods.method_of(model.peft_config["default"])
+    if method != spec.method:
+        log(f"warm start: the adapter is {method}, not {spec.method}: training it as {method}")
+    return model, None, method
+
+
+def sft_config(spec: AdapterSpec, plan: DevicePlan, job_dir: Path, max_seq_len: int):
+    from trl import SFTConfig
+
+    never = 10**9  # evaluations and checkpoints come from the budget's progress marks, not a step interval
+    return SFTConfig(
+        output_dir=str(job_dir),
+        max_steps=spec.max_steps or -1,
+        num_train_epochs=spec.max_epochs if spec.max_epochs > 0 else 1000.0,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.grad_accum,
+        learning_rate=spec.learning_rate,
+        eval_strategy="steps", eval_steps=never, save_strategy="steps", save_steps=never, save_total_limit=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        logging_steps=spec.logging_steps,
+        report_to=[],  # TensorBoard through an explicit callback (see train_adapter)
+        max_length=max_seq_len,
+        packing=spec.packing,
+        train_sampling_strategy="group_by_length" if spec.group_by_length and not spec.packing else "random",
+        assistant_only_loss=True,  # TRL then projects only the answer positions through the vocabulary
+        gradient_checkpointing=plan.gradient_checkpointing,
+        bf16=plan.bf16, fp16=plan.fp16, use_cpu=plan.device == "cpu", optim=plan.optimizer,
+        include_num_input_tokens_seen="non_padding",
+        prediction_loss_only=True,  # evaluation needs the loss; answer_loss computes no logits to return
+        seed=spec.seed, data_seed=spec.seed, dataloader_num_workers=0, disable_tqdm=True, dataset_num_proc=None,
+    )
+
+
 def train_adapter(
     base_dir: str | Path,
     train: Sequence[Sample],
@@ -128,80 +278,53 @@ def train_adapter(
     callbacks: Sequence = (),
     log=print,
     init_adapter: str | Path | None = None,
+    init_tokens: int = 0,
+    replay_cache: Path | None = None,
 ) -> TrainReport:
     """Train and save an adapter. ``init_adapter``: continue from an existing adapter's weights (warm start,
-    e.g. the champion: the nightly run refines yesterday's adapter on the new data); its method and shape win.
+    e.g. the champion: the nightly run refines yesterday's adapter on the new data); its method and shape win;
+    ``init_tokens``: the tokens it was trained on, so the learning curve counts cumulatively. The general replay set
+    (``spec.general_replay_share``) is the base's own answers, cached in ``replay_cache`` (default: beside job_dir).
     ``spec.method`` picks the PEFT method (``finpipe.training.peft_methods.build_peft_config``)."""
     import datasets
-    from peft import prepare_model_for_kbit_training
-    from transformers import EarlyStoppingCallback
-    from trl import SFTConfig, SFTTrainer
 
-    from finpipe.models.safe_loading import load_peft_adapter, load_tokenizer
+    # 1. data, sized to the budget
+    import torch
+    from transformers import AutoConfig, EarlyStoppingCallback
+    from trl import SFTTrainer
+
+    from finpipe.models.safe_loading import load_tokenizer
+    from finpipe.runtime import claim_cpu_share
     from finpipe.training import peft_methods
+    from finpipe.training.budget import budget_callback_class, budgeted_trainer_class
+    from finpipe.training.curve import curve_callback_class
+
+    claim_cpu_share()  # this process's share of the cores, re-checked at every step
 
     tokenizer = load_tokenizer(base_dir)
-    if spec.max_train_samples:
-        train = list(train)[: spec.max_train_samples]
-    if spec.max_val_samples:
-        val = list(val)[: spec.max_val_samples]
-    if not train or not val:
-        raise ValueError(f"need training and validation samples, got {len(train)} and {len(val)}")
-    longest = check_prompt_budget(spec, tokenizer, [s.messages[:-1] for s in (*train, *val)])
+    replay = []
+    if spec.general_replay_share > 0:
+        from finpipe.training.replay import general_replay
 
-    plan = plan_device()
-    log(f"training on {plan.note}")
-    model = load_base(base_dir, spec.quantization, plan)
+        replay = general_replay(base_dir, replay_cache or Path(job_dir).parent / "general_replay", log=log)
+    data = prepare_data(spec, tokenizer, train, val, "cuda" if torch.cuda.is_available() else "cpu", replay)
+
+    # 2. device plan (precision, LoRA or QLoRA, checkpointing) for this machine
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
+    plan = plan_device(spec.quantization, spec.gradient_checkpointing, config, spec.batch_size * data.max_seq_len,
+                       data.max_seq_len)
+    log(f"training on {plan.note}; up to {len(data.train)} samples (label-balanced: {spec.balance_labels}), "
+        f"max_seq_len {data.max_seq_len}")
+
+    # 3. base model and adapter
+    model = load_base(base_dir, plan.quantization, plan)
     total_params = count_parameters(model)
-    if spec.quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
-    method = spec.method
-    if init_adapter is None:
-        peft_config = peft_methods.build_peft_config(spec, model)
-    else:
-        log(f"warm start from {init_adapter}")
-        model = load_peft_adapter(model, init_adapter, is_trainable=True)
-        peft_config = None  # the adapter is already attached
-        method = peft_methods.method_of(model.peft_config["default"])
-        if method != spec.method:
-            log(f"warm start: the adapter is {method}, not {spec.method}: training it as {method}")
+    model, peft_config, method = attach_adapter(model, spec, plan, init_adapter, log)
     method_callbacks = peft_methods.prepare_training(method, model if init_adapter is not None else None, log=log)
 
-    to_ds = lambda samples: datasets.Dataset.from_list([{"messages": s.messages} for s in samples])  # noqa: E731
+    # 4. the trainer: TRL's SFTTrainer with the budget's schedule, evaluations and stop
     job_dir.mkdir(parents=True, exist_ok=True)
-    config = SFTConfig(
-        output_dir=str(job_dir),
-        max_steps=spec.max_steps,
-        per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.grad_accum,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, round(spec.warmup_ratio * spec.max_steps)) if spec.warmup_ratio else 0,
-        eval_strategy="steps",
-        eval_steps=spec.eval_steps,
-        save_strategy="steps",
-        save_steps=spec.eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=spec.logging_steps,
-        report_to=[],  # TensorBoard through the explicit callback below
-        max_length=spec.max_seq_len,
-        packing=spec.packing,
-        assistant_only_loss=True,
-        gradient_checkpointing=spec.gradient_checkpointing,
-        bf16=plan.bf16,
-        fp16=plan.fp16,
-        use_cpu=plan.device == "cpu",
-        optim=plan.optimizer,
-        seed=spec.seed,
-        data_seed=spec.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        dataset_num_proc=None,
-    )
+    config = sft_config(spec, plan, job_dir, data.max_seq_len)
     # An explicit writer: transformers' own TensorBoard callback opens its writer at the first log call, and
     # the initial evaluate() below logs before train() sets its directory, so it wrote into ./runs (cwd).
     from torch.utils.tensorboard import SummaryWriter
@@ -210,16 +333,26 @@ def train_adapter(
     # with several processes (accelerate launch, torchrun) only the first one logs and writes the adapter
     main_process = config.process_index == 0
     tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(job_dir / "runs")) if main_process else None)
-    trainer = peft_methods.trainer_class(method, SFTTrainer)(
-        model=model, args=config, train_dataset=to_ds(train), eval_dataset=to_ds(val), processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[tensorboard,
+    budget = budget_callback_class()(spec.max_minutes, spec.max_steps, spec.max_epochs, spec.eval_points,
+                                     spec.warmup_ratio, job_dir, spec.lr_schedule, log=log)
+    curve = curve_callback_class()(tokenizer, data.curve, CURVE_MAX_NEW_TOKENS, job_dir, init_tokens, log)
+    to_ds = lambda samples: datasets.Dataset.from_list([{"messages": s.messages} for s in samples])  # noqa: E731
+    trainer = budgeted_trainer_class(peft_methods.trainer_class(method, answer_loss_trainer_class(SFTTrainer)))(
+        model=model, args=config, train_dataset=to_ds(data.train), eval_dataset=to_ds(data.val),
+        processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[tensorboard, budget, curve,
                    *([EarlyStoppingCallback(spec.early_stopping_patience)] if spec.early_stopping_patience else []),
                    *method_callbacks, *callbacks],
     )
-    if spec.quantization == "nf4":
+    trainer.budget = budget
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # raw dicts on stdout: the budget's progress lines say it in words
+    if plan.quantization == "nf4":
         peft_methods.restore_fp32(trainer.model, replace(spec, method=method))  # after TRL's bf16 cast
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+    # 5. train (resuming the newest complete checkpoint of this job, if any)
     resume = last_complete_checkpoint(job_dir, log)
     initial_eval = None
     if resume is None:
@@ -229,32 +362,36 @@ def train_adapter(
         log(f"resuming from {resume}")
     started = time.perf_counter()
     with RssPeak() as rss:
-        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
-    final_eval = trainer.evaluate()["eval_loss"]  # the best checkpoint, restored by load_best_model_at_end
+    # load_best_model_at_end restored the best evaluated checkpoint: its loss is the adapter's
+    final_eval = trainer.state.best_metric if trainer.state.best_metric is not None else initial_eval
 
+    # 6. report and atomic save
     history = trainer.state.log_history
     train_losses = [(h["step"], round(h["loss"], 4)) for h in history if "loss" in h]
     eval_losses = [(h["step"], round(h["eval_loss"], 4)) for h in history if "eval_loss" in h]
-    tokens = int(max([h.get("num_tokens", 0) for h in history] + [0]))
+    tokens = int(trainer.state.num_input_tokens_seen or 0)
     if initial_eval is not None:  # train() starts a fresh log history: keep the step-0 evaluation in the curve
         eval_losses.insert(0, (0, round(initial_eval, 4)))
-
     if tensorboard.tb_writer is not None:
         tensorboard.tb_writer.close()
     method_facts = peft_methods.prepare_final_save(trainer.model, method, method_callbacks)
     report = TrainReport(
-        adapter_dir=str(adapter_dir), base_model=str(base_dir), quantization=spec.quantization,
+        adapter_dir=str(adapter_dir), base_model=str(base_dir), quantization=plan.quantization,
         device=plan.device, precision=plan.compute_dtype, device_note=plan.note, trainable_params=trainable,
         total_params=total_params, steps=trainer.state.global_step, resumed_from=resume,
-        stopped_early=trainer.state.global_step < spec.max_steps, best_eval_loss=round(final_eval, 4),
+        stopped_early=budget.stopped_by is None,
+        best_eval_loss=round(final_eval, 4) if final_eval is not None else None,
         initial_eval_loss=None if initial_eval is None else round(initial_eval, 4),
         train_losses=train_losses, eval_losses=eval_losses, train_tokens=tokens,
         tokens_per_s=round(tokens / seconds, 1) if tokens and seconds else 0.0,
         seconds=round(seconds, 1), peak_memory_mb=round(_peak_memory_mb(plan), 1),
-        adapter_bytes=0, longest_prompt_tokens=longest,
+        adapter_bytes=0, longest_prompt_tokens=data.longest_prompt,
         warm_start=str(init_adapter) if init_adapter is not None else None, spec=asdict(spec), method=method,
-        peak_rss_delta_mb=round(rss.delta_mb, 1), method_facts=method_facts,
+        peak_rss_delta_mb=round(rss.delta_mb, 1), method_facts=method_facts, device_plan=plan.as_dict(),
+        max_seq_len=data.max_seq_len, stopped_by=budget.stopped_by, curve=curve.points,
+        cumulative_train_tokens=init_tokens + tokens, train_samples=len(data.train),
     )
     if main_process:
         with atomic_dir(adapter_dir) as tmp:
@@ -266,7 +403,6 @@ def train_adapter(
             (tmp / "training_report.json").write_text(json.dumps(asdict(report), indent=2))
     trainer.accelerator.wait_for_everyone()
     report.adapter_bytes = folder_size(adapter_dir)
-    del result
     return report
 
 
@@ -274,7 +410,8 @@ def load_adapter(base_dir: str | Path, adapter_dir: str | Path, quantization: st
     """The plain PEFT way: base model + ``PeftModel.from_pretrained(base, adapter_dir)``."""
     from finpipe.models.safe_loading import load_peft_adapter
 
-    base = load_base(base_dir, quantization, plan_device())
+    plan = plan_device(quantization)
+    base = load_base(base_dir, plan.quantization, plan)
     return load_peft_adapter(base, adapter_dir)
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 import hashlib
 import json
+from dataclasses import asdict, dataclass
 
-QUANTIZATIONS = ("nf4", "none")
+from finpipe.settings import setting
+
+# "auto": QLoRA (4-bit NF4 base) on CUDA, plain LoRA on CPU, where 4-bit costs time (finpipe.training.device)
+QUANTIZATIONS = ("auto", "nf4", "none")
+GRADIENT_CHECKPOINTING = ("auto", "on", "off")
+LR_SCHEDULES = ("cosine", "linear", "constant")  # auto: on only when the activations would not fit comfortably
 # PEFT methods (peft's LoraConfig, LoraConfig(use_dora=True), AdaLoraConfig, VBLoRAConfig, IA3Config); orthogonal to
 # `quantization`: QLoRA = method "lora" + quantization "nf4". See finpipe.training.peft_methods.
 METHODS = ("lora", "adalora", "vblora", "dora", "ia3")
@@ -14,41 +19,62 @@ METHODS = ("lora", "adalora", "vblora", "dora", "ia3")
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    quantization: str = "nf4"  # "nf4": QLoRA (4-bit NF4 base, double quantization); "none": plain LoRA
-    method: str = "lora"  # one of METHODS; "lora" + "nf4" = QLoRA
-    lora_r: int = 16  # rank of lora, dora and vblora (adalora uses adalora_init_r / adalora_target_r; ia3 has none)
-    lora_alpha: int = 32  # scaling of lora, dora and adalora
-    lora_dropout: float = 0.05  # dropout of lora, dora, adalora and vblora
-    target_modules: str = "all-linear"  # or a comma-separated list, e.g. "q_proj,v_proj"
-    learning_rate: float = 2e-4
-    # defaults sized for the offline quickstart on 2 CPU cores (minutes); raise them on a GPU
-    max_steps: int = 24
-    batch_size: int = 2
-    grad_accum: int = 1
-    max_seq_len: int = 384
-    warmup_ratio: float = 0.1
-    eval_steps: int = 8
-    early_stopping_patience: int = 3
-    packing: bool = True
-    gradient_checkpointing: bool = True
-    max_train_samples: int = 0  # 0 = all
-    max_val_samples: int = 16  # validation subset evaluated every eval_steps (CPU budget)
-    logging_steps: int = 5
-    seed: int = 42
+    """Every training knob: its name, default and help are declared here once; the Dagster run config
+    (``AdapterTrainingConfig``) and the command-line options are derived from these fields."""
+
+    quantization: str = setting("auto", "'auto' (QLoRA on CUDA, plain LoRA on CPU, where 4-bit costs time), "
+                                "'nf4' (QLoRA: 4-bit NF4 base, double quantization) or 'none' (plain LoRA)")
+    method: str = setting("lora", "PEFT method: 'lora' (+ nf4 = QLoRA), 'dora', 'adalora', 'vblora' or 'ia3'")
+    lora_r: int = setting(16, "rank of lora, dora and vblora (adalora uses adalora_init_r/target_r; ia3 has none)")
+    lora_alpha: int = setting(32, "scaling of lora, dora and adalora")
+    lora_dropout: float = setting(0.0, "dropout of lora, dora, adalora and vblora (0 is faster; the sweep found no "
+                                  "gain from dropout)")
+    target_modules: str = setting("all-linear", "'all-linear' or a comma-separated list, e.g. 'q_proj,v_proj'")
+    learning_rate: float = setting(1e-3, "peak learning rate (chosen by the sweep, docs/training-sweep.md)")
+    # The budget (finpipe.training.budget): training stops when any limit is reached, and the schedule follows it.
+    max_minutes: float = setting(3.0, "wall-time budget of the training loop, in minutes (0 = no time limit); "
+                                 "sized so the Quickstart's first line stays under 10 minutes on 2 CPU cores")
+    max_steps: int = setting(0, "optimizer steps (0 = no step limit)")
+    max_epochs: float = setting(3.0, "passes over the label-balanced training set (0 = no epoch limit)")
+    batch_size: int = setting(2, "samples per optimizer step and device (on a CPU budget, more steps beat bigger "
+                              "batches: docs/training-sweep.md)")
+    grad_accum: int = setting(1, "gradient accumulation steps")
+    max_seq_len: int = setting(0, "tokens per sample (0 = fitted to the longest training sample)")
+    lr_schedule: str = setting("cosine", "learning rate after warmup, over the budget's progress: 'cosine' (to 0), "
+                               "'linear' (to 0) or 'constant'")
+    warmup_ratio: float = setting(0.05, "share of the budget spent warming the learning rate up")
+    eval_points: int = setting(3, "evaluations (validation loss, learning curve, checkpoint) spread over the budget")
+    early_stopping_patience: int = setting(2, "evaluations without a better validation loss before stopping "
+                                           "(0 = never stop early)")
+    packing: bool = setting(False, "best-fit packing (padding-free); on a CPU, grouping by length is faster")
+    group_by_length: bool = setting(True, "batch samples of similar length together: almost no padding")
+    balance_labels: bool = setting(True, "resample the training split so each family's label values are equally "
+                                   "frequent (the rules are learned from their rare cases)")
+    general_replay_share: float = setting(0.25, "share of training samples that are general prompts answered by the "
+                                          "base model itself, so the adapter does not forget general skills (0 = "
+                                          "finance only)")
+    gradient_checkpointing: str = setting("auto", "'auto' (on only when activations would take over 30% of the "
+                                          "free memory), 'on' or 'off'")
+    max_train_samples: int = setting(0, "cap on training samples (0 = all)")
+    max_val_samples: int = setting(16, "validation samples for the loss at each evaluation")
+    curve_answers_per_family: int = setting(1, "greedy validation answers per family scored strictly at each "
+                                            "evaluation: the learning curve (0 = loss only)")
+    logging_steps: int = setting(5, "steps between training-loss logs")
+    seed: int = setting(42, "seed of initialization, data order and balancing")
     # AdaLoRA: every targeted matrix starts at rank adalora_init_r; the total budget shrinks (cubic schedule) to an
     # average of adalora_target_r per matrix. The schedule is given as fractions of max_steps: no reallocation for the
     # first tinit steps, then budgeting, the last tfinal steps (>= 1) train the final ranks; reallocate every deltaT.
-    adalora_init_r: int = 24
-    adalora_target_r: int = 16
-    adalora_tinit_frac: float = 0.1
-    adalora_tfinal_frac: float = 0.2
-    adalora_delta_t_frac: float = 0.01
+    adalora_init_r: int = setting(24, "AdaLoRA: starting rank per matrix")
+    adalora_target_r: int = setting(16, "AdaLoRA: final average rank per matrix (< adalora_init_r)")
+    adalora_tinit_frac: float = setting(0.1, "AdaLoRA: fraction of max_steps before ranks are reallocated")
+    adalora_tfinal_frac: float = setting(0.2, "AdaLoRA: fraction of max_steps trained at the final ranks")
+    adalora_delta_t_frac: float = setting(0.01, "AdaLoRA: reallocation interval, fraction of max_steps (>= 1 step)")
     # VB-LoRA: one shared bank of num_vectors vectors of vector_length (must divide the in and out features of every
     # targeted module, checked when the model is known); each sub-vector mixes the top-k bank vectors. The final
     # adapter keeps only the top-k indices and weights (small); Trainer checkpoints keep the full logits (resume).
-    vblora_num_vectors: int = 256
-    vblora_vector_length: int = 64
-    vblora_topk: int = 2
+    vblora_num_vectors: int = setting(256, "VB-LoRA: vectors in the bank")
+    vblora_vector_length: int = setting(64, "VB-LoRA: vector length, must divide the targeted in/out features")
+    vblora_topk: int = setting(2, "VB-LoRA: bank vectors mixed per sub-vector")
 
     def __post_init__(self) -> None:
         problems = []
@@ -56,12 +82,25 @@ class AdapterSpec:
             problems.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.method not in METHODS:
             problems.append(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("lora_r", "lora_alpha", "max_steps", "batch_size", "grad_accum", "max_seq_len", "eval_steps",
-                     "logging_steps"):
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING:
+            problems.append(f"gradient_checkpointing must be one of {GRADIENT_CHECKPOINTING}, "
+                            f"got {self.gradient_checkpointing!r}")
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "eval_points", "logging_steps"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_minutes", "max_steps", "max_epochs", "max_seq_len", "curve_answers_per_family"):
+            if not getattr(self, name) >= 0:  # also rejects NaN
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.max_minutes > 0 or self.max_steps > 0 or self.max_epochs > 0):
+            problems.append("no training budget: set max_minutes, max_steps or max_epochs above 0")
+        if 0 < self.max_seq_len < 32:
+            problems.append(f"max_seq_len must be 0 (fitted to the data) or >= 32, got {self.max_seq_len}")
         if self.learning_rate <= 0:
             problems.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.general_replay_share < 1:
+            problems.append(f"general_replay_share must be in [0, 1), got {self.general_replay_share}")
         if not 0 <= self.lora_dropout < 1:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.warmup_ratio < 1:
@@ -91,6 +130,8 @@ class AdapterSpec:
         if self.vblora_topk > self.vblora_num_vectors > 0:
             problems.append(f"vblora_topk ({self.vblora_topk}) must be <= vblora_num_vectors "
                             f"({self.vblora_num_vectors})")
+        if self.method == "adalora" and self.max_steps <= 0:
+            problems.append("method adalora needs max_steps > 0: its rank schedule is counted in steps")
         if self.method == "adalora" and not problems and self.max_steps > 0:
             tinit, tfinal, _ = self.adalora_schedule()
             if tinit >= self.max_steps - tfinal:
@@ -119,16 +160,21 @@ class AdapterSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def check_prompt_budget(spec: AdapterSpec, tokenizer, prompts: list[list[dict[str, str]]]) -> int:
-    """The longest prompt (system + user + generation prompt) must leave room for an answer."""
-    longest = 0
-    for messages in prompts:
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        n = len(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        longest = max(longest, n)
-    if longest >= spec.max_seq_len:
+def _length(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> int:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def fit_sequence_length(spec: AdapterSpec, tokenizer, conversations: list[list[dict[str, str]]]) -> tuple[int, int]:
+    """(max_seq_len to train with, longest prompt). ``spec.max_seq_len`` 0 fits the longest conversation (rounded up
+    to a multiple of 8); a set value must leave room for an answer after the longest prompt."""
+    longest_prompt = max(_length(tokenizer, c[:-1], True) for c in conversations)
+    if spec.max_seq_len == 0:
+        longest = max(_length(tokenizer, c, False) for c in conversations)
+        return -(-longest // 8) * 8, longest_prompt
+    if longest_prompt >= spec.max_seq_len:
         raise ValueError(
-            f"max_seq_len {spec.max_seq_len} is below the longest prompt template ({longest} tokens with the "
-            f"chat template): raise max_seq_len or shorten the prompts"
+            f"max_seq_len {spec.max_seq_len} is below the longest prompt template ({longest_prompt} tokens with the "
+            f"chat template): raise max_seq_len (or 0 to fit the data) or shorten the prompts"
         )
-    return longest
+    return spec.max_seq_len, longest_prompt
