@@ -1,25 +1,25 @@
-"""Generation throughput with the KV cache: base + adapter unmerged vs merged, bf16 vs fp32, and a 4-bit NF4 base.
+"""Inference speed: today's baseline (merged fp32) vs finpipe's CPU default (merged bf16 where the CPU has it), the
+static KV cache, torch.compile, a 4-bit base, the served path, and the GGUF through llama.cpp when installed.
 
     python -m benchmarks.inference [--quick] [--json PATH] [--model smollm2|tiny] [--prompts 6] [--max-new-tokens 48]
+                                   [--skip-nf4] [--skip-compile] [--served]
 
-Every variant answers the same chat prompts (system + user turns of the dataset's samples) one at a time through
-``finpipe.evaluation.generation.generate`` (chat template, greedy, KV cache, stop at end of turn), same
-``Sampling(max_new_tokens=...)``; one untimed warm-up generation per variant. Variants, in finpipe's inference
-precision D (fp32 on CPU, bf16/fp16 on CUDA: ``generation.inference_dtype``) and the other one O:
+Every in-process variant answers the same chat prompts (system + user turns of the dataset's validation samples) one
+at a time through ``finpipe.evaluation.generation.generate`` (chat template, greedy, KV cache, stop at end of turn),
+same ``Sampling(max_new_tokens=...)``, after one untimed warm-up generation. Variants:
 
-    peft_unmerged_D   ``load_chat_model(base, adapter)``: the PeftModel, LoRA applied on the fly (finpipe's default)
-    merged_D          the same, ``merge_and_unload()``-ed: the greedy texts must be identical to unmerged_D (checked)
-    merged_O          the merged model cast to the other precision (bf16 vs fp32)
-    nf4_adapter       ``finpipe.training.sft.load_adapter(base, adapter, "nf4")``: ``load_base(base, "nf4", plan)``
-                      (4-bit NF4 base, compute dtype of the training plan) + the adapter, unmerged (as QLoRA trains)
+    merged_fp32        the baseline: the adapter merged, fp32 weights (what ``finpipe ask`` served before bf16)
+    peft_unmerged_fp32 the PeftModel (LoRA on the fly): its greedy texts must equal merged_fp32's (checked)
+    merged_bf16        finpipe's default on CPUs with AVX512-BF16/AMX (``runtime.inference_dtype``)
+    merged_bf16_static the same with a static KV cache (``cache_implementation="static"``)
+    merged_bf16_compile  the static cache and ``torch.compile`` of the forward (its compile time is reported apart)
+    nf4_adapter        a 4-bit NF4 base + the adapter, unmerged (as QLoRA trains)
+    llama_cpp_q8_0     the exported q8_0 GGUF through llama-cpp-python, if it is installed
 
-Reported per variant: generated tokens per second (sum of new tokens / sum of generate() seconds), load seconds,
-peak memory (CPU: peak VmRSS from before loading to the end, above the VmRSS before loading; CUDA:
-max_memory_allocated), and how many answers are identical to peft_unmerged_D's.
-
-Model: the lake's converted SmolLM2 (``models/base/current.json``) with the champion adapter
-(``models/adapters/champion.json``) when present; without a champion a random LoRA (r 16, all linear layers,
-``init_lora_weights=False``) on that base; without the base a tiny random Llama + random LoRA built in-process.
+``--served`` also starts ``finpipe serve`` on a free loopback port (the lake's champion) and measures requests/s and
+completion tokens/s with 1 client (one request at a time) and 4 concurrent clients. Each row reports generated
+tokens/s (sum of new tokens / generation seconds), load seconds, peak memory and how many answers equal the
+baseline's. Model: the lake's SmolLM2 with its champion (or a random LoRA), else a tiny random Llama.
 """
 
 from __future__ import annotations
@@ -45,12 +45,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts", type=int, help="prompts per variant (default 6; quick 2)")
     p.add_argument("--max-new-tokens", type=int, help="default 48; quick 8")
     p.add_argument("--skip-nf4", action="store_true", help="leave out the 4-bit variant")
+    p.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile variant (default with "
+                   "--quick)")
+    p.add_argument("--served", action="store_true", help="also measure `finpipe serve` at 1 and 4 clients (needs a "
+                   "lake with a champion)")
+    p.add_argument("--requests", type=int, default=8, help="requests per served measurement")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own; 1 with --quick)")
     args = p.parse_args(argv)
     args.model = args.model or ("tiny" if args.quick else "smollm2")
     args.prompts = args.prompts or (2 if args.quick else 6)
     args.max_new_tokens = args.max_new_tokens or (8 if args.quick else 48)
     args.threads = args.threads or (1 if args.quick else None)
+    args.skip_compile = args.skip_compile or args.quick
     return args
 
 
@@ -92,7 +98,7 @@ def prompts_for(args) -> tuple[list[list[dict]], list[str], str]:
         note = "lake split files (val.jsonl)"
     else:
         train, val = _common.builtin_split(date_stride=9 if args.quick else 1)
-        note = "grounded samples from the offline replay data (finpipe_tests default_samples), validation side"
+        note = "grounded samples from the offline replay data, validation side"
     if len(val) < args.prompts:
         raise SystemExit(f"only {len(val)} validation samples for --prompts {args.prompts}")
     step = max(1, len(val) // args.prompts)  # spread over the split (families, dates)
@@ -100,23 +106,104 @@ def prompts_for(args) -> tuple[list[list[dict]], list[str], str]:
     return [s.messages[:-1] for s in chosen], _common.sample_texts(train), note
 
 
-def run_variant(name: str, dtype: str, load, chats, sampling, cuda: bool) -> dict[str, Any]:
+def run_variant(name: str, dtype: str, load, chats, sampling, cuda: bool, compile_note: dict | None = None):
     from finpipe.evaluation.generation import Sampling, generate
 
     with _common.MemoryWindow(cuda) as mem:
         started = time.perf_counter()
         model, tokenizer = load()
         load_s = time.perf_counter() - started
+        warm = time.perf_counter()
         generate(model, tokenizer, chats[0], Sampling(max_new_tokens=min(4, sampling.max_new_tokens)))  # warm-up
+        warmup_s = time.perf_counter() - warm
         answers = [generate(model, tokenizer, chat, sampling) for chat in chats]
     tokens = sum(a.new_tokens for a in answers)
     seconds = sum(a.seconds for a in answers)
-    row = {"variant": name, "dtype": dtype,
-           "model_class": type(model).__name__, "load_s": load_s, "new_tokens": tokens, "gen_s": seconds,
-           "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_mem_mb": mem.mb,
+    row = {"variant": name, "dtype": dtype, "load_s": load_s, "warmup_s": warmup_s, "new_tokens": tokens,
+           "gen_s": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0, "peak_mem_mb": mem.mb,
            "texts": [a.text for a in answers]}
     del model
     return row
+
+
+def llama_cpp_row(base: Path, adapter: Path, chats, sampling, workdir: Path) -> dict[str, Any]:
+    """The q8_0 GGUF export through llama-cpp-python (when installed), same prompts, greedy."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"variant": "llama_cpp_q8_0", "skipped": "llama-cpp-python is not installed (it compiles llama.cpp "
+                "from source: see docs/shipping.md)"}
+    from finpipe.inference.export import export_gguf
+    from finpipe.models.safe_loading import load_tokenizer
+
+    export = export_gguf(base, adapter, workdir / "gguf", "bench", ("q8_0",), log=lambda *_: None)
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(export.files[0].path), n_ctx=1024, verbose=False)
+    load_s = time.perf_counter() - started
+    tokenizer = load_tokenizer(adapter)
+    texts, tokens, seconds = [], 0, 0.0
+    for chat in chats:
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        started = time.perf_counter()
+        out = llm(prompt, max_tokens=sampling.max_new_tokens, temperature=0.0, stop=["<|im_end|>"])
+        seconds += time.perf_counter() - started
+        texts.append(out["choices"][0]["text"].strip())
+        tokens += out["usage"]["completion_tokens"]
+    return {"variant": "llama_cpp_q8_0", "dtype": "q8_0", "load_s": load_s, "new_tokens": tokens, "gen_s": seconds,
+            "tokens_per_s": tokens / seconds if seconds else 0.0, "texts": texts}
+
+
+def served_rows(requests: int, max_new_tokens: int) -> list[dict[str, Any]]:
+    """requests/s and completion tokens/s of a real `finpipe serve` with 1 and 4 concurrent clients."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "finpipe.cli", "serve", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    questions = ["What is AAPL's trend?", "How volatile is MSFT right now?", "Is IBM overbought or oversold?",
+                 "How far is GOOG from its 52-week high?"]
+    rows = []
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("finpipe serve did not start")
+            time.sleep(0.5)
+
+        def ask(i: int) -> int:
+            body = {"model": "champion", "max_tokens": max_new_tokens,
+                    "messages": [{"role": "user", "content": questions[i % len(questions)]}]}
+            reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300).json()
+            return reply["usage"]["completion_tokens"]
+
+        ask(0)  # loads the champion, warms up
+        for clients in (1, 4):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                tokens = sum(pool.map(ask, range(requests)))
+            seconds = time.perf_counter() - started
+            rows.append({"variant": f"served_{clients}_client{'s' if clients > 1 else ''}", "requests": requests,
+                         "seconds": seconds, "requests_per_s": requests / seconds, "new_tokens": tokens,
+                         "tokens_per_s": tokens / seconds})
+        rows[-1]["batches"] = httpx.get(f"{url}/health").json()["batches"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -128,15 +215,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from finpipe.evaluation.generation import Sampling, inference_dtype, load_chat_model
-    from finpipe.training.device import plan_device
+    from finpipe.evaluation.generation import Sampling, load_chat_model
+    from finpipe.runtime import inference_dtype
     from finpipe.training.sft import load_adapter
 
     machine = _common.machine()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    default = inference_dtype(device)
-    other = torch.float32 if default != torch.float32 else torch.bfloat16
+    fast = inference_dtype(device)
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     sampling = Sampling(max_new_tokens=args.max_new_tokens)
     chats, train_texts, data_note = prompts_for(args)
@@ -146,66 +232,77 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"model: {model_note}\nprompts: {len(chats)} from {data_note}; greedy, max_new_tokens "
               f"{args.max_new_tokens}, one at a time with the KV cache on {device}", flush=True)
 
-        def merged(dtype=None):
-            model, tokenizer = load_chat_model(base, adapter, device=device)
-            model = model.merge_and_unload()
-            if dtype is not None:
-                model = model.to(dtype)
-            return model.eval(), tokenizer
+        def merged(dtype, static: bool = False, compiled: bool = False):
+            def load():
+                model, tokenizer = load_chat_model(base, adapter, device=device, merge=True, dtype=dtype)
+                if static:
+                    model.generation_config.cache_implementation = "static"
+                if compiled:
+                    model.forward = torch.compile(model.forward, dynamic=False)
+                return model.eval(), tokenizer
+            return load
 
         def nf4():
             from transformers import AutoTokenizer
 
-            model = load_adapter(base, adapter, quantization="nf4")  # sft.load_base(..., "nf4", plan) + PeftModel
+            model = load_adapter(base, adapter, quantization="nf4")
             return model.eval(), AutoTokenizer.from_pretrained(str(adapter))
 
-        d, o = short[default], short[other]
-        variants = [(f"peft_unmerged_{d}", d, lambda: load_chat_model(base, adapter, device=device)),
-                    (f"merged_{d}", d, merged),
-                    (f"merged_{o}", o, lambda: merged(other))]
+        f = short[fast]
+        variants = [("merged_fp32", "fp32", merged(torch.float32)),
+                    ("peft_unmerged_fp32", "fp32", lambda: load_chat_model(base, adapter, device=device,
+                                                                           dtype=torch.float32))]
+        if fast != torch.float32:
+            variants.append((f"merged_{f}", f, merged(fast)))
+        variants.append((f"merged_{f}_static", f, merged(fast, static=True)))
+        if not args.skip_compile:
+            variants.append((f"merged_{f}_compile", f, merged(fast, static=True, compiled=True)))
         if not args.skip_nf4:
-            variants.append(("nf4_adapter", f"nf4 + {short[getattr(torch, plan_device().compute_dtype)]} compute",
-                             nf4))
-        # untimed: one load + generation of the reference first, so that one-time costs (lazy imports, kernel and
-        # allocator warm-up) do not land in the first variant's time and memory
+            variants.append(("nf4_adapter", "nf4", nf4))
         print("warm-up (not reported) ...", flush=True)
-        run_variant("warmup", d, variants[0][2], chats[:1], Sampling(max_new_tokens=4), cuda)
+        run_variant("warmup", "fp32", variants[0][2], chats[:1], Sampling(max_new_tokens=4), cuda)
         _common.release_memory()
         rows = []
         for name, dtype, load in variants:
             print(f"running {name} ...", flush=True)
             rows.append(run_variant(name, dtype, load, chats, sampling, cuda))
             _common.release_memory()
+        if not args.quick:
+            print("running llama_cpp_q8_0 ...", flush=True)
+            rows.append(llama_cpp_row(base, adapter, chats, sampling, Path(tmp)))
+    if args.served:
+        print("running finpipe serve at 1 and 4 clients ...", flush=True)
+        rows += served_rows(args.requests, args.max_new_tokens)
 
-    reference = rows[0]
+    baseline = rows[0]
     for r in rows:
-        r["same_text_as_reference"] = sum(a == b for a, b in zip(r["texts"], reference["texts"]))
-        r["speedup"] = r["tokens_per_s"] / reference["tokens_per_s"] if reference["tokens_per_s"] else None
-    merged_equal = rows[1]["texts"] == reference["texts"]
-    mismatches = [{"prompt": i, "unmerged": a, "merged": b}
-                  for i, (a, b) in enumerate(zip(reference["texts"], rows[1]["texts"])) if a != b]
+        if "texts" in r:
+            r["same_text_as_baseline"] = sum(a == b for a, b in zip(r["texts"], baseline["texts"]))
+        r["speedup"] = (r["tokens_per_s"] / baseline["tokens_per_s"]
+                        if r.get("tokens_per_s") and baseline["tokens_per_s"] else None)
+    unmerged = next(r for r in rows if r["variant"] == "peft_unmerged_fp32")
+    merged_equal = unmerged["texts"] == baseline["texts"]
     result = {
         "benchmark": NAME,
         "machine": machine,
         "config": {"quick": args.quick, "model": model_note, "prompts": len(chats), "data": data_note,
                    "max_new_tokens": args.max_new_tokens, "decoding": "greedy, KV cache, batch 1", "device": device,
-                   "reference": reference["variant"],
-                   "nf4_compute_dtype": plan_device().compute_dtype,
+                   "baseline": baseline["variant"], "default_precision": f,
                    "memory": "CUDA max_memory_allocated" if cuda else
                              "peak VmRSS above the VmRSS before loading (RssPeak), load + generation"},
         "rows": rows,
-        "ratios": {f"{r['variant']}_vs_{reference['variant']}_tokens_per_s": round(r["speedup"], 3)
-                   for r in rows[1:] if r["speedup"]},
-        "checks": {"merged_greedy_texts_identical_to_unmerged": merged_equal, "mismatches": mismatches},
+        "ratios": {f"{r['variant']}_vs_{baseline['variant']}_tokens_per_s": round(r["speedup"], 3)
+                   for r in rows[1:] if r.get("speedup")},
+        "checks": {"merged_greedy_texts_identical_to_unmerged_at_the_same_precision": merged_equal},
     }
-    columns = ["variant", "dtype", "load_s", "new_tokens", "gen_s", "tokens_per_s", "speedup", "peak_mem_mb",
-               "same_text_as_reference"]
+    columns = ["variant", "dtype", "load_s", "warmup_s", "new_tokens", "gen_s", "tokens_per_s", "speedup",
+               "requests_per_s", "peak_mem_mb", "same_text_as_baseline", "skipped"]
     table = _common.format_table(rows, columns)
-    table += (f"\nspeedup and same_text_as_reference are relative to {reference['variant']} "
-              f"(out of {len(chats)} answers)\nmerged greedy texts identical to unmerged: {merged_equal}")
+    table += (f"\nspeedup and same_text_as_baseline are relative to {baseline['variant']} (out of {len(chats)} "
+              f"answers)\nmerged greedy texts identical to unmerged (fp32): {merged_equal}")
     out = _common.finish(NAME, result, args.json, table)
     if not merged_equal:
-        raise SystemExit(f"merged and unmerged greedy texts differ: {mismatches}")
+        raise SystemExit("merged and unmerged greedy texts differ at the same precision")
     return out
 
 

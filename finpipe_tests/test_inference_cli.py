@@ -6,10 +6,8 @@ the model is a randomly initialised 2-layer Llama with finpipe's BPE tokenizer a
 
 import datetime as dt
 import io
-import shutil
-from pathlib import Path
+import re
 
-import dagster as dg
 import pytest
 import torch
 
@@ -19,76 +17,14 @@ from finpipe.instructions import rules
 from finpipe.instructions.builder import DatasetSpec, build_samples
 from finpipe.instructions.families import ALL_FAMILIES
 from finpipe.market.lake import PriceLake
-from finpipe.models import registry
 from finpipe.paths import LAKE_DB_NAME
-from finpipe_tests.test_dataset_assets import ingest
-
-
-@pytest.fixture(scope="module")
-def lake_template(tmp_path_factory) -> Path:
-    """The replay lake (4 tickers, 2011-03-01 .. 2013-03-01) with its price_statistics table."""
-    from finpipe.defs.resources import LakeResource, MarketDataResource
-    from finpipe.defs.statistics import price_statistics
-
-    lake_dir = tmp_path_factory.mktemp("template_lake")
-    resources = {"lake": LakeResource(lake_dir=str(lake_dir)), "market_data": MarketDataResource()}
-    ingest(resources)
-    assert dg.materialize([price_statistics], resources=resources).success
-    return lake_dir / LAKE_DB_NAME
+from finpipe_tests.helpers import lake_inputs
 
 
 @pytest.fixture(autouse=True)
-def lake(lake_template: Path, isolated_lake: Path) -> PriceLake:
-    """Each test gets its own copy of the lake (pointers and the run registry are written per test)."""
-    isolated_lake.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(lake_template, isolated_lake / LAKE_DB_NAME)
-    return PriceLake(isolated_lake / LAKE_DB_NAME)
-
-
-def lake_inputs(lake: PriceLake):
-    stats = lake.query("SELECT * FROM price_statistics")
-    prices = lake.query("SELECT ticker, date, open, high, low FROM prices")
-    names = dict(lake.query("SELECT ticker, name FROM instruments").iter_rows())
-    return stats, prices, names
-
-
-@pytest.fixture(scope="module")
-def tiny(lake_template: Path, tmp_path_factory) -> dict:
-    """A tiny random Llama (base folder) and a random LoRA adapter on it (adapter folder), as training saves them."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from finpipe.models.scratch import train_tokenizer
-
-    samples = build_samples(*lake_inputs(PriceLake(lake_template)), DatasetSpec(date_stride=9))
-    tokenizer = train_tokenizer([f"{s.text_of('user')}\n{s.text_of('assistant')}" for s in samples], vocab_size=600)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    root = tmp_path_factory.mktemp("tiny")
-    base_dir, adapter_dir = root / "base", root / "adapter"
-    LlamaForCausalLM(config).save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    # init_lora_weights=False: B is random too, so the adapter changes the outputs (a trained one would)
-    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
-                                LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                                           task_type="CAUSAL_LM", init_lora_weights=False))
-    peft_model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    return {"base": base_dir, "adapter": adapter_dir}
-
-
-@pytest.fixture
-def champion(tiny: dict, isolated_lake: Path) -> dict:
-    """Pointers as `finpipe run` leaves them: the base model and a promoted adapter."""
-    base = {"name": "tiny", "path": str(tiny["base"])}
-    registry.write_pointer(registry.base_pointer(isolated_lake), base)
-    payload = {"run_id": "r1", "path": str(tiny["adapter"]), "base": base}
-    registry.write_pointer(registry.champion_pointer(isolated_lake), payload)
-    return payload
+def _own_lake(lake: PriceLake) -> PriceLake:
+    """Every test here runs on its own copy of the replay lake (``lake``, conftest)."""
+    return lake
 
 
 def latest_row(lake: PriceLake, ticker: str) -> dict:
@@ -130,8 +66,8 @@ def test_question_naming_two_tickers_gets_their_latest_facts(lake):
         f"- close vs 20-day SMA: {rules.pct(row['pct_vs_sma_20'])}",
         f"- close vs 50-day SMA: {rules.pct(row['pct_vs_sma_50'])}",
     ]
-    assert one.reference.startswith(f"The trend is {rules.trend_label(row['close'], row['sma_20'], row['sma_50'])}") \
-        or f"{rules.trend_label(row['close'], row['sma_20'], row['sma_50'])} trend" in one.reference
+    trend = rules.trend_label(row["close"], row["sma_20"], row["sma_50"])
+    assert re.search(rf"\b(trending {trend}|{trend} trend|trend is {trend})\b", one.reference), one.reference
 
     # no family named: the union of every family's lines, each label once
     general = ground("Tell me about IBM", facts)
@@ -194,6 +130,8 @@ def test_ask_answers_with_the_champion_and_with_the_base_model(capsys, champion,
     assert f"- 50-day SMA: {rules.price(row['sma_50'])}\n" in out and "--- answer ---" in out
 
     code, out, err = cli(capsys, "ask", "Is the market open?", "--max-new-tokens", "2")
+    assert code == 2 and out == "" and "no ticker of the lake in the question" in err  # refused, no model called
+    code, out, err = cli(capsys, "ask", "Is the market open?", "--max-new-tokens", "2", "--allow-ungrounded")
     assert code == 0 and "asking without market data" in err
 
     # the adapter really is applied: its logits differ from the base model's on the grounded prompt
@@ -312,7 +250,7 @@ def test_runs_lists_the_registry(capsys, lake, isolated_lake):
     RunRegistry(lake).record({
         "run_id": "20250101-abc123", "created_at": dt.datetime(2025, 1, 1, 12, 0), "base_model": "tiny",
         "quantization": "nf4", "config_hash": "abc123", "adapter_path": str(isolated_lake / "a"),
-        "val_loss": 1.234567, "golden_numeric_fidelity": 0.875, "status": "champion",
+        "val_loss": 1.234567, "golden_number_correctness": 0.875, "status": "champion",
     })
     code, out, _ = cli(capsys, "runs")
     assert code == 0

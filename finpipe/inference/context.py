@@ -202,6 +202,8 @@ class Grounding:
     context: str | None = None  # the context block; None when the question names no known ticker
     reference: str | None = None  # the rule-based answer when the question maps to exactly one family
     notes: list[str] = field(default_factory=list)  # why the context is partial or missing, for stderr
+    #: family -> (facts, labels) of the context: what an answer is verified against (finpipe.serving.verify)
+    checks: dict[str, tuple[dict[str, str], dict[str, str]]] = field(default_factory=dict)
 
     @property
     def user(self) -> str:
@@ -244,6 +246,7 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
         grounding.as_of = pair[0]["as_of"]
         grounding.context = fam.context_block(f"{a} and {b}", grounding.as_of, rendered.context)
         grounding.reference = rendered.answer
+        grounding.checks = {"comparison": (rendered.facts, rendered.labels)}
         return grounding
 
     (ticker,) = tickers
@@ -258,11 +261,14 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
     if missing:
         grounding.notes.append(f"{ticker} lacks the statistics for {', '.join(missing)} as of {row['as_of']}")
     grounding.families, grounding.as_of = used, row["as_of"]
-    grounding.context = fam.context_block(fam._name(row), row["as_of"], lines)
-    if len(used) == 1:
-        grounding.family = used[0]
-        render, _ = fam.SINGLE_TICKER_FAMILIES[used[0]]
-        grounding.reference = render(row, _PinnedWindow(detect_window(question))).answer
+    grounding.context = fam.context_block(fam.display_name(row), row["as_of"], lines)
+    window = detect_window(question)
+    for family in used:
+        render, _ = fam.SINGLE_TICKER_FAMILIES[family]
+        rendered = render(row, _PinnedWindow(window))
+        grounding.checks[family] = (rendered.facts, rendered.labels)
+        if len(used) == 1:
+            grounding.family, grounding.reference = family, rendered.answer
     return grounding
 
 
@@ -291,3 +297,39 @@ def demo_questions(tickers: Sequence[str]) -> list[tuple[str, str]]:
         else:
             out.append((family, template.format(t=tickers[i % len(tickers)])))
     return out
+
+
+# --------------------------------------------------------------------------- questions without market data
+
+_TICKERISH = re.compile(r"(?<![\w$^.])\$?([A-Z][A-Z0-9]{0,5}(?:\.[A-Z]{1,3})?)(?![\w])")
+_NOT_TICKERS = {"I", "A", "RSI", "SMA", "OK", "US", "USD", "ETF", "CEO", "AI", "THE", "IS", "OR", "AND", "VS", "EPS"}
+_CONTROL = re.compile(r"<\|[a-z_]+\|>|</?s>|\[/?INST\]")
+
+
+def unknown_tickers(question: str, known: Iterable[str]) -> list[str]:
+    """Capitalized words that look like tickers the lake does not have ("TSLA")."""
+    known = set(known)
+    found = [m.group(1) for m in _TICKERISH.finditer(question)]
+    return [t for t in dict.fromkeys(found) if t not in known and t not in _NOT_TICKERS]
+
+
+def check_question(question: str) -> str:
+    """The question, stripped; an empty one or one carrying chat-template control tokens is refused."""
+    question = question.strip()
+    if not question:
+        raise ValueError("the question is empty")
+    token = _CONTROL.search(question)
+    if token:
+        raise ValueError(f"the question contains the chat-template control token {token.group(0)!r}: it would "
+                         "become a chat turn of its own; remove it")
+    return question
+
+
+def refusal(grounding: Grounding, known: Sequence[str]) -> str | None:
+    """What to say instead of answering a question the lake has no market data for (None: it has some)."""
+    if grounding.context:
+        return None
+    missing = unknown_tickers(grounding.question, known)
+    shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+    what = f"no market data for {', '.join(missing)}" if missing else "no ticker of the lake in the question"
+    return f"I can only answer from finpipe's market data, and there is {what}. The lake has: {shown}."

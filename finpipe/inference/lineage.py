@@ -1,0 +1,47 @@
+"""Where an adapter came from, gathered from the lake: what a model card and a served answer's provenance state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def passed_gates(validation: dict) -> list[str]:
+    """The dataset gates whose expectations all passed, from the saved Great Expectations result."""
+    from finpipe.instructions.quality import GATES
+
+    failed = {r.get("expectation_config", {}).get("meta", {}).get("gate") for r in validation.get("results", [])
+              if not r.get("success")}
+    return [g for g in GATES if g not in failed] if validation else []
+
+
+def adapter_lineage(lake_dir: Path, pointer: dict) -> dict:
+    """Run id, base, training report, evaluation record, data window and sources, gates, for an adapter pointer
+    (``{run_id, path, base}``, as in champion.json)."""
+    from finpipe.market.lake import PriceLake
+    from finpipe.models.registry import RunRegistry
+
+    adapter = Path(pointer["path"])
+    datasets = lake_dir / "datasets"
+    out = {"run_id": pointer["run_id"], "base_name": pointer["base"]["name"], "base_path": pointer["base"]["path"],
+           "training": _read(adapter / "training_report.json"),
+           "evaluation": _read(adapter / "evaluation" / "evaluation.json"),
+           "gates": passed_gates(_read(datasets / "validation" / "instruction_samples.json")),
+           "val_cutoff": _read(datasets / "split" / "split.json").get("cutoff")}
+    db = lake_dir / "finpipe.duckdb"
+    if db.exists():
+        lake = PriceLake(db)
+        sources = lake.query("SELECT DISTINCT source FROM prices ORDER BY source")["source"].to_list()
+        out["data_sources"] = ", ".join(sources)
+        tables = lake.query("SELECT table_name FROM information_schema.tables")["table_name"].to_list()
+        if "model_runs" in tables:
+            row = RunRegistry(lake).get(pointer["run_id"]) or {}
+            out |= {k: str(row[k]) if row.get(k) is not None else None for k in ("train_first", "train_last")}
+    return out

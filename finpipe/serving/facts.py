@@ -1,0 +1,81 @@
+"""The lake's latest facts, held in memory for the server.
+
+A nightly run writes the lake, and DuckDB admits no reader while a process writes: a server that opened the lake
+per request would stall for the whole write. The server reads a snapshot instead — the newest ``SESSIONS`` sessions
+of statistics and prices of every ticker, copied into an in-memory DuckDB — and refreshes it when the lake file
+changes and can be read (a locked lake keeps the previous snapshot, and the answer says as of which date it is).
+``finpipe.inference.context.LakeFacts`` runs its usual queries against the snapshot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+SESSIONS = 60  # per ticker: enough for the newest common date of any two tickers
+REFRESH_EVERY_S = 5.0
+
+
+class LakeSnapshot:
+    """``query``/``path`` like ``PriceLake``, answered from memory."""
+
+    def __init__(self, lake_path: Path, log=print):
+        import duckdb
+
+        self.path = Path(lake_path)
+        self.log = log
+        self._con = duckdb.connect(":memory:")
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._checked = 0.0
+        self.loaded_at: float | None = None
+        self.refresh(force=True)
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def refresh(self, force: bool = False) -> bool:
+        """Reload when the lake file changed (at most every ``REFRESH_EVERY_S``); True when reloaded."""
+        from finpipe.market.lake import LakeLockedError, PriceLake
+
+        now = time.monotonic()
+        if not force and now - self._checked < REFRESH_EVERY_S:
+            return False
+        self._checked = now
+        stamp = self._file_stamp()
+        if stamp is None:
+            raise FileNotFoundError(f"no lake at {self.path}: run `finpipe run` first")
+        if stamp == self._stamp and not force:
+            return False
+        lake = PriceLake(self.path, lock_timeout_s=0.5 if self.loaded_at else 30.0)
+        try:
+            with lake.connect(read_only=True) as con:
+                tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+                if "price_statistics" not in tables:
+                    raise FileNotFoundError(f"the lake {self.path} has no statistics yet: run `finpipe run` first")
+                stats = con.sql(f"""SELECT * FROM price_statistics QUALIFY row_number() OVER
+                                    (PARTITION BY ticker ORDER BY date DESC) <= {SESSIONS}""").to_arrow_table()
+                prices = con.sql(f"""SELECT * FROM prices QUALIFY row_number() OVER
+                                     (PARTITION BY ticker ORDER BY date DESC) <= {SESSIONS}""").to_arrow_table()
+                instruments = con.sql("SELECT * FROM instruments").to_arrow_table()
+        except LakeLockedError:
+            if self.loaded_at is None:
+                raise
+            self.log("the lake is being written: answering from the previous snapshot")
+            return False
+        with self._lock:
+            for name, table in (("price_statistics", stats), ("prices", prices), ("instruments", instruments)):
+                self._con.register(f"_{name}", table)
+                self._con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _{name}")
+                self._con.unregister(f"_{name}")
+            self._stamp, self.loaded_at = stamp, time.time()
+        return True
+
+    def query(self, sql: str, params: list | None = None):
+        with self._lock:
+            return self._con.sql(sql, params=params).pl()

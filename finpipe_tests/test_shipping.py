@@ -1,0 +1,97 @@
+"""GGUF export: a tiny real model and adapter merged, written as GGUF, read back by transformers' GGUF loader (a
+reader finpipe did not write), and checked answer for answer; plus the Modelfile, the model card and the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finpipe.inference import gguf_export
+from finpipe.inference.export import EXPORT_MANIFEST, export_gguf
+from finpipe.inference.ollama import modelfile
+from finpipe_tests.helpers import default_samples
+
+GOLDEN = 6
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ship") / "gguf"
+    golden = [s for s in default_samples() if s.family in ("volatility", "momentum")][:GOLDEN]
+    lineage = {"run_id": "r1", "base_name": "tiny", "base_path": str(tiny["base"]), "gates": ["fact_check"]}
+    return export_gguf(tiny["base"], tiny["adapter"], out, "finpipe-r1", ("f16", "q8_0"), golden, lineage,
+                       log=lambda *_: None)
+
+
+def test_the_gguf_files_hold_the_model_and_tokenizer_under_llama_cpp_names(exported):
+    from gguf import GGUFReader
+
+    f16 = next(f for f in exported.files if f.outtype == "f16")
+    reader = GGUFReader(str(f16.path))
+    fields = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
+    assert "{% generation %}" not in reader.fields["tokenizer.chat_template"].contents()  # training-only markers
+    names = {t.name for t in reader.tensors}
+    assert {"token_embd.weight", "blk.0.attn_q.weight", "blk.1.ffn_down.weight", "output_norm.weight"} <= names
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight")} == {"F16"}
+    q8 = GGUFReader(str(next(f for f in exported.files if f.outtype == "q8_0").path))
+    assert {t.tensor_type.name for t in q8.tensors if t.name.endswith("attn_q.weight")} == {"Q8_0"}
+    assert {t.tensor_type.name for t in q8.tensors if t.name.endswith("norm.weight")} == {"F32"}
+
+
+def test_an_f16_export_answers_exactly_like_the_merged_model(exported):
+    parity = {p.outtype: p for p in exported.parity}
+    assert parity["f16"].passed and parity["f16"].identical == parity["f16"].answers == GOLDEN
+    assert parity["f16"].reader == "transformers GGUF loader"
+    q8 = parity["q8_0"]
+    assert q8.answers == GOLDEN and 0 <= q8.identical <= GOLDEN and "identical" in q8.rule
+    saved = json.loads((exported.folder / "parity.json").read_text())
+    assert [p["outtype"] for p in saved] == ["f16", "q8_0"]
+
+
+def test_the_parity_check_catches_a_broken_export(tiny, tmp_path, monkeypatch):
+    """Without the rotary re-ordering the file loads fine and answers differently: the check must say so."""
+    monkeypatch.setattr(gguf_export, "rope_pairs_from_halves", lambda weight, heads: weight)
+    golden = [s for s in default_samples() if s.family == "trend"][:GOLDEN]
+    broken = export_gguf(tiny["base"], tiny["adapter"], tmp_path / "broken", "broken", ("f32",), golden,
+                         log=lambda *_: None)
+    assert not broken.passed and broken.parity[0].identical < GOLDEN and broken.parity[0].differing
+
+
+def test_the_modelfile_and_model_card_carry_the_prompt_format_and_the_lineage(exported):
+    text = (exported.folder / "Modelfile").read_text()
+    assert "FROM ./finpipe-r1.q8_0.gguf" in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert "<|im_start|>{{ .Role }}" in text and "You are finpipe" in text and "PARAMETER temperature 0" in text
+    card = (exported.folder / "README.md").read_text()
+    assert "base_model: tiny" in card and "run `r1`" in card and "fact_check" in card
+    assert "| `finpipe-r1.f16.gguf` | transformers GGUF loader |" in card and "Market data for" in card
+    manifest = json.loads((exported.folder / EXPORT_MANIFEST).read_text())
+    assert manifest["kind"] == "gguf" and manifest["parity_passed"] == all(p.passed for p in exported.parity)
+    with pytest.raises(ValueError, match='cannot contain """'):
+        modelfile("x.gguf", system_prompt='break """ out')
+
+
+def test_force_replaces_only_a_previous_finpipe_export(tiny, tmp_path):
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "config.json").write_text("{}")  # looks like a model, is not finpipe's
+    (unrelated / "NOTES.md").write_text("keep me")
+    with pytest.raises(ValueError, match="not a finpipe export"):
+        export_gguf(tiny["base"], tiny["adapter"], unrelated, "x", ("f32",), force=True, log=lambda *_: None)
+    assert (unrelated / "NOTES.md").read_text() == "keep me" and (unrelated / "config.json").exists()
+    with pytest.raises(ValueError, match="GGUF types must be among"):
+        export_gguf(tiny["base"], tiny["adapter"], tmp_path / "new", "x", ("q2_k",), log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_cli_export_gguf_prints_files_and_parity(champion, isolated_lake, tmp_path, capsys):
+    from finpipe.cli import main
+    from finpipe.instructions.samples import write_jsonl
+
+    write_jsonl([s for s in default_samples() if s.family == "price"][:3], isolated_lake / "datasets/golden.jsonl")
+    code = main(["export", "--gguf", str(tmp_path / "out"), "--gguf-types", "f16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "gguf: " in out and "f16" in out and "parity: finpipe-r1.f16.gguf: 3/3 answers identical" in out
+    assert (tmp_path / "out" / "Modelfile").exists() and Path(tmp_path / "out" / "README.md").exists()
