@@ -15,7 +15,24 @@ LAKE_DB_NAME = "finpipe.duckdb"
 
 def lake_dir() -> Path:
     configured = os.environ.get("FINPIPE_LAKE_DIR")
-    return Path(configured).resolve() if configured else REPO_ROOT / "data_lake"
+    folder = Path(configured).expanduser().resolve() if configured else REPO_ROOT / "data_lake"
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"the lake folder {folder} (FINPIPE_LAKE_DIR) is a file, not a folder: point "
+                                 "FINPIPE_LAKE_DIR at a folder")
+    return folder
+
+
+def writable_lake_dir() -> Path:
+    """The lake folder, created if needed, after checking that this user can write into it."""
+    folder = lake_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"cannot create the lake folder {folder} (FINPIPE_LAKE_DIR): {exc.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"the lake folder {folder} (FINPIPE_LAKE_DIR) is not writable by this user: choose "
+                              "another folder or fix its permissions")
+    return folder
 
 
 def lake_db_path() -> Path:

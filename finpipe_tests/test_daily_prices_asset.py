@@ -2,9 +2,8 @@
 
 import dagster as dg
 import duckdb
-import pytest
 
-from finpipe.defs.market_data import daily_prices, market_data_checks
+from finpipe.definitions import in_groups
 from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from finpipe.paths import LAKE_DB_NAME
 
@@ -13,7 +12,7 @@ VALUE_COLUMNS = "ticker, date, open, high, low, close, adj_close, volume, source
 
 def materialize(resources, first: str, last: str | None = None, raise_on_error: bool = True):
     tags = {PARTITION_RANGE_START_TAG: first, PARTITION_RANGE_END_TAG: last or first}
-    return dg.materialize([daily_prices, *market_data_checks], resources=resources, tags=tags,
+    return dg.materialize(in_groups("market_data"), resources=resources, tags=tags,
                           raise_on_error=raise_on_error)
 
 

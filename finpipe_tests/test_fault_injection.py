@@ -30,7 +30,7 @@ from finpipe.market.lake import LakeLockedError, PriceLake
 from finpipe.market.sources import ReplaySource, SimulatedSource
 from finpipe.market.universes import US_CORE
 from finpipe.paths import LAKE_DB_NAME, REPO_ROOT
-from finpipe_tests.conftest import d
+from finpipe_tests.helpers import d
 
 CHILD_START_S = 180  # generous: a child imports torch/transformers or polars/duckdb on a loaded 2-core machine
 
@@ -270,7 +270,7 @@ def test_cli_sql_and_runs_on_a_locked_lake_exit_3_with_one_line(isolated_lake, t
 
     monkeypatch.setattr(lake_module, "PriceLake", OneSecondLock)
     holder = hold_lock(children, db, tmp_path, hold_s=-1)
-    for argv in (["sql", "SELECT count(*) AS n FROM prices"], ["runs"]):
+    for argv in (["sql", "SELECT count(*) AS n FROM prices", "--lock-timeout", "1"], ["runs"]):
         started = time.monotonic()
         code = cli.main(argv)
         elapsed = time.monotonic() - started
@@ -321,7 +321,7 @@ def test_a_dead_network_fails_the_run_naming_every_ticker_and_writes_nothing(mod
                                                                              monkeypatch):
     import yfinance
 
-    from finpipe_tests.test_yahoo_source import FakeYahoo, query, run_yahoo
+    from finpipe_tests.helpers import FakeYahoo, query, run_yahoo
 
     assert run_yahoo(lake_resources, monkeypatch, FakeYahoo()).success  # a lake with yesterday's Yahoo rows
     before = query(isolated_lake, f"SELECT {VALUE_COLUMNS} FROM prices ORDER BY ticker, date")
@@ -333,12 +333,12 @@ def test_a_dead_network_fails_the_run_naming_every_ticker_and_writes_nothing(mod
     resources = lake_resources(source="yahoo", tickers=["AAPL", "MSFT", "DEAD"], yahoo_timeout_s=0.5,
                                yahoo_max_attempts=3, yahoo_backoff_s=0.01, yahoo_deadline_s=2.0,
                                retry_when_all_fail=False)
-    from finpipe.defs.market_data import daily_prices, market_data_checks
+    from finpipe.definitions import in_groups
     from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 
     started = time.monotonic()
     try:
-        result = dg.materialize([daily_prices, *market_data_checks], resources=resources, raise_on_error=False,
+        result = dg.materialize(in_groups("market_data"), resources=resources, raise_on_error=False,
                                 tags={PARTITION_RANGE_START_TAG: "2013-03-04", PARTITION_RANGE_END_TAG: "2013-03-08"})
     finally:
         network.released.set()
@@ -427,8 +427,9 @@ def test_an_invalid_adapter_config_fails_the_step_before_any_work(lake_resources
 
 # --------------------------------------------------------------------------------------------- SIGKILL mid-training
 
-TRAIN_SPEC = dict(quantization="nf4", lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, max_steps=8,
-                  batch_size=2, max_seq_len=512, eval_steps=2, early_stopping_patience=0, max_train_samples=32,
+TRAIN_SPEC = dict(quantization="nf4", lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, max_minutes=0,
+                  max_steps=8, batch_size=2, max_seq_len=512, eval_points=4, early_stopping_patience=0,
+                  curve_answers_per_family=0, general_replay_share=0.0, max_train_samples=32,
                   max_val_samples=4, logging_steps=2, warmup_ratio=0.0)
 
 TRAIN_CHILD = r"""
@@ -477,7 +478,7 @@ print("trained", report.steps, report.resumed_from, flush=True)
 @pytest.fixture(scope="module")
 def training_data(tmp_path_factory) -> Path:
     from finpipe.instructions.samples import write_jsonl
-    from finpipe_tests.conftest import tiny_split
+    from finpipe_tests.helpers import tiny_split
 
     folder = tmp_path_factory.mktemp("training_data")
     write_jsonl(tiny_split().train, folder / "train.jsonl")

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from finpipe.market.schema import validate_prices
-from finpipe_tests.conftest import d
+from finpipe_tests.helpers import d
 
 GOOD = dict(ticker="AAA", date=d("2024-01-02"), open=10.0, high=11.0, low=9.5, close=10.5, adj_close=10.4,
             volume=1000.0, source="test")

@@ -5,53 +5,24 @@ yfinance 1.x: columns MultiIndex (Price, Ticker), a ``Date`` index, a failed tic
 Its numbers are the real AAPL/MSFT bars of 2013-02-25..2013-03-01.
 """
 
-import logging
 import socket
 import threading
 import time
 
 import dagster as dg
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
 import yfinance
 
-from finpipe.defs.market_data import daily_prices, market_data_checks
-from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+from finpipe.defs.market_data import daily_prices
 from finpipe.market.ingest import FAILED, OK, IngestRequest, ingest
 from finpipe.market.sources.yahoo import YahooSource, capped_timeout_session, parse_download
 from finpipe.market.universes import US_CORE
 from finpipe.paths import LAKE_DB_NAME
-from finpipe_tests.conftest import FIXTURES, d
+from finpipe_tests.helpers import FakeYahoo, d, query, recorded_frame, run_yahoo
 
-RECORDED = FIXTURES / "yahoo_download_AAPL_MSFT_DEAD_2013-02-25_2013-03-01.csv"
 UNIVERSE = US_CORE.restricted_to(["AAPL", "MSFT", "DEAD"])
-
-
-def recorded_frame() -> pd.DataFrame:
-    return pd.read_csv(RECORDED, header=[0, 1], index_col=0, parse_dates=True)
-
-
-class FakeYahoo:
-    """Stands in for ``yfinance.download``: serves the recorded columns of the requested tickers."""
-
-    def __init__(self, frame: pd.DataFrame | None = None, fail_first: int = 0, error: Exception | None = None):
-        self.frame = recorded_frame() if frame is None else frame
-        self.fail_first = fail_first
-        self.error = error
-        self.calls: list[dict] = []
-
-    def __call__(self, tickers, **kwargs):
-        self.calls.append({"tickers": list(tickers), **kwargs})
-        if self.error is not None or len(self.calls) <= self.fail_first:
-            raise self.error or ConnectionError("Could not resolve host: query2.finance.yahoo.com")
-        keep = [c for c in self.frame.columns if c[1] in tickers]
-        for t in tickers:  # like yfinance 1.x, failures are only logged
-            if t not in self.frame.columns.get_level_values(1) or self.frame.xs(t, axis=1, level=1).isna().all().all():
-                logging.getLogger("yfinance").error(f"['{t}']: possibly delisted; no timezone found")
-        return self.frame[keep]
-
 
 def source(fake, **kwargs) -> YahooSource:
     delays: list[float] = []
@@ -66,7 +37,8 @@ def test_parses_a_recorded_multi_ticker_frame_into_the_canonical_schema():
     assert rows.columns == ["ticker", "date", "open", "high", "low", "close", "adj_close", "volume", "source"]
     assert rows.height == 10
     aapl = rows.filter(ticker="AAPL", date=d("2013-03-01")).row(0, named=True)
-    assert (aapl["open"], aapl["high"], aapl["low"], aapl["close"], aapl["volume"]) == (438.0, 438.1799, 429.98, 430.47, 19730300.0)
+    assert (aapl["open"], aapl["high"], aapl["low"], aapl["close"], aapl["volume"]) == \
+        (438.0, 438.1799, 429.98, 430.47, 19730300.0)
     assert aapl["adj_close"] == pytest.approx(56.1373531)
 
 
@@ -164,22 +136,6 @@ def test_real_yfinance_against_a_silent_network_fails_fast(black_hole_proxy, tmp
 
 
 # ---------------------------------------------------------------- through Dagster
-
-
-def run_yahoo(lake_resources, monkeypatch, fake, first="2013-02-25", last="2013-03-01"):
-    monkeypatch.setattr(yfinance, "download", fake)
-    resources = lake_resources(source="yahoo", universe="us_core", tickers=["AAPL", "MSFT", "DEAD"],
-                               yahoo_backoff_s=0.01, yahoo_max_attempts=2, retry_when_all_fail=False)
-    return dg.materialize([daily_prices, *market_data_checks], resources=resources, raise_on_error=False,
-                          tags={PARTITION_RANGE_START_TAG: first, PARTITION_RANGE_END_TAG: last})
-
-
-def query(lake_dir, sql):
-    con = duckdb.connect(str(lake_dir / LAKE_DB_NAME), read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def test_failed_ticker_leaves_the_others_written_and_the_failure_in_metadata(lake_resources, isolated_lake, monkeypatch):

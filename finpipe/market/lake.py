@@ -88,6 +88,10 @@ CREATE TABLE IF NOT EXISTS instruments (
 PRICE_VALUE_COLUMNS = ("ticker", "date", "open", "high", "low", "close", "adj_close", "volume", "source")
 
 
+class CorruptLakeError(RuntimeError):
+    """The lake file exists but is not a readable DuckDB database (truncated, overwritten, another format)."""
+
+
 class LakeLockedError(RuntimeError):
     """Another process holds the lake file."""
 
@@ -136,6 +140,10 @@ class PriceLake:
                 break
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower():
+                    if self.path.exists():
+                        raise CorruptLakeError(
+                            f"{self.path} is not a readable DuckDB lake ({exc}); restore the last good copy with "
+                            f"`finpipe lake restore`, or move it aside and run `finpipe run` to rebuild it") from exc
                     raise
                 if time.monotonic() >= deadline:
                     raise LakeLockedError(
@@ -263,6 +271,19 @@ class PriceLake:
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         with self.connect(read_only=True) as con:
             return con.sql(sql, params=params).pl()
+
+    def query_untrusted(self, sql: str) -> pl.DataFrame:
+        """A user's SQL, read-only in every way: a read-only connection that can reach no file, attach no
+        database, load no extension, and cannot switch any of that back on."""
+        with self.connect(read_only=True) as con:
+            con.execute("SET enable_external_access = false")
+            con.execute("SET autoload_known_extensions = false")
+            con.execute("SET autoinstall_known_extensions = false")
+            con.execute("SET lock_configuration = true")
+            relation = con.sql(sql)
+            if relation is None:
+                raise ValueError("the statement returned no rows to show (only SELECT-like queries are answered)")
+            return relation.pl()
 
     def prices(self, tickers: list[str] | None = None, start: dt.date | None = None,
                end: dt.date | None = None) -> pl.DataFrame:

@@ -58,7 +58,7 @@ def calendar_gaps(con: duckdb.DuckDBPyConnection, max_missing_fraction: float = 
     """Per ticker, sessions of its exchange calendar between its first and last row that have no row."""
     per_ticker = {}
     worst = 0.0
-    for ticker, cal, first, last, n in _ticker_spans(con):
+    for ticker, cal, first, last, _rows in _ticker_spans(con):
         expected = set(calendars.sessions(cal, first, last))
         present = {r[0] for r in con.execute("SELECT date FROM prices WHERE ticker = ?", [ticker]).fetchall()}
         missing = sorted(expected - present)

@@ -33,6 +33,17 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's content (hex, first 16 characters)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 

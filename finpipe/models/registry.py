@@ -13,18 +13,57 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+class PointerError(ValueError):
+    """A pointer file that is not what finpipe wrote (empty, not JSON, a field missing)."""
+
+
+def _relative(value, folder: Path):
+    """``path`` fields inside the lake become relative to the pointer's folder: a moved or copied lake keeps
+    working and never reaches into the original."""
+    if isinstance(value, dict):
+        return {k: (_to_relative(v, folder) if k == "path" else _relative(v, folder)) for k, v in value.items()}
+    return value
+
+
+def _to_relative(path, folder: Path):
+    if not isinstance(path, str) or not Path(path).is_absolute():
+        return path
+    lake = folder.resolve().parents[1] if len(folder.resolve().parents) > 1 else folder.resolve()
+    target = Path(path).resolve()
+    if target != lake and lake not in target.parents:
+        return path  # outside the lake (a local model folder): kept as given
+    return os.path.relpath(target, folder.resolve())
+
+
+def _absolute(value, folder: Path):
+    if isinstance(value, dict):
+        return {k: (str((folder / v).resolve()) if k == "path" and isinstance(v, str) and not Path(v).is_absolute()
+                    else _absolute(v, folder)) for k, v in value.items()}
+    return value
+
+
 def write_pointer(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
+        json.dump(_relative(payload, path.parent), f, indent=2, sort_keys=True)
     os.replace(tmp, path)
 
 
-def read_pointer(path: Path) -> dict:
+def read_pointer(path: Path, required: tuple[str, ...] = ("path",)) -> dict:
+    """The pointer's payload with its paths absolute again (resolved from the pointer's own folder)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: materialize the asset that writes it first")
-    return json.loads(path.read_text())
+    try:
+        payload = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PointerError(f"{path} is not a finpipe pointer (not valid JSON: {exc}); rerun `finpipe run` to "
+                           "rewrite it, or restore it from a lake snapshot") from None
+    missing = [k for k in required if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise PointerError(f"{path} is not a finpipe pointer (missing {', '.join(missing)}); rerun `finpipe run` to "
+                           "rewrite it, or restore it from a lake snapshot")
+    return _absolute(payload, path.parent)
 
 
 def models_dir(lake_dir: Path) -> Path:
@@ -67,6 +106,26 @@ def resolve_adapter(lake_dir: Path, which: str) -> dict | None:
     return {"run_id": folder.name, "path": str(folder), "base": read_pointer(base_pointer(lake_dir))}
 
 
+def warm_start(lake_dir: Path, base: dict, log=print) -> tuple[str | None, int]:
+    """(adapter folder to continue from, the tokens it was trained on) for a nightly warm start: the champion when
+    it was trained on the same base, else (None, 0) — a fresh adapter."""
+    pointer = champion_pointer(lake_dir)
+    champion = read_pointer(pointer) if pointer.exists() else None
+    if champion is None:
+        log("warm start: no champion yet, training a fresh adapter")
+        return None, 0
+    if champion["base"]["path"] != base["path"]:
+        log(f"warm start: the champion {champion['run_id']} was trained on {champion['base']['name']}, "
+            f"not {base['name']}: training a fresh adapter")
+        return None, 0
+    try:
+        report = json.loads((Path(champion["path"]) / "training_report.json").read_text())
+        tokens = int(report.get("cumulative_train_tokens") or report.get("train_tokens") or 0)
+    except (OSError, ValueError):
+        tokens = 0
+    return champion["path"], tokens
+
+
 # --------------------------------------------------------------------------- the run registry (in the lake)
 
 RUNS_SQL = """
@@ -84,9 +143,12 @@ CREATE TABLE IF NOT EXISTS model_runs (
     val_loss        DOUBLE,
     base_val_loss   DOUBLE,
     golden_loss     DOUBLE,
-    golden_numeric_fidelity DOUBLE,
-    golden_label_accuracy   DOUBLE,
-    golden_rouge_l  DOUBLE,
+    golden_number_correctness DOUBLE,
+    golden_label_correctness  DOUBLE,
+    golden_exact_match        DOUBLE,
+    golden_quality            DOUBLE,
+    forgetting_probe          DOUBLE,
+    train_tokens              BIGINT,
     metrics_json    VARCHAR,
     status          VARCHAR NOT NULL,   -- evaluated | champion | rejected | retired
     decided_at      TIMESTAMP,
@@ -94,6 +156,10 @@ CREATE TABLE IF NOT EXISTS model_runs (
 )
 """
 RUN_STATUSES = ("evaluated", "champion", "rejected", "retired")
+#: columns added since the table was first shipped: a lake written by an older finpipe gains them on first use
+ADDED_COLUMNS = {"golden_number_correctness": "DOUBLE", "golden_label_correctness": "DOUBLE",
+                 "golden_exact_match": "DOUBLE", "golden_quality": "DOUBLE", "forgetting_probe": "DOUBLE",
+                 "train_tokens": "BIGINT"}
 
 
 class RunRegistry:
@@ -108,6 +174,8 @@ class RunRegistry:
         """A write connection on the lake with the table in place (created on first use)."""
         with self.lake.connect() as con:
             con.execute(RUNS_SQL)
+            for column, kind in ADDED_COLUMNS.items():
+                con.execute(f"ALTER TABLE model_runs ADD COLUMN IF NOT EXISTS {column} {kind}")
             yield con
 
     def record(self, row: dict) -> None:

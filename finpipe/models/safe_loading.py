@@ -90,4 +90,16 @@ def load_peft_adapter(model, folder: str | Path, **kwargs):
     """``PeftModel.from_pretrained(model, folder)`` for a safetensors adapter only."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(require_safetensors_adapter(folder)), **kwargs)
+    folder = require_safetensors_adapter(folder)
+    try:
+        return PeftModel.from_pretrained(model, str(folder), **kwargs)
+    except Exception as exc:  # safetensors' own error type varies by version: name the file instead
+        if "safetensors" in type(exc).__module__.lower() or "header" in str(exc).lower():
+            raise UnreadableCheckpointError(
+                f"{Path(folder) / SAFE_ADAPTER_WEIGHTS} is not a readable safetensors file ({exc}); the adapter is "
+                "corrupt: train it again, or use another run's adapter (finpipe runs)") from exc
+        raise
+
+
+class UnreadableCheckpointError(ValueError):
+    """Weights that exist but cannot be read (truncated, overwritten)."""

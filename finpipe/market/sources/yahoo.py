@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import logging
+import socket
 import time
 from typing import Any, Callable, Sequence
 
@@ -114,6 +115,9 @@ class _CapturedErrors(logging.Handler):
         return out
 
 
+YAHOO_HOST = "query2.finance.yahoo.com"
+
+
 class YahooSource:
     name = "yahoo"
     simulated = False
@@ -144,6 +148,7 @@ class YahooSource:
         self._sleep = sleep
         self.proxy = proxy
         self.attempts_made = 0
+        self.offline: str | None = None  # set when the network is unreachable: retrying cannot help
 
     def available_until(self) -> dt.date | None:
         return None
@@ -176,8 +181,29 @@ class YahooSource:
             yf_log.removeHandler(captured)
         return frame, captured.by_ticker(tickers)
 
+    def unreachable(self) -> str | None:
+        """Why Yahoo cannot be reached at all (no DNS answer within seconds), or None. Only for the real client
+        without a proxy: a proxy resolves names itself, and a test's downloader needs no network."""
+        if self._downloader is not None or self.proxy:
+            return None
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="yahoo-dns")
+        try:
+            future = pool.submit(socket.getaddrinfo, YAHOO_HOST, 443)
+            future.result(timeout=min(5.0, self.deadline_s))
+        except concurrent.futures.TimeoutError:
+            return f"no network: no DNS answer for {YAHOO_HOST} within 5 s"
+        except OSError as exc:
+            return f"no network: cannot resolve {YAHOO_HOST} ({exc.strerror or exc})"
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return None
+
     def fetch(self, tickers: Sequence[str], start: dt.date, end: dt.date) -> FetchResult:
         pending = list(dict.fromkeys(tickers))
+        offline = self.unreachable()
+        if offline:  # fail in seconds with the real reason, not after every retry with "possibly delisted"
+            self.offline = offline
+            return FetchResult(frame=pl.DataFrame(schema=PRICE_COLUMNS), failures={t: offline for t in pending})
         got: list[pl.DataFrame] = []
         reasons: dict[str, str] = {}
         deadline = time.monotonic() + self.deadline_s
