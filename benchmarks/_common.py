@@ -8,15 +8,12 @@ quick mode runs in-process in the test suite (finpipe_tests/test_benchmarks_quic
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import io
 import json
 import os
 import platform
 import subprocess
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,24 +23,15 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes"
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from finpipe.runtime import cpu_model as model
+
+    return model()
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+def runtime_versions() -> dict[str, str | None]:
+    from finpipe.runtime import package_versions
+
+    return package_versions(PACKAGES)
 
 
 def _git() -> str | None:
@@ -66,18 +54,15 @@ def machine(torch_needed: bool = True) -> dict[str, Any]:
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "platform": platform.platform(),
         "git": _git(),
-        "versions": _versions(),
+        "versions": runtime_versions(),
         "load_avg_before": [round(x, 2) for x in os.getloadavg()],
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        words = set(flags.split())
-        info["cpu_bf16"] = bool(words & {"avx512_bf16", "amx_bf16"})
-        info["cpu_features"] = sorted(words & {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16",
-                                               "amx_tile"})
-    except OSError:
-        pass
+    from finpipe import runtime
+
+    info["cpu_features"] = runtime.cpu_flags()
+    info["cpu_bf16"] = runtime.cpu_supports_bf16()
+    if info["cpu_bf16"] and torch_needed:
+        info["onednn_bf16_kernels"] = runtime.onednn_bf16_isa()  # e.g. avx512_core_amx where AMX really runs
     if torch_needed:
         import torch
 
@@ -125,20 +110,9 @@ def format_table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
 
 
 def release_memory() -> None:
-    """Free what the previous variant left behind (Python garbage, CUDA cache, glibc's free lists), so that the
-    next variant's RSS baseline is not inflated and its peak is its own."""
-    gc.collect()
-    try:
-        import torch
+    from finpipe.runtime import release_memory as release
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release()
 
 
 class Timer:
@@ -187,22 +161,18 @@ def lake_split():
 
 
 def builtin_split(date_stride: int = 1):
-    """(train, val): grounded samples built from the offline replay data (finpipe_tests' default samples)."""
+    """(train, val): grounded samples built from the offline replay data (2011-03-01 .. 2013-03-01)."""
+    from finpipe.instructions.offline import offline_samples
     from finpipe.instructions.split import SplitSpec, temporal_split
-    from finpipe_tests.test_instruction_datasets import default_samples, samples
 
-    built = default_samples() if date_stride == 1 else samples(date_stride=date_stride)
-    split = temporal_split(built, SplitSpec(val_fraction=0.2))
+    split = temporal_split(offline_samples(date_stride=date_stride), SplitSpec(val_fraction=0.2))
     return split.train, split.val
 
 
 def tiny_llama(folder: Path, train_texts: list[str], num_layers: int = 2, vocab_size: int = 600) -> Path:
-    """A randomly initialised tiny Llama (finpipe_tests' ``make_tiny_llama``) with a BPE tokenizer trained on
-    ``train_texts`` and finpipe's chat template, saved into ``folder``."""
-    from finpipe.models.scratch import train_tokenizer
-    from finpipe_tests.conftest import make_tiny_llama
+    from finpipe.models.tiny import tiny_llama as build
 
-    return make_tiny_llama(folder, train_tokenizer(train_texts, vocab_size=vocab_size), num_layers=num_layers)
+    return build(folder, train_texts, num_layers=num_layers, vocab_size=vocab_size)
 
 
 def sample_texts(samples) -> list[str]:

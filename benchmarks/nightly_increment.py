@@ -105,8 +105,8 @@ def stats_incremental(lake, table: str, new_day: dt.date, tail: int) -> tuple[pl
     """finpipe's incremental path step by step: ``read_trailing_window`` (the last ``tail`` rows per ticker
     before ``new_day``, by row count) in, ``compute_statistics_for_dates`` out, the new day's rows upserted into
     ``table``. Valid when the batch only appended ``new_day`` (no rewritten history)."""
-    from finpipe.statistics.refresh import read_trailing_window
     from finpipe.statistics.compute import compute_statistics_for_dates
+    from finpipe.statistics.refresh import read_trailing_window
 
     t0 = time.perf_counter()
     with lake.connect() as con:

@@ -50,7 +50,7 @@ def pandas_baseline(prices: pd.DataFrame) -> pd.DataFrame:
         df[f"ret_{n}d"] = g.pct_change(n)
     df["volatility_20d"] = df.groupby("ticker")["ret_1d"].transform(lambda s: s.rolling(20).std()) * np.sqrt(252)
     for n in (20, 50):
-        df[f"sma_{n}"] = g.transform(lambda s: s.rolling(n).mean()) * df["close"] / df["adj_close"]
+        df[f"sma_{n}"] = g.transform(lambda s, n=n: s.rolling(n).mean()) * df["close"] / df["adj_close"]
     df["high_52w"] = g.transform(lambda s: s.rolling(252).max())
     df["low_52w"] = g.transform(lambda s: s.rolling(252).min())
     df["avg_volume_20d"] = df.groupby("ticker")["volume"].transform(lambda s: s.rolling(20).mean())

@@ -13,7 +13,11 @@ from pathlib import Path
 
 from finpipe import paths
 
-DEFAULT_HISTORY_DAYS = 730  # two years of sessions for the quickstart lake
+# thirteen years of sessions: calm and stressed markets (2000-02, 2008), so every label value of the rules is taught
+DEFAULT_HISTORY_DAYS = 13 * 365 + 3
+#: exit codes: 1 a run failed (its log says why), 2 bad input or configuration, 3 the lake is held by another
+#: process, 4 the lake file is unreadable, 130 interrupted (Ctrl-C)
+EXIT_BAD_INPUT, EXIT_LAKE_LOCKED, EXIT_LAKE_CORRUPT, EXIT_INTERRUPTED = 2, 3, 4, 130
 
 
 def _prepare_dagster_home() -> Path:
@@ -37,6 +41,7 @@ def _parse_date(value: str) -> dt.date:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Materialize the pipeline on the configured source (default: the offline replay)."""
+    paths.writable_lake_dir()  # a file or a read-only folder: one line now, not a traceback mid-run
     _prepare_dagster_home()
     if args.source:
         os.environ["FINPIPE_SOURCE"] = args.source
@@ -47,9 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
-    from finpipe.defs.market_data import daily_prices, market_data_checks
+    from finpipe.definitions import in_groups
     from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-    from finpipe.definitions import DERIVED_ASSETS, DERIVED_CHECKS, MODEL_ASSETS, MODEL_CHECKS, build_resources
+    from finpipe.defs.resources import build_resources
 
     resources = build_resources()
     market = resources["market_data"].process_config_and_initialize()  # resolves EnvVar fields (the proxy)
@@ -67,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Run 3: base model, adapter, evaluation, report and promotion.
     print(f"finpipe: [1/3] ingesting {market.universe} from {source.name}, {first_key} .. {last_key}")
     ingest = dg.materialize(
-        [daily_prices, *market_data_checks], resources=resources, instance=instance, raise_on_error=False,
+        in_groups("market_data"), resources=resources, instance=instance, raise_on_error=False,
         tags={PARTITION_RANGE_START_TAG: first_key, PARTITION_RANGE_END_TAG: last_key}, run_config=run_config,
     )
     if not _report(ingest, "ingestion"):
@@ -79,10 +84,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     ))
     print(f"lake: {lake.db_path}")
     if args.only_lake:
+        _snapshot_after_run()
         return 0
 
     print("finpipe: [2/3] statistics, instruction samples (quality gates), train/validation split")
-    derived = dg.materialize([*DERIVED_ASSETS, *DERIVED_CHECKS], resources=resources, instance=instance,
+    derived = dg.materialize(in_groups("statistics", "datasets"), resources=resources, instance=instance,
                              raise_on_error=False, run_config=run_config)
     if not _report(derived, "derived assets"):
         return 1
@@ -92,38 +98,74 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"train: {split['train_path'].value}")
     print(f"val:   {split['val_path'].value}")
     if args.only_data:
+        _snapshot_after_run()
         return 0
-
-    from finpipe.defs.models import scratch_gpt
 
     if args.base == "scratch":  # finpipe's own GPT is pretrained first, in its own run
         print("finpipe: pretraining finpipe's own GPT (scratch_gpt)")
-        if not _report(dg.materialize([scratch_gpt], resources=resources, instance=instance, raise_on_error=False,
-                                      run_config=run_config), "scratch GPT"):
+        if not _report(dg.materialize(in_groups("scratch"), resources=resources, instance=instance,
+                                      raise_on_error=False, run_config=run_config), "scratch GPT"):
             return 1
-    assets = MODEL_ASSETS
-    ops = {"base_model": {"config": {"model": args.base}},
-           "qlora_adapter": {"config": {"quantization": args.quantization, "max_steps": args.max_steps}},
-           "adapter_evaluation": {"config": {"max_new_tokens": args.eval_max_new_tokens}}}
-    print(f"finpipe: [3/3] base model ({args.base}), {args.quantization} adapter ({args.max_steps} steps), "
-          "evaluation, report, promotion")
-    models = dg.materialize([*assets, *MODEL_CHECKS], resources=resources, instance=instance, raise_on_error=False,
+    ops = _config_ops(args.config)
+    training = ops.get("qlora_adapter", {}).get("config", {}) | (
+        {"quantization": args.quantization} if args.quantization else {}) | (
+        {"max_minutes": args.train_minutes} if args.train_minutes is not None else {}) | (
+        {"max_steps": args.max_steps} if args.max_steps is not None else {}) | (
+        {"warm_start": "champion"} if args.warm_start else {})
+    evaluation = ops.get("adapter_evaluation", {}).get("config", {}) | (
+        {"max_new_tokens": args.eval_max_new_tokens} if args.eval_max_new_tokens is not None else {})
+    ops = ops | {"base_model": {"config": ops.get("base_model", {}).get("config", {}) | {"model": args.base}},
+                 "qlora_adapter": {"config": training}, "adapter_evaluation": {"config": evaluation}}
+    budget = [f"{training['max_minutes']} min" if "max_minutes" in training else None,
+              f"{training['max_steps']} steps" if training.get("max_steps") else None]
+    print(f"finpipe: [3/3] base model ({args.base}), adapter ({training.get('quantization', 'auto')}; budget "
+          f"{' / '.join(b for b in budget if b) or 'the default'}), evaluation, report, promotion")
+    models = dg.materialize(in_groups("models", "evaluation"), resources=resources, instance=instance,
+                            raise_on_error=False,
                             run_config=run_config | {"ops": ops})
     if not _report(models, "model"):
         return 1
     adapter = {k: v.value for k, v in models.asset_materializations_for_node("qlora_adapter")[0].metadata.items()}
     print(f"adapter: {adapter['path']}")
-    print(f"  validation loss {adapter['initial_val_loss']} -> {adapter['best_val_loss']} in {adapter['steps']} steps, "
-          f"{adapter['wall_time_s']} s, {adapter['tokens_per_s']} tokens/s, peak {adapter['peak_memory_mb']} MB, "
-          f"{adapter['device']} {adapter['precision']}")
+    print(f"  trained as {adapter['trained_as']}, {adapter['device']} {adapter['precision']}: validation loss "
+          f"{adapter['initial_val_loss']} -> {adapter['best_val_loss']} in {adapter['steps']} steps "
+          f"({adapter['train_tokens']:,} tokens, {adapter['wall_time_s']} s, {adapter['tokens_per_s']} tokens/s, "
+          f"stopped by {adapter['stopped_by']}), peak {adapter['peak_memory_mb']} MB")
     meta = lambda node: {k: v.value for k, v in models.asset_materializations_for_node(node)[0].metadata.items()}  # noqa: E731
     evaluation, promotion, report = meta("adapter_evaluation"), meta("champion_adapter"), meta("evaluation_report")
-    print(f"evaluation: validation loss base {evaluation['base_val_loss']} -> adapter {evaluation['adapter_val_loss']}; "
-          f"numeric fidelity base {evaluation['base_numeric_fidelity']} -> adapter {evaluation['adapter_numeric_fidelity']}")
+    shown = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"evaluation (golden set, strict): number correctness {shown(evaluation['base_number_correctness'])} -> "
+          f"{shown(evaluation['adapter_number_correctness'])}, label correctness "
+          f"{shown(evaluation['base_label_correctness'])} -> {shown(evaluation['adapter_label_correctness'])}, exact "
+          f"match {shown(evaluation['base_exact_match'])} -> {shown(evaluation['adapter_exact_match'])}, format validity "
+          f"{shown(evaluation['base_format_validity'])} -> {shown(evaluation['adapter_format_validity'])} (base -> "
+          f"adapter); forgetting probe {shown(evaluation['base_forgetting_probe'])} -> "
+          f"{shown(evaluation['adapter_forgetting_probe'])}")
     print(("promotion: promoted " if promotion["promoted"] else "promotion: kept the champion, ")
           + f"{promotion['challenger'] if promotion['promoted'] else promotion['champion'] or 'none'} ({promotion['reason']})")
+    _snapshot_after_run()
     print(f"report: {report['html']}")
     return 0
+
+
+def _config_ops(path: str | None) -> dict:
+    """The ``ops`` section of a run-config YAML (the format the UI's Launchpad takes), validated by name."""
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read the run config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the run config {path} is not valid YAML: {exc}") from None
+    ops = data.get("ops", {}) if isinstance(data, dict) else None
+    known = {"base_model", "qlora_adapter", "adapter_evaluation", "scratch_gpt"}
+    if not isinstance(ops, dict) or set(ops) - known:
+        raise ValueError(f"the run config {path} must hold `ops:` for {', '.join(sorted(known))}; got "
+                         f"{', '.join(sorted(set(ops or {}) - known)) or type(ops).__name__}")
+    return ops
 
 
 def _report(result, what: str) -> bool:
@@ -153,11 +195,22 @@ def _partition_keys(start: dt.date, end: dt.date) -> tuple[str, str]:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    """Start the Dagster UI on 127.0.0.1 with finpipe's persistent instance."""
+    """Start the Dagster UI (``dg dev`` on the project; ``dagster dev -w workspace.yaml`` where dg is missing) on
+    127.0.0.1 with finpipe's persistent instance."""
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
     _prepare_dagster_home()
-    argv = ["dagster", "dev", "-w", str(paths.REPO_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    bin_dir = Path(sys.executable).parent  # the venv's own tools: `.venv/bin/finpipe ui` needs no activated venv
+    dg_cli, dagster_cli = bin_dir / "dg", bin_dir / "dagster"
+    if dg_cli.exists():
+        argv = [str(dg_cli), "dev", "--host", args.host, "--port", str(args.port)]
+    elif dagster_cli.exists():
+        argv = [str(dagster_cli), "dev", "-w", str(paths.REPO_ROOT / "workspace.yaml"), "-h", args.host,
+                "-p", str(args.port)]
+    else:
+        raise FileNotFoundError(f"neither dg nor dagster is installed next to {sys.executable}: run scripts/setup.sh")
     os.chdir(paths.REPO_ROOT)
-    os.execvp(argv[0], argv)
+    os.execv(argv[0], argv)
     return 0  # not reached
 
 
@@ -167,7 +220,21 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     from finpipe.market.lake import PriceLake
 
-    frame = PriceLake(paths.lake_db_path()).query(args.query)
+    if not args.query.strip():
+        raise ValueError("the query is empty: e.g. finpipe sql \"select * from prices limit 5\"")
+    import duckdb
+
+    db = paths.lake_db_path()
+    if not db.exists():
+        raise FileNotFoundError(f"no lake at {db}: run `finpipe run` first")
+    try:
+        frame = PriceLake(db, lock_timeout_s=args.lock_timeout).query_untrusted(args.query)
+    except duckdb.PermissionException as exc:
+        raise ValueError(f"refused: finpipe sql is read-only (no file access, no ATTACH, no extensions): "
+                         f"{str(exc).splitlines()[0]}") from None
+    except (duckdb.ParserException, duckdb.CatalogException, duckdb.BinderException,
+            duckdb.InvalidInputException, duckdb.ConversionException) as exc:
+        raise ValueError(f"the query failed: {str(exc).splitlines()[0]}") from None
     with pl.Config(tbl_rows=args.limit, tbl_cols=-1, tbl_width_chars=200):
         print(frame)
     return 0
@@ -178,8 +245,9 @@ def cmd_sql(args: argparse.Namespace) -> int:
 #: model_runs column -> its header in `finpipe runs` (short, so a run fits on one terminal line)
 RUNS_COLUMNS = {"run_id": "run_id", "created_at": "created", "status": "status", "base_model": "base",
                 "quantization": "quant", "train_last": "train_last", "val_cutoff": "val_cutoff",
-                "val_loss": "val_loss", "base_val_loss": "base_val_loss", "golden_numeric_fidelity": "numeric_fid",
-                "golden_label_accuracy": "label_acc", "golden_rouge_l": "rouge_l", "reason": "reason"}
+                "val_loss": "val_loss", "golden_number_correctness": "numbers", "golden_label_correctness": "labels",
+                "golden_exact_match": "exact", "forgetting_probe": "probe", "train_tokens": "tokens",
+                "reason": "reason"}
 
 
 def _sampling(args: argparse.Namespace):
@@ -247,15 +315,27 @@ def _load(choice: tuple[str, Path, Path | None], merge: bool = True):
     return label, model, tokenizer
 
 
-def _answer(question: str, facts, model, tokenizer, sampling, label: str, show_prompt: bool) -> None:
-    """Ground, generate, print: the answer on stdout (pipeable), notes and speed on stderr."""
+def _answer(question: str, facts, model, tokenizer, sampling, label: str, show_prompt: bool,
+            allow_ungrounded: bool = False) -> bool:
+    """Ground, generate, print: the answer on stdout (pipeable), notes and speed on stderr. A question the lake has
+    no market data for is refused without calling the model (unless ``allow_ungrounded``); returns False then."""
     from finpipe.evaluation.generation import generate
-    from finpipe.inference.context import ground
+    from finpipe.inference.context import check_question, ground, refusal
 
-    grounding = ground(question, facts)
+    grounding = ground(check_question(question), facts)
+    refused = None if allow_ungrounded else refusal(grounding, facts.tickers())
+    if refused:
+        print(f"finpipe: {refused}", file=sys.stderr)
+        return False
     for note in grounding.notes:
         print(f"finpipe: {note}", file=sys.stderr)
     messages = grounding.messages()
+    prompt_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+    context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    if prompt_tokens + sampling.max_new_tokens > context:
+        raise ValueError(f"the question is too long: {prompt_tokens} prompt tokens + {sampling.max_new_tokens} "
+                         f"answer tokens exceed the model's context of {context}")
     if show_prompt:
         print("--- prompt ---")
         print(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), end="")
@@ -264,6 +344,7 @@ def _answer(question: str, facts, model, tokenizer, sampling, label: str, show_p
     print(out.text)
     print(f"finpipe: [{label}: {out.new_tokens} tokens in {out.seconds:.1f} s, {out.tokens_per_s:.1f} tokens/s]",
           file=sys.stderr)
+    return True
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -272,8 +353,14 @@ def cmd_ask(args: argparse.Namespace) -> int:
     choice = _resolve_model(args.adapter)  # cheap checks first: pointers, lake, then the model
     facts = _facts()
     facts.tickers()
+    from finpipe.inference.context import check_question, ground, refusal
+
+    question = check_question(args.question)  # cheap checks before the model loads
+    refused = None if args.allow_ungrounded else refusal(ground(question, facts), facts.tickers())
+    if refused:
+        raise ValueError(refused)
     label, model, tokenizer = _load(choice)
-    _answer(args.question, facts, model, tokenizer, sampling, label, args.show_prompt)
+    _answer(question, facts, model, tokenizer, sampling, label, args.show_prompt, args.allow_ungrounded)
     return 0
 
 
@@ -304,7 +391,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 break
             if not question:
                 continue
-            _answer(question, facts, model, tokenizer, sampling, label, args.show_prompt)
+            try:
+                _answer(question, facts, model, tokenizer, sampling, label, args.show_prompt, args.allow_ungrounded)
+            except ValueError as exc:  # one bad question does not end the chat
+                print(f"finpipe: {exc}", file=sys.stderr)
     except KeyboardInterrupt:  # Ctrl-C ends the chat, not with a traceback
         print()
     return 0
@@ -354,20 +444,105 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Merge the adapter into its base and write a plain Hugging Face model folder."""
-    from finpipe.inference.export import export_merged
-
+    """Merge the adapter into its base: a plain Hugging Face folder (--merged) or GGUF files for llama.cpp and
+    Ollama with a Modelfile, a model card and a parity check (--gguf)."""
     if args.adapter == "none":
         raise ValueError("export merges an adapter: --adapter none has nothing to merge")
+    if bool(args.merged) == bool(args.gguf):
+        raise ValueError("choose one: --merged DIR (a Hugging Face folder) or --gguf DIR (GGUF + Modelfile)")
     label, base_dir, adapter_dir = _resolve_model(args.adapter)
-    print(f"finpipe: merging {label} into {base_dir}", file=sys.stderr)
     _quiet_transformers()
-    report = export_merged(base_dir, adapter_dir, Path(args.merged), force=args.force,
-                           provenance={"adapter_label": label})
-    print(f"exported: {report.path} ({report.parameters:,} parameters, {report.dtype}, "
-          f"{report.size_bytes / 1e6:.1f} MB)")
-    print(f"load with: AutoModelForCausalLM.from_pretrained({str(report.path)!r})")
+    if args.merged:
+        from finpipe.inference.export import export_merged
+
+        print(f"finpipe: merging {label} into {base_dir}", file=sys.stderr)
+        report = export_merged(base_dir, adapter_dir, Path(args.merged), force=args.force,
+                               provenance={"adapter_label": label})
+        print(f"exported: {report.path} ({report.parameters:,} parameters, {report.dtype}, "
+              f"{report.size_bytes / 1e6:.1f} MB)")
+        print(f"load with: AutoModelForCausalLM.from_pretrained({str(report.path)!r})")
+        return 0
+
+    import time
+
+    from finpipe.inference.export import export_gguf
+    from finpipe.inference.lineage import adapter_lineage
+    from finpipe.instructions.samples import read_jsonl
+    from finpipe.models import registry
+
+    lake_dir = paths.lake_dir()
+    outtypes = tuple(t.strip() for t in args.gguf_types.split(",") if t.strip())
+    payload = registry.resolve_adapter(lake_dir, args.adapter)
+    golden_file = lake_dir / "datasets" / "golden.jsonl"
+    golden = read_jsonl(golden_file)[: args.parity_samples or None] if golden_file.exists() else []
+    if not golden:
+        print(f"finpipe: no golden set at {golden_file}: the parity check is skipped", file=sys.stderr)
+    name = f"finpipe-{payload['run_id']}"
+    print(f"finpipe: exporting {label} as GGUF ({', '.join(outtypes)}) into {args.gguf}", file=sys.stderr)
+    started = time.perf_counter()
+    result = export_gguf(base_dir, adapter_dir, Path(args.gguf), name, outtypes, golden,
+                         adapter_lineage(lake_dir, payload), force=args.force,
+                         log=lambda line: print(f"finpipe: {line}", file=sys.stderr))
+    for f in result.files:
+        print(f"gguf: {f.path} ({f.outtype}, {f.size_bytes / 2**20:.1f} MiB)")
+    print(f"modelfile: {result.folder / 'Modelfile'}\nmodel card: {result.folder / 'README.md'}")
+    for p in result.parity:
+        print(f"parity: {p.file}: {p.identical}/{p.answers} answers identical to the merged model at its precision, "
+              f"number correctness {p.number_correctness} vs {p.reference_number_correctness} -> "
+              f"{'pass' if p.passed else 'FAIL'} ({p.rule})")
+    print(f"export took {time.perf_counter() - started:.0f} s ({', '.join(f'{k} {v} s' for k, v in result.seconds.items())})")
+    print(f"run with: cd {result.folder} && ollama create finpipe -f Modelfile && ollama run finpipe")
+    return 0 if result.passed else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the champion (and the base, and every kept adapter) over an OpenAI-compatible HTTP API."""
+    from finpipe.serving.app import ServeSpec, serve
+    from finpipe.settings import chosen
+
+    spec = ServeSpec(**chosen(args, ServeSpec))  # validated before anything loads
+    lake_dir = paths.lake_dir()
+    if not (lake_dir / paths.LAKE_DB_NAME).exists():
+        raise FileNotFoundError(f"no lake at {lake_dir}: run `finpipe run` first")
+    _quiet_transformers()
+    serve(lake_dir, spec, log=lambda line: print(f"finpipe serve: {line}", file=sys.stderr, flush=True))
     return 0
+
+
+def cmd_lake(args: argparse.Namespace) -> int:
+    """Check the lake file, list its snapshots, take one, or restore the newest readable one."""
+    from finpipe.market import snapshots
+
+    db = paths.lake_db_path()
+    if args.action == "check":
+        health = snapshots.check(db)
+        if not health.ok:
+            print(f"lake {db}: DAMAGED: {health.problem}")
+            print("restore the newest readable snapshot with: finpipe lake restore")
+            return EXIT_LAKE_CORRUPT
+        print(f"lake {db}: ok (" + ", ".join(f"{t} {n:,}" for t, n in health.tables.items()) + ")")
+    elif args.action == "snapshot":
+        print(f"snapshot: {snapshots.snapshot(db)}")
+    elif args.action == "restore":
+        chosen, aside = snapshots.restore(db, Path(args.snapshot) if args.snapshot else None)
+        print(f"restored {db} from {chosen}" + (f"; the damaged file is kept as {aside}" if aside else ""))
+    for path in snapshots.list_snapshots(db) if args.action in ("check", "list") else []:
+        print(f"snapshot: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _snapshot_after_run() -> None:
+    """Keep a copy of the lake after a successful run (the newest few): a damaged lake loses at most one run."""
+    from finpipe.market.lake import LakeLockedError
+    from finpipe.market.snapshots import snapshot
+
+    try:
+        taken = snapshot(paths.lake_db_path())
+    except LakeLockedError:
+        print("finpipe: the lake is held by another process: no snapshot this time", file=sys.stderr)
+        return
+    if taken:
+        print(f"lake snapshot: {taken}")
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -405,6 +580,8 @@ def _inference_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = none")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="answer length limit")
+    parser.add_argument("--allow-ungrounded", action="store_true",
+                        help="answer questions that name no ticker of the lake (no market data) instead of refusing")
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -412,7 +589,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     _prepare_dagster_home()
     import dagster as dg
 
-    from finpipe.definitions import build_resources
+    from finpipe.defs.resources import build_resources
     from finpipe.defs.studies import compression_study, peft_comparison, peft_method_run
     from finpipe.studies.peft_study import STUDY_METHODS
 
@@ -422,7 +599,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown PEFT methods {unknown}; the study covers {', '.join(STUDY_METHODS)}")
     resources, instance = build_resources(), dg.DagsterInstance.get()
     run_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
-    peft_ops = {"ops": {"peft_method_run": {"config": {"max_steps": args.max_steps}}}}
+    peft_ops = {"ops": {"peft_method_run": {"config": {"max_steps": args.max_steps} if args.max_steps else {}}}}
     reports = []
     if not args.skip_peft:
         for i, method in enumerate(methods, 1):
@@ -438,8 +615,9 @@ def cmd_study(args: argparse.Namespace) -> int:
         reports.append(done.asset_materializations_for_node("peft_comparison")[0].metadata["html"].value)
     if not args.skip_compression:
         print("finpipe: [compression] the champion: PTQ variants and successive layer dropping")
-        ops = {"ops": {"compression_study": {"config": {"ks": [int(k) for k in args.drop.split(",")],
-                                                         "heal_steps": args.heal_steps}}}}
+        compression = {"ks": [int(k) for k in args.drop.split(",")]} | (
+            {"heal_steps": args.heal_steps} if args.heal_steps is not None else {})
+        ops = {"ops": {"compression_study": {"config": compression}}}
         done = dg.materialize([compression_study], resources=resources, instance=instance, raise_on_error=False,
                               run_config=run_config | ops)
         if not _report(done, "compression study"):
@@ -448,6 +626,12 @@ def cmd_study(args: argparse.Namespace) -> int:
     for path in reports:
         print(f"report: {path}")
     return 0
+
+
+def _spec_default(name: str):
+    from finpipe.training.spec import AdapterSpec
+
+    return getattr(AdapterSpec, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -464,10 +648,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only-data", action="store_true", help="stop after the datasets (no model training)")
     run.add_argument("--base", default="smollm2",
                      help="base model: smollm2 (embedded), scratch (finpipe's own GPT), a hub id or a local folder")
-    run.add_argument("--quantization", default="nf4", choices=["nf4", "none"], help="nf4 = QLoRA, none = LoRA")
-    run.add_argument("--max-steps", type=int, default=24, help="adapter training steps")
-    run.add_argument("--eval-max-new-tokens", type=int, default=80,
-                     help="longest generated answer in the evaluation (greedy)")
+    run.add_argument("--quantization", choices=["auto", "nf4", "none"],
+                     help="auto (the default) = QLoRA on CUDA, LoRA on CPU; nf4 = QLoRA; none = LoRA")
+    run.add_argument("--train-minutes", type=float, help=f"adapter training budget in minutes (default "
+                     f"{_spec_default('max_minutes')}; a faster machine trains more steps in it)")
+    run.add_argument("--max-steps", type=int, help="also stop after this many optimizer steps")
+    run.add_argument("--warm-start", action="store_true",
+                     help="continue from the champion's weights (as the nightly run does) instead of a fresh adapter")
+    run.add_argument("--eval-max-new-tokens", type=int, help="longest generated answer in the evaluation (greedy)")
+    run.add_argument("--config", metavar="YAML", help="run config for the model stage (the Launchpad's format), e.g. "
+                     "configs/train-60-minutes.yaml; the options above override it")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(func=cmd_run)
 
@@ -479,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     sql = sub.add_parser("sql", help="run a read-only SQL query against the lake")
     sql.add_argument("query")
     sql.add_argument("--limit", type=int, default=50, help="rows to print")
+    sql.add_argument("--lock-timeout", type=float, default=5.0, help="seconds to wait for a run that holds the lake")
     sql.set_defaults(func=cmd_sql)
 
     ask = sub.add_parser("ask", help="answer a question with the champion adapter, grounded in the lake")
@@ -496,11 +687,30 @@ def build_parser() -> argparse.ArgumentParser:
     _inference_options(demo)
     demo.set_defaults(func=cmd_demo)
 
-    export = sub.add_parser("export", help="merge the adapter into its base and write a plain HF model folder")
-    export.add_argument("--merged", required=True, metavar="DIR", help="output folder")
+    export = sub.add_parser("export", help="merge the adapter into its base: a Hugging Face folder or GGUF + Ollama")
+    export.add_argument("--merged", metavar="DIR", help="write a plain Hugging Face model folder")
+    export.add_argument("--gguf", metavar="DIR", help="write GGUF files, an Ollama Modelfile and a model card, and "
+                        "check that each file answers the golden questions like the merged model")
+    export.add_argument("--gguf-types", default="bf16,q8_0", help="GGUF types to write: f32, f16, bf16, q8_0")
+    export.add_argument("--parity-samples", type=int, default=0, help="golden questions for the parity check "
+                        "(default: all)")
     export.add_argument("--adapter", default="champion", help="champion (default), latest or an adapter folder")
-    export.add_argument("--force", action="store_true", help="replace a previous export in DIR")
+    export.add_argument("--force", action="store_true", help="replace a previous finpipe export in DIR (never "
+                        "anything else)")
     export.set_defaults(func=cmd_export)
+
+    serve_parser = sub.add_parser("serve", help="an OpenAI-compatible chat server for the champion, grounded in the "
+                                  "lake, verifying every number it states")
+    from finpipe.serving.app import ServeSpec
+    from finpipe.settings import add_options
+
+    add_options(serve_parser, ServeSpec)
+    serve_parser.set_defaults(func=cmd_serve)
+
+    lake = sub.add_parser("lake", help="check the lake file, list, take or restore its snapshots")
+    lake.add_argument("action", choices=["check", "list", "snapshot", "restore"])
+    lake.add_argument("--snapshot", help="with restore: this snapshot file (default: the newest readable one)")
+    lake.set_defaults(func=cmd_lake)
 
     runs = sub.add_parser("runs", help="print the run registry (evaluated adapters, metrics, status)")
     runs.add_argument("--limit", type=int, default=50, help="rows to print")
@@ -508,9 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser("study", help="the PEFT method comparison and the compression study (after `run`)")
     study.add_argument("--methods", help="comma-separated subset of lora,qlora,adalora,vblora,dora,ia3 (default all)")
-    study.add_argument("--max-steps", type=int, default=8, help="training steps per PEFT method")
+    study.add_argument("--max-steps", type=int, help="training steps per PEFT method (default: the study spec's)")
     study.add_argument("--drop", default="2,4", help="layers to drop in total, successively (e.g. 2,4)")
-    study.add_argument("--heal-steps", type=int, default=8, help="LoRA healing steps after each drop (0 = none)")
+    study.add_argument("--heal-steps", type=int, help="LoRA healing steps after each drop (0 = none; default: the "
+                       "study spec's)")
     study.add_argument("--skip-peft", action="store_true")
     study.add_argument("--skip-compression", action="store_true")
     study.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -520,16 +731,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from finpipe.market.lake import LakeLockedError  # after parsing: `finpipe --help` stays instant
+    from finpipe.market.lake import (
+        CorruptLakeError,
+        LakeLockedError,  # after parsing: `finpipe --help` stays instant
+    )
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # configuration and input errors: one clear line
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line; training resumes from its last checkpoint on the next run
+        print("\nfinpipe: interrupted; run the same command again to continue (training resumes from its last "
+              "checkpoint)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `finpipe sql ... | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # bad input or configuration: one clear line
+        return EXIT_BAD_INPUT
     except LakeLockedError as exc:  # another process (a run, a duckdb shell) holds the lake
         print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_LAKE_LOCKED
+    except CorruptLakeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LAKE_CORRUPT
 
 
 if __name__ == "__main__":

@@ -1,26 +1,19 @@
-"""The finpipe Dagster code location (``dagster dev -w workspace.yaml`` loads ``defs``)."""
+"""The finpipe Dagster code location: every definition under ``finpipe/defs`` (autoloaded, as ``dg`` projects do),
+merged with the resources and the executor. ``dagster dev -w workspace.yaml``, ``dg dev``, ``dg check defs`` and
+``dg list defs`` all load ``defs`` from here.
+
+Groups follow the lineage: market_data → statistics → datasets → models → evaluation, plus the optional scratch
+model and the studies. ``in_groups`` hands out a group's assets and their checks (the CLI's stages use it).
+"""
 
 import multiprocessing
-import os
+import warnings
+from pathlib import Path
 
 import dagster as dg
 
-from finpipe.defs.automation import nightly_retrain, nightly_schedule, refresh_on_new_prices
-from finpipe.defs.datasets import dataset_checks, dataset_split, instruction_samples
-from finpipe.defs.evaluation import evaluation_assets, evaluation_checks
-from finpipe.defs.market_data import daily_prices, market_data_checks
-from finpipe.defs.models import HuggingFaceResource, base_model, qlora_adapter, scratch_gpt
-from finpipe.defs.resources import LAKE_WRITER_LIMITS, LakeResource, MarketDataResource
-from finpipe.defs.statistics import price_statistics, statistics_sane
-from finpipe.defs.studies import study_assets
-
-#: everything downstream of the partitioned prices up to the training data
-DERIVED_ASSETS = [price_statistics, instruction_samples, dataset_split]
-DERIVED_CHECKS = [statistics_sane, *dataset_checks]
-#: models: base (embedded SmolLM2 by default), the adapter, its evaluation, report and promotion;
-#: scratch_gpt is the optional own GPT
-MODEL_ASSETS = [base_model, qlora_adapter, *evaluation_assets]
-MODEL_CHECKS = evaluation_checks
+import finpipe.defs
+from finpipe.defs.resources import LAKE_WRITER_LIMITS, build_resources
 
 #: Launched runs (UI, schedule, sensor, `dagster job launch`) run each step in its own process, as many at once as
 #: there are CPUs, but never two lake writers at once (DuckDB: one writing process per file). Step processes fork
@@ -39,27 +32,38 @@ multiprocess_lake_safe = dg.multiprocess_executor.configured(
     config_schema={"max_concurrent": dg.Field(int, default_value=0, description="steps at once; 0 = one per CPU")})
 
 
-def build_resources() -> dict:
-    token = dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else ""  # secrets only from the environment
-    return {
-        "lake": LakeResource(),
-        "market_data": MarketDataResource.from_env(),
-        "huggingface": HuggingFaceResource(token=token),
-    }
+def _dg_project_root() -> Path | None:
+    """The checkout whose pyproject declares the dg project, or None (an installed wheel carries no pyproject)."""
+    for folder in Path(__file__).resolve().parents:
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            return folder if "[tool.dg]" in pyproject.read_text(encoding="utf-8") else None
+    return None
+
+
+def autoloaded() -> dg.Definitions:
+    """Every asset, check, job, schedule and sensor defined at module level under ``finpipe/defs``: loaded as the dg
+    project's defs folder where its configuration (pyproject's ``[tool.dg]``) is at hand, else from the package."""
+    project_root = _dg_project_root()
+    if project_root is not None:
+        return dg.load_from_defs_folder(project_root=project_root)
+    with warnings.catch_warnings():  # preview status of the fallback loader: not the user's concern
+        warnings.simplefilter("ignore")
+        return dg.load_definitions_from_package_module(finpipe.defs)
 
 
 def definitions_with_executor(executor) -> dg.Definitions:
-    """finpipe's assets, checks, jobs, schedule, sensor and resources run by ``executor`` (deploy/ swaps in the
-    Kubernetes or Celery executor; locally it is ``multiprocess_lake_safe``)."""
-    return dg.Definitions(
-        assets=[daily_prices, *DERIVED_ASSETS, scratch_gpt, *MODEL_ASSETS, *study_assets],
-        asset_checks=[*market_data_checks, *DERIVED_CHECKS, *MODEL_CHECKS],
-        jobs=[nightly_retrain],
-        schedules=[nightly_schedule],
-        sensors=[refresh_on_new_prices],
-        resources=build_resources(),
-        executor=executor,
-    )
+    """finpipe's definitions run by ``executor`` (deploy/ swaps in the Kubernetes or Celery executor; locally it is
+    ``multiprocess_lake_safe``)."""
+    return dg.Definitions.merge(autoloaded(), dg.Definitions(resources=build_resources(), executor=executor))
 
 
 defs = definitions_with_executor(multiprocess_lake_safe)
+
+
+def in_groups(*groups: str) -> list:
+    """The assets of ``groups`` and every check that targets them, to pass to ``dg.materialize``."""
+    assets = [a for a in defs.assets if set(a.group_names_by_key.values()) & set(groups)]
+    keys = {k for a in assets for k in a.keys}
+    checks = [c for c in defs.asset_checks if {k.asset_key for k in c.check_keys} & keys]
+    return [*assets, *checks]

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
-from functools import lru_cache
+import shutil
 from pathlib import Path
 
+import dagster as dg
 import pytest
+import torch
+
+from finpipe.instructions.builder import DatasetSpec, build_samples
+from finpipe.market.lake import PriceLake
+from finpipe.models import registry
+from finpipe.paths import LAKE_DB_NAME
+from finpipe_tests.helpers import ingest, lake_inputs, make_tiny_llama, tiny_split
 
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-
-FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(autouse=True)
@@ -34,35 +39,6 @@ def lake_resources(isolated_lake: Path):
     return build
 
 
-def d(text: str) -> dt.date:
-    return dt.date.fromisoformat(text)
-
-
-@lru_cache(maxsize=1)
-def tiny_split():
-    """A small temporal split of real replay samples (every 9th session), for training tests."""
-    from finpipe.instructions.split import SplitSpec, temporal_split
-    from finpipe_tests.test_instruction_datasets import samples
-
-    return temporal_split(samples(date_stride=9), SplitSpec(val_fraction=0.2))
-
-
-def make_tiny_llama(folder: Path, tokenizer, num_layers: int = 2) -> Path:
-    """A randomly initialised Llama (hidden 64, intermediate 128) saved with ``tokenizer`` into ``folder``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """A 2-layer tiny Llama with a BPE tokenizer trained on the samples (seconds)."""
@@ -70,3 +46,65 @@ def tiny_base(tmp_path_factory) -> Path:
 
     texts = [f"{s.text_of('user')}\n{s.text_of('assistant')}" for s in tiny_split().train]
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_base"), train_tokenizer(texts, vocab_size=600))
+
+
+# --------------------------------------------------------------- a replay lake with a tiny model (inference, serving)
+
+@pytest.fixture(scope="session")
+def lake_template(tmp_path_factory) -> Path:
+    """The replay lake (4 tickers, 2011-03-01 .. 2013-03-01) with its price_statistics table."""
+    from finpipe.defs.resources import LakeResource, MarketDataResource
+    from finpipe.defs.statistics import price_statistics
+
+    lake_dir = tmp_path_factory.mktemp("template_lake")
+    resources = {"lake": LakeResource(lake_dir=str(lake_dir)), "market_data": MarketDataResource()}
+    ingest(resources)
+    assert dg.materialize([price_statistics], resources=resources).success
+    return lake_dir / LAKE_DB_NAME
+
+
+@pytest.fixture
+def lake(lake_template: Path, isolated_lake: Path) -> PriceLake:
+    """Each test gets its own copy of the lake (pointers and the run registry are written per test)."""
+    isolated_lake.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(lake_template, isolated_lake / LAKE_DB_NAME)
+    return PriceLake(isolated_lake / LAKE_DB_NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny(lake_template: Path, tmp_path_factory) -> dict:
+    """A tiny random Llama (base folder) and a random LoRA adapter on it (adapter folder), as training saves them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finpipe.models.scratch import train_tokenizer
+
+    samples = build_samples(*lake_inputs(PriceLake(lake_template)), DatasetSpec(date_stride=9))
+    tokenizer = train_tokenizer([f"{s.text_of('user')}\n{s.text_of('assistant')}" for s in samples], vocab_size=600)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    root = tmp_path_factory.mktemp("tiny")
+    base_dir, adapter_dir = root / "base", root / "adapter"
+    LlamaForCausalLM(config).save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    # init_lora_weights=False: B is random too, so the adapter changes the outputs (a trained one would)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                                LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                                           task_type="CAUSAL_LM", init_lora_weights=False))
+    peft_model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    return {"base": base_dir, "adapter": adapter_dir}
+
+
+@pytest.fixture
+def champion(tiny: dict, lake: PriceLake, isolated_lake: Path) -> dict:
+    """The test's replay lake with pointers as `finpipe run` leaves them: the base model and a promoted adapter."""
+    base = {"name": "tiny", "path": str(tiny["base"])}
+    registry.write_pointer(registry.base_pointer(isolated_lake), base)
+    payload = {"run_id": "r1", "path": str(tiny["adapter"]), "base": base}
+    registry.write_pointer(registry.champion_pointer(isolated_lake), payload)
+    return payload

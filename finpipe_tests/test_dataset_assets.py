@@ -2,31 +2,9 @@
 
 import json
 
-import dagster as dg
 import pytest
 
-from finpipe.definitions import DERIVED_ASSETS, DERIVED_CHECKS
-from finpipe.defs.market_data import daily_prices, market_data_checks
-from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-
-
-def ingest(resources, first="2011-03-01", last="2013-03-01"):
-    dg.materialize([daily_prices, *market_data_checks], resources=resources,
-                   tags={PARTITION_RANGE_START_TAG: first, PARTITION_RANGE_END_TAG: last})
-
-
-def derive(resources, samples_config=None, split_config=None):
-    ops = {}
-    if samples_config:
-        ops["instruction_samples"] = {"config": samples_config}
-    if split_config:
-        ops["dataset_split"] = {"config": split_config}
-    return dg.materialize([*DERIVED_ASSETS, *DERIVED_CHECKS], resources=resources, raise_on_error=False,
-                          run_config={"ops": ops})
-
-
-def checks(result):
-    return {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+from finpipe_tests.helpers import checks, derive, ingest
 
 
 def test_lineage_to_the_split_on_the_offline_default(lake_resources, isolated_lake):
@@ -34,7 +12,10 @@ def test_lineage_to_the_split_on_the_offline_default(lake_resources, isolated_la
     ingest(resources)
     result = derive(resources)
     assert result.success
-    assert all(checks(result).values()) and len(checks(result)) == 9
+    assert all(checks(result).values()) and set(checks(result)) == {
+        "statistics_sane", "samples_schema_and_ranges", "samples_unique_ids", "samples_role_order",
+        "samples_token_budget", "samples_no_nan_text", "samples_family_balance", "samples_fact_check",
+        "samples_no_control_or_injection", "split_has_no_leakage"}
     meta = {k: v.value for k, v in result.asset_materializations_for_node("dataset_split")[0].metadata.items()}
     assert meta["train_samples"] > 2000 and meta["val_samples"] > 500
     cutoff = meta["cutoff"]

@@ -5,9 +5,10 @@ import json
 import dagster as dg
 import pytest
 
-from finpipe.definitions import DERIVED_ASSETS, DERIVED_CHECKS
-from finpipe.defs.models import HuggingFaceResource, base_model, qlora_adapter, scratch_gpt
-from finpipe_tests.test_dataset_assets import derive, ingest
+from finpipe.defs.models import base_model, qlora_adapter, scratch_gpt
+from finpipe.defs.resources import HuggingFaceResource
+from finpipe.models import registry
+from finpipe_tests.helpers import derive, ingest
 
 
 @pytest.fixture
@@ -22,7 +23,8 @@ def test_scratch_gpt_learns_and_a_qlora_adapter_trains_on_it(resources, isolated
     ops = {
         "scratch_gpt": {"config": {"steps": 60, "hidden_size": 64, "num_layers": 2, "vocab_size": 1500}},
         "base_model": {"config": {"model": "scratch"}},
-        "qlora_adapter": {"config": {"max_steps": 6, "eval_steps": 3, "max_val_samples": 8, "max_train_samples": 64,
+        "qlora_adapter": {"config": {"max_minutes": 0, "max_steps": 6, "eval_points": 2, "max_val_samples": 8,
+                                     "max_train_samples": 64, "quantization": "nf4",  # QLoRA, chosen explicitly on CPU
                                      "batch_size": 2, "learning_rate": 1e-3}},
     }
     # base_model reads whatever base its config names: the own GPT must exist first (its own run)
@@ -34,10 +36,10 @@ def test_scratch_gpt_learns_and_a_qlora_adapter_trains_on_it(resources, isolated
     adapter = {k: v.value for k, v in result.asset_materializations_for_node("qlora_adapter")[0].metadata.items()}
     assert adapter["quantization"] == "nf4" and adapter["steps"] == 6 and adapter["base_model"] == "finpipe-scratch-gpt"
     assert adapter["best_val_loss"] <= adapter["initial_val_loss"]
-    assert adapter["device"] == "cpu" and "4-bit saves memory, not time" in adapter["device_note"]
-    latest = json.loads((isolated_lake / "models/adapters/latest.json").read_text())
-    assert latest["path"] == adapter["path"]
-    assert not (isolated_lake / "models/adapters/_jobs").exists() or not any((isolated_lake / "models/adapters/_jobs").iterdir())
+    assert adapter["device"] == "cpu" and "QLoRA (4-bit NF4 base)" in adapter["device_note"]
+    assert registry.resolve_adapter(isolated_lake, "latest")["path"] == adapter["path"]
+    jobs = isolated_lake / "models/adapters/_jobs"  # the finished job's checkpoints are gone; the replay cache stays
+    assert not jobs.exists() or {p.name for p in jobs.iterdir()} <= {"general_replay"}
 
 
 def test_invalid_adapter_config_fails_before_any_work(resources, isolated_lake):

@@ -9,7 +9,7 @@ from finpipe.market import calendars
 from finpipe.market.ingest import FAILED, NO_SESSIONS, OK, IngestRequest, ingest
 from finpipe.market.sources import ReplaySource, SimulatedSource, make_source
 from finpipe.market.universes import INDIA, US_CORE, get_universe
-from finpipe_tests.conftest import d
+from finpipe_tests.helpers import d
 
 
 def test_replay_serves_real_quandl_rows():

@@ -183,7 +183,7 @@ def test_price_statistics_refreshes_incrementally_through_dagster(lake_resources
 
     from finpipe.defs.resources import LakeResource
     from finpipe.defs.statistics import STATISTICS_TABLE, price_statistics, statistics_sane
-    from finpipe_tests.test_dataset_assets import ingest
+    from finpipe_tests.helpers import ingest
 
     resources = lake_resources()
     lake: LakeResource = resources["lake"]
@@ -231,8 +231,8 @@ def test_lake_trailing_window_read_equals_the_polars_window(replay_prices, spars
     exactly ``trailing_window``'s rows, also when a sparse ticker's tail reaches before the bound."""
     import duckdb
 
-    from finpipe.statistics.refresh import read_trailing_window
     from finpipe.statistics.compute import INCREMENTAL_TAIL_SESSIONS, trailing_window
+    from finpipe.statistics.refresh import read_trailing_window
 
     prices = replay_prices
     if sparse:

@@ -9,12 +9,13 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from finpipe.defs.evaluation import adapter_evaluation, champion_adapter
-from finpipe.defs.models import HuggingFaceResource, base_model, qlora_adapter
+from finpipe.defs.models import base_model, qlora_adapter
+from finpipe.defs.resources import HuggingFaceResource
 from finpipe.defs.studies import compression_study, peft_comparison, peft_method_run
 from finpipe.market.lake import PriceLake
-from finpipe_tests.test_dataset_assets import derive, ingest
+from finpipe_tests.helpers import derive, ingest
 
-STUDY = {"max_steps": 4, "eval_steps": 2, "batch_size": 4, "max_seq_len": 512, "lora_r": 8,
+STUDY = {"max_steps": 4, "eval_points": 2, "batch_size": 4, "max_seq_len": 512, "lora_r": 8,
          "vblora_vector_length": 16, "learning_rate": 5e-3, "max_val_samples": 4, "loss_samples": 7,
          "max_new_tokens": 6}
 
@@ -63,9 +64,10 @@ def test_each_method_partition_trains_a_loadable_adapter_and_the_comparison_repo
 
 def test_compression_study_of_the_champion_writes_variants_to_the_lake_and_a_pareto_report(
         lake_with_base, isolated_lake):
-    train = {"quantization": "none", "max_steps": 6, "eval_steps": 3, "max_val_samples": 8, "max_train_samples": 96,
-             "batch_size": 4, "learning_rate": 5e-3, "max_seq_len": 512, "early_stopping_patience": 0}
-    evaluation = {"val_answers_per_family": 1, "golden_per_family": 1, "loss_samples": 7, "max_new_tokens": 6}
+    train = {"quantization": "none", "max_minutes": 0, "max_steps": 6, "eval_points": 2, "max_val_samples": 8,
+             "max_train_samples": 96, "batch_size": 4, "learning_rate": 5e-3, "max_seq_len": 512,
+             "early_stopping_patience": 0, "curve_answers_per_family": 0}
+    evaluation = {"golden_per_family": 1, "loss_samples": 7, "max_new_tokens": 6}
     assert dg.materialize([qlora_adapter, adapter_evaluation, champion_adapter], resources=lake_with_base,
                           run_config={"ops": {"qlora_adapter": {"config": train},
                                               "adapter_evaluation": {"config": evaluation}}}).success

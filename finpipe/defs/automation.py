@@ -24,6 +24,22 @@ from finpipe.defs.statistics import price_statistics
 NIGHTLY_CRON = os.environ.get("FINPIPE_NIGHTLY_CRON", "30 18 * * 1-5")
 NIGHTLY_TIMEZONE = os.environ.get("FINPIPE_NIGHTLY_TIMEZONE", "America/New_York")
 
+
+def _check_schedule_settings() -> None:
+    """Bad schedule settings fail the code location with one line naming the variable, not a stack trace."""
+    from dagster._utils.schedules import is_valid_cron_string
+
+    if not is_valid_cron_string(NIGHTLY_CRON):
+        raise ValueError(f"FINPIPE_NIGHTLY_CRON={NIGHTLY_CRON!r} is not a cron schedule (e.g. '30 18 * * 1-5')")
+    try:
+        zoneinfo.ZoneInfo(NIGHTLY_TIMEZONE)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"FINPIPE_NIGHTLY_TIMEZONE={NIGHTLY_TIMEZONE!r} is not a time zone "
+                         "(e.g. America/New_York, Asia/Kolkata)") from None
+
+
+_check_schedule_settings()
+
 NIGHTLY_ASSETS = [daily_prices, price_statistics, instruction_samples, dataset_split, base_model, qlora_adapter,
                   adapter_evaluation, evaluation_report, champion_adapter]
 #: refreshed by the automation sensor whenever an upstream partition lands (cheap: no training)

@@ -9,17 +9,19 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from finpipe.defs.config import config_class
 from finpipe.defs.metadata import markdown_table
 from finpipe.defs.partitions import REFRESH_WHEN_PRICES_LAND
 from finpipe.defs.resources import LakeResource
 from finpipe.defs.statistics import STATISTICS_TABLE, price_statistics
-from finpipe.instructions import families
 from finpipe.instructions.builder import DatasetSpec, build_samples, family_counts
 from finpipe.instructions.external import load_external
 from finpipe.instructions.quality import GATES, validate_samples
 from finpipe.instructions.samples import read_jsonl, write_jsonl
 from finpipe.instructions.split import SplitSpec, temporal_split
 from finpipe.instructions.tokens import estimate_tokens
+from finpipe.models.files import atomic_write_text, file_digest
+from finpipe.settings import help_of
 
 
 def datasets_dir(lake: LakeResource) -> Path:
@@ -43,22 +45,66 @@ def golden_path(lake: LakeResource) -> Path:
     return datasets_dir(lake) / "golden.jsonl"
 
 
-def split_and_golden(lake: LakeResource, golden_per_family: int, seed: int):
+def validation_path(lake: LakeResource) -> Path:
+    return datasets_dir(lake) / "validation" / "instruction_samples.json"
+
+
+def gated_samples_digest(lake: LakeResource) -> str:
+    """The digest of samples.jsonl, if its current content passed every gate; else a Failure saying what to run."""
+    samples, report = samples_path(lake), validation_path(lake)
+    if not samples.exists():
+        raise dg.Failure(f"{samples} does not exist: materialize instruction_samples first")
+    digest = file_digest(samples)
+    try:
+        verdict = json.loads(report.read_text())["finpipe"]
+    except (OSError, ValueError, KeyError):
+        raise dg.Failure(f"the samples in {samples} were never validated: materialize instruction_samples with its "
+                         "checks (the quality gates) before the split") from None
+    if verdict["samples_sha256"] != digest:
+        raise dg.Failure(f"{samples} changed since its quality gates ran: materialize instruction_samples with its "
+                         "checks again")
+    if not verdict["passed"]:
+        failed = ", ".join(g for g, ok in verdict["gates"].items() if not ok)
+        raise dg.Failure(f"the samples failed their quality gates ({failed}): fix the data; the last good split "
+                         "stays in place", metadata={"failed_gates": failed})
+    return digest
+
+
+def check_split_files(lake: LakeResource) -> dict:
+    """split.json, after checking that train.jsonl and val.jsonl are exactly the files the split wrote."""
+    out = split_dir(lake)
+    try:
+        manifest = json.loads((out / "split.json").read_text())
+    except (OSError, ValueError):
+        raise dg.Failure(f"{out / 'split.json'} is missing or not JSON: materialize dataset_split") from None
+    for side in ("train", "val"):
+        path = out / f"{side}.jsonl"
+        expected = (manifest.get("files") or {}).get(side)
+        if expected is None:
+            raise dg.Failure(f"{out / 'split.json'} has no manifest for {side}.jsonl (written by an older finpipe): "
+                             "materialize dataset_split again")
+        lines = sum(1 for _ in open(path, encoding="utf-8")) if path.exists() else 0
+        if not path.exists() or file_digest(path) != expected["sha256"]:
+            raise dg.Failure(f"{path} does not match its manifest ({lines} lines, expected {expected['samples']}; "
+                             "truncated or edited since the split wrote it): materialize dataset_split again")
+    return manifest
+
+
+def split_and_golden(lake: LakeResource, golden_per_family: int, seed: int, paraphrase_share: float = 0.5):
     """(train, val, golden, created): the split files and the golden set, frozen from val on first use."""
     from finpipe.evaluation.golden import freeze_golden
 
     train, val = read_jsonl(split_dir(lake) / "train.jsonl"), read_jsonl(split_dir(lake) / "val.jsonl")
-    golden, created = freeze_golden(val, golden_path(lake), golden_per_family, seed)
+    golden, created = freeze_golden(val, golden_path(lake), golden_per_family, seed, paraphrase_share)
     return train, val, golden, created
 
 
-class InstructionSamplesConfig(dg.Config):
-    seed: int = Field(default=42, description="fixes phrasings, horizons and pairs: same seed, same bytes")
-    date_stride: int = Field(default=3, description="every Nth session (from the newest) is an as-of date")
-    families: list[str] = Field(default=list(families.ALL_FAMILIES), description="question families to render")
-    comparisons_per_date: int = Field(default=2, description="ticker pairs compared per as-of date")
-    max_seq_len: int = Field(default=512, description="token budget every sample must fit (the training max_seq_len)")
-    external_path: str = Field(default="", description="optional JSON/JSONL/CSV of extra instructions to merge")
+InstructionSamplesConfig = config_class(DatasetSpec, "InstructionSamplesConfig",
+                                        only=("seed", "date_stride", "comparisons_per_date"), extra={
+    "families": (list[str], Field(default=list(DatasetSpec.families), description=help_of(DatasetSpec, "families"))),
+    "max_seq_len": (int, Field(default=512, description="token budget every sample must fit (the training max_seq_len)")),
+    "external_path": (str, Field(default="", description="optional JSON/JSONL/CSV of extra instructions to merge")),
+})
 
 
 @dg.asset(
@@ -113,9 +159,12 @@ def instruction_samples_quality(context: dg.AssetCheckExecutionContext, lake: La
     samples = read_jsonl(samples_path(lake))
     manifest = json.loads(manifest_path(lake).read_text())
     result = validate_samples(samples, max_seq_len=manifest["config"]["max_seq_len"])
-    report = datasets_dir(lake) / "validation" / "instruction_samples.json"
+    report = validation_path(lake)
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps(result.raw, indent=1, default=str))
+    # the split reads this: it trains only on samples whose exact bytes passed every gate
+    verdict = {"samples_sha256": file_digest(samples_path(lake)), "passed": result.passed,
+               "gates": {g.name: g.passed for g in result.gates.values()}}
+    atomic_write_text(report, json.dumps(result.raw | {"finpipe": verdict}, indent=1, default=str))
     for gate in result.gates.values():
         yield dg.AssetCheckResult(
             check_name=f"samples_{gate.name}",
@@ -127,10 +176,9 @@ def instruction_samples_quality(context: dg.AssetCheckExecutionContext, lake: La
         )
 
 
-class DatasetSplitConfig(dg.Config):
-    val_fraction: float = Field(default=0.2, description="share of dated samples after the cutoff")
-    cutoff: str = Field(default="", description="explicit ISO cutoff date (overrides val_fraction)")
-    embargo_days: int = Field(default=0, description="calendar days before the cutoff excluded from train")
+DatasetSplitConfig = config_class(SplitSpec, "DatasetSplitConfig", only=("val_fraction", "embargo_days"), extra={
+    "cutoff": (str, Field(default="", description=help_of(SplitSpec, "cutoff") + " (ISO date; empty: none)")),
+})
 
 
 @dg.asset(
@@ -143,6 +191,7 @@ class DatasetSplitConfig(dg.Config):
 )
 def dataset_split(context: dg.AssetExecutionContext, config: DatasetSplitConfig,
                   lake: LakeResource) -> dg.MaterializeResult:
+    samples_digest = gated_samples_digest(lake)  # refuses samples whose gates did not pass (or never ran)
     cutoff = dt.date.fromisoformat(config.cutoff) if config.cutoff else None
     spec = SplitSpec(val_fraction=config.val_fraction, cutoff=cutoff, embargo_days=config.embargo_days)
     golden = golden_path(lake)
@@ -152,8 +201,11 @@ def dataset_split(context: dg.AssetExecutionContext, config: DatasetSplitConfig,
     train_path, val_path = out / "train.jsonl", out / "val.jsonl"
     write_jsonl(split.train, train_path)
     write_jsonl(split.val, val_path)
-    (out / "split.json").write_text(json.dumps({"cutoff": split.cutoff.isoformat(), "train": len(split.train),
-                                                "val": len(split.val), "dropped": split.dropped}, indent=2))
+    files = {side: {"samples": len(rows), "sha256": file_digest(out / f"{side}.jsonl")}
+             for side, rows in (("train", split.train), ("val", split.val))}
+    atomic_write_text(out / "split.json", json.dumps({
+        "cutoff": split.cutoff.isoformat(), "train": len(split.train), "val": len(split.val),
+        "dropped": split.dropped, "files": files, "samples_sha256": samples_digest}, indent=2))
     train_counts, val_counts = Counter(s.family for s in split.train), Counter(s.family for s in split.val)
     table = pl.DataFrame([{"family": f, "train": train_counts.get(f, 0), "val": val_counts.get(f, 0)}
                           for f in sorted(set(train_counts) | set(val_counts))])
@@ -189,6 +241,3 @@ def split_has_no_leakage(lake: LakeResource) -> dg.AssetCheckResult:
         passed=late_train == early_val == shared == 0 and bool(train) and bool(val),
         metadata={"train_after_cutoff": late_train, "val_at_or_before_cutoff": early_val, "shared_texts": shared},
     )
-
-
-dataset_checks = [instruction_samples_quality, split_has_no_leakage]

@@ -11,6 +11,7 @@ from finpipe.defs.partitions import trading_days
 from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource, MarketDataResource
 from finpipe.market import quality
 from finpipe.market.ingest import FAILED, INCOMPLETE, NO_SESSIONS, OK, IngestRequest, ingest
+from finpipe.market.lake import CorruptLakeError
 
 
 @dg.asset(
@@ -35,19 +36,28 @@ def daily_prices(
     source = market_data.price_source()
     context.log.info(f"ingesting {universe.name} ({len(universe.tickers)} tickers) {start}..{end} from {source.name}")
 
-    batch = ingest(source, IngestRequest(universe, start, end))
+    try:
+        batch = ingest(source, IngestRequest(universe, start, end))
+    except ValueError as exc:  # a request no retry can fix (a date outside the calendar, a bad universe)
+        raise dg.Failure(description=f"cannot ingest {start}..{end}: {exc}", allow_retries=False) from None
     expected = [o for o in batch.outcomes if o.status != NO_SESSIONS]
     if expected and all(o.status == FAILED for o in expected):
         # Nothing usable arrived although sessions were expected: fail loudly, write nothing.
+        offline = getattr(source, "offline", None)
         raise dg.Failure(
-            description=f"every ticker failed from source {source.name} for {start}..{end}: "
-            + "; ".join(f"{o.ticker}: {o.reason}" for o in expected[:5]),
+            description=(f"{source.name} is unreachable ({offline}): offline, use the replay source "
+                         "(FINPIPE_SOURCE=replay)" if offline else
+                         f"every ticker failed from source {source.name} for {start}..{end}: "
+                         + "; ".join(f"{o.ticker}: {o.reason}" for o in expected[:5])),
             metadata={"failures": {o.ticker: o.reason for o in expected}},
-            allow_retries=market_data.retry_when_all_fail and source.name == "yahoo",
+            allow_retries=market_data.retry_when_all_fail and source.name == "yahoo" and not offline,
         )
 
     prices_lake = lake.prices_lake()
-    summary = prices_lake.write_batch(batch, run_id=context.run_id)
+    try:
+        summary = prices_lake.write_batch(batch, run_id=context.run_id)
+    except (CorruptLakeError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        raise dg.Failure(description=f"cannot write the lake: {exc}", allow_retries=False) from None
     by_status = {s: [o.ticker for o in summary.outcomes if o.status == s] for s in (OK, INCOMPLETE, FAILED, NO_SESSIONS)}
     for o in summary.outcomes:
         if o.status == FAILED:
@@ -126,6 +136,3 @@ def prices_no_calendar_gaps(lake: LakeResource) -> dg.AssetCheckResult:
 def prices_fresh(lake: LakeResource) -> dg.AssetCheckResult:
     with lake.prices_lake().connect(read_only=True) as con:
         return _check_result(quality.freshness(con, max_lag_sessions=3), severity=dg.AssetCheckSeverity.WARN)
-
-
-market_data_checks = [prices_keys_unique, prices_ohlc_consistent, prices_no_calendar_gaps, prices_fresh]

@@ -1,33 +1,25 @@
 """Model assets: the base model, finpipe's own scratch GPT, and the (Q)LoRA adapter."""
 
 import datetime as dt
-import json
-import os
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from finpipe.defs.datasets import dataset_split, split_dir
+from finpipe.defs.config import config_class
+from finpipe.defs.datasets import check_split_files, dataset_split, split_dir
 from finpipe.defs.metadata import markdown_table
-from finpipe.defs.resources import LakeResource
+from finpipe.defs.resources import HuggingFaceResource, LakeResource
 from finpipe.models import registry
-from finpipe.models.files import folder_size
+from finpipe.models.files import file_digest, folder_size
+from finpipe.models.scratch import ScratchGPTSpec
 from finpipe.training.spec import AdapterSpec
-
 
 #: what base_model downloads from the hub: configs, safetensors weights, tokenizer files, chat templates; never
 #: pickles (*.bin, *.pt, *.pth, *.ckpt) and never code (*.py: remote code stays off)
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-
-
-class HuggingFaceResource(dg.ConfigurableResource):
-    """Credentials for gated hub models (e.g. meta-llama/Llama-3.2-1B-Instruct): HF_TOKEN, never in config files."""
-
-    token: str = ""
 
 
 class BaseModelConfig(dg.Config):
@@ -95,32 +87,23 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, lake:
     })
 
 
-class ScratchGPTConfig(dg.Config):
-    steps: int = Field(default=300, description="optimizer steps")
-    hidden_size: int = 128
-    num_layers: int = 4
-    vocab_size: int = 4000
-    seq_len: int = 256
-    batch_size: int = 8
-    learning_rate: float = 3e-3
-    seed: int = 0
+ScratchGPTConfig = config_class(ScratchGPTSpec, "ScratchGPTConfig", only=(
+    "steps", "hidden_size", "num_layers", "vocab_size", "seq_len", "batch_size", "learning_rate", "seed"))
 
 
 @dg.asset(
     deps=[dataset_split],
-    group_name="models",
+    group_name="scratch",
     kinds={"pytorch"},
     description="A small Llama-architecture GPT pretrained from scratch (own BPE tokenizer) on the training "
     "split's finance text; reports validation perplexity against the untrained model.",
 )
 def scratch_gpt(context: dg.AssetExecutionContext, config: ScratchGPTConfig, lake: LakeResource) -> dg.MaterializeResult:
     from finpipe.instructions.samples import read_jsonl
-    from finpipe.models.scratch import ScratchConfig, pretrain
+    from finpipe.models.scratch import pretrain
     from finpipe.training.plots import loss_curve_png, markdown_image
 
-    spec = ScratchConfig(steps=config.steps, hidden_size=config.hidden_size, num_layers=config.num_layers,
-                         vocab_size=config.vocab_size, seq_len=config.seq_len, batch_size=config.batch_size,
-                         learning_rate=config.learning_rate, seed=config.seed)
+    spec = ScratchGPTSpec(**config.model_dump())
     text = lambda s: f"{s.text_of('user')}\n{s.text_of('assistant')}"  # noqa: E731
     train = [text(s) for s in read_jsonl(split_dir(lake) / "train.jsonl")]
     val = [text(s) for s in read_jsonl(split_dir(lake) / "val.jsonl")]
@@ -140,45 +123,12 @@ def scratch_gpt(context: dg.AssetExecutionContext, config: ScratchGPTConfig, lak
     })
 
 
-class AdapterTrainingConfig(dg.Config):
-    """The UI/run-config face of ``AdapterSpec``: same fields, same defaults (validated by AdapterSpec)."""
-
-    quantization: str = Field(default=AdapterSpec.quantization, description="'nf4' = QLoRA (4-bit NF4 base), 'none' = plain LoRA")
-    method: str = Field(default=AdapterSpec.method, description="PEFT method: 'lora' (+ nf4 = QLoRA), 'dora', "
-                        "'adalora', 'vblora' or 'ia3'")
-    lora_r: int = AdapterSpec.lora_r
-    lora_alpha: int = AdapterSpec.lora_alpha
-    lora_dropout: float = AdapterSpec.lora_dropout
-    target_modules: str = Field(default=AdapterSpec.target_modules, description="'all-linear' or e.g. 'q_proj,v_proj'")
-    learning_rate: float = AdapterSpec.learning_rate
-    max_steps: int = AdapterSpec.max_steps
-    batch_size: int = AdapterSpec.batch_size
-    grad_accum: int = AdapterSpec.grad_accum
-    max_seq_len: int = AdapterSpec.max_seq_len
-    warmup_ratio: float = AdapterSpec.warmup_ratio
-    eval_steps: int = AdapterSpec.eval_steps
-    early_stopping_patience: int = AdapterSpec.early_stopping_patience
-    packing: bool = AdapterSpec.packing
-    gradient_checkpointing: bool = AdapterSpec.gradient_checkpointing
-    max_train_samples: int = Field(default=AdapterSpec.max_train_samples, description="0 = the whole training split")
-    max_val_samples: int = Field(default=AdapterSpec.max_val_samples, description="validation samples per evaluation")
-    logging_steps: int = AdapterSpec.logging_steps
-    seed: int = AdapterSpec.seed
-    adalora_init_r: int = Field(default=AdapterSpec.adalora_init_r, description="AdaLoRA: starting rank per matrix")
-    adalora_target_r: int = Field(default=AdapterSpec.adalora_target_r,
-                                  description="AdaLoRA: final average rank per matrix (< adalora_init_r)")
-    adalora_tinit_frac: float = Field(default=AdapterSpec.adalora_tinit_frac,
-                                      description="AdaLoRA: fraction of max_steps before ranks are reallocated")
-    adalora_tfinal_frac: float = Field(default=AdapterSpec.adalora_tfinal_frac,
-                                       description="AdaLoRA: fraction of max_steps trained at the final ranks")
-    adalora_delta_t_frac: float = Field(default=AdapterSpec.adalora_delta_t_frac,
-                                        description="AdaLoRA: reallocation interval, fraction of max_steps (>= 1 step)")
-    vblora_num_vectors: int = Field(default=AdapterSpec.vblora_num_vectors, description="VB-LoRA: vectors in the bank")
-    vblora_vector_length: int = Field(default=AdapterSpec.vblora_vector_length,
-                                      description="VB-LoRA: vector length, must divide the targeted in/out features")
-    vblora_topk: int = Field(default=AdapterSpec.vblora_topk, description="VB-LoRA: bank vectors mixed per sub-vector")
-    warm_start: str = Field(default="none", description="'none' = fresh LoRA; 'champion' = continue from the "
-                            "champion adapter's weights when it was trained on the same base (the nightly run does)")
+AdapterTrainingConfig = config_class(
+    AdapterSpec, "AdapterTrainingConfig",
+    extra={"warm_start": (str, Field(default="none", description="'none' = fresh LoRA; 'champion' = continue from "
+                                     "the champion adapter's weights when it was trained on the same base (the "
+                                     "nightly run does)"))},
+)
 
 
 @dg.asset(
@@ -198,29 +148,22 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
     if config.warm_start not in ("none", "champion"):
         raise dg.Failure(f"warm_start must be 'none' or 'champion', got {config.warm_start!r}")
     spec = AdapterSpec(**config.model_dump(exclude={"warm_start"}))  # validates every knob before any work
+    check_split_files(lake)  # a truncated or edited split is refused, not trained on
     base = registry.read_pointer(registry.base_pointer(lake.directory))
-    init_adapter = None
-    if config.warm_start == "champion":
-        pointer = registry.champion_pointer(lake.directory)
-        champion = registry.read_pointer(pointer) if pointer.exists() else None
-        if champion is None:
-            context.log.info("warm start: no champion yet, training a fresh adapter")
-        elif champion["base"]["path"] != base["path"]:
-            context.log.warning(f"warm start: the champion {champion['run_id']} was trained on "
-                                f"{champion['base']['name']}, not {base['name']}: training a fresh adapter")
-        else:
-            init_adapter = champion["path"]
+    init_adapter, init_tokens = (registry.warm_start(lake.directory, base, log=context.log.info)
+                                 if config.warm_start == "champion" else (None, 0))
     train_path, val_path = split_dir(lake) / "train.jsonl", split_dir(lake) / "val.jsonl"
-    fingerprint = spec.fingerprint(base["path"], str(os.path.getmtime(train_path)), str(train_path.stat().st_size),
-                                   str(init_adapter))
+    # the job is identified by what it trains on (file content, not its modification time): a rerun with the same
+    # spec, data and base resumes its checkpoints
+    fingerprint = spec.fingerprint(base["path"], file_digest(train_path), str(init_adapter))
     adapters = registry.adapters_dir(lake.directory)
     job_dir = adapters / "_jobs" / fingerprint
     run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{context.run_id[:8]}"
     adapter_dir = adapters / run_id
     report = train_adapter(base["path"], read_jsonl(train_path), read_jsonl(val_path), job_dir, adapter_dir, spec,
-                           log=context.log.info, init_adapter=init_adapter)
+                           log=context.log.info, init_adapter=init_adapter, init_tokens=init_tokens)
     png = loss_curve_png(report.train_losses, report.eval_losses, adapter_dir / "loss.png",
-                         f"{spec.quantization} adapter on {base['name']}")
+                         f"{'QLoRA' if report.quantization == 'nf4' else 'LoRA'} adapter on {base['name']}")
     registry.write_pointer(registry.latest_adapter_pointer(lake.directory),
                            {"run_id": run_id, "path": str(adapter_dir), "base": base, "fingerprint": fingerprint})
     shutil.rmtree(job_dir, ignore_errors=True)  # finished: checkpoints are only needed to resume
@@ -232,7 +175,8 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
         "run_id": run_id,
         "path": dg.MetadataValue.path(str(adapter_dir)),
         "base_model": base["name"],
-        "quantization": spec.quantization,
+        "quantization": report.quantization,
+        "trained_as": "QLoRA (4-bit NF4 base)" if report.quantization == "nf4" else "LoRA (unquantized base)",
         "method": report.method,
         "trainable_params": report.trainable_params,
         "total_params": report.total_params,
@@ -251,10 +195,15 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
         "device": report.device,
         "precision": report.precision,
         "device_note": report.device_note,
+        "device_plan": dg.MetadataValue.json(report.device_plan),
+        "max_seq_len": report.max_seq_len,
+        "stopped_by": report.stopped_by or "early stopping",
+        "train_samples": report.train_samples,
+        "cumulative_train_tokens": report.cumulative_train_tokens,
+        "learning_curve": dg.MetadataValue.md(markdown_table(pl.DataFrame(report.curve), max_rows=30))
+        if report.curve else "",
         "loss_curve": dg.MetadataValue.md(markdown_image(png, "loss curves")),
         "losses": dg.MetadataValue.md(curves),
         "tensorboard": dg.MetadataValue.path(str(adapter_dir / "tensorboard")),
     })
 
-
-model_assets = [base_model, scratch_gpt, qlora_adapter]

@@ -17,7 +17,6 @@ from finpipe.market.lake import PriceLake
 from finpipe.market.sources import REPLAY_LAST_DATE, SOURCE_KINDS, PriceSource, make_source
 from finpipe.market.universes import UNIVERSES, Universe, get_universe
 
-
 #: DuckDB admits one writing process per lake file. Every asset that writes the lake is in this Dagster pool and
 #: carries LAKE_WRITER_TAGS: the executor's tag limit (LAKE_WRITER_LIMITS, finpipe.definitions) keeps two writers
 #: of one run apart, an instance pool limit (`concurrency: pools:` in dagster.yaml, or
@@ -127,3 +126,19 @@ class MarketDataResource(dg.ConfigurableResource):
             yahoo_proxy=self.yahoo_proxy,
             yahoo_deadline_s=self.yahoo_deadline_s,
         )
+
+
+class HuggingFaceResource(dg.ConfigurableResource):
+    """Credentials for gated hub models (e.g. meta-llama/Llama-3.2-1B-Instruct): HF_TOKEN, never in config files."""
+
+    token: str = ""
+
+
+def build_resources() -> dict:
+    """The resources every finpipe asset runs with (secrets only from the environment, as ``dg.EnvVar``)."""
+    token = dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else ""
+    return {
+        "lake": LakeResource(),
+        "market_data": MarketDataResource.from_env(),
+        "huggingface": HuggingFaceResource(token=token),
+    }

@@ -8,13 +8,16 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from finpipe.defs.config import config_class
 from finpipe.defs.datasets import dataset_split, split_and_golden
 from finpipe.defs.evaluation import champion_adapter
 from finpipe.defs.metadata import markdown_table, markdown_with_inline_images
 from finpipe.defs.models import base_model
-from finpipe.evaluation.evaluate import EvalSpec
 from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
+from finpipe.evaluation.evaluate import EvalSpec
 from finpipe.models import registry
+from finpipe.settings import fields_of, help_of
+from finpipe.studies.compression import CompressionSpec
 from finpipe.studies.peft_study import STUDY_METHODS, PeftStudySpec
 
 PEFT_TABLE, COMPRESSION_TABLE = "peft_study", "compression_study"
@@ -25,22 +28,8 @@ def studies_dir(lake: LakeResource) -> Path:
     return lake.directory / "studies"
 
 
-class PeftStudyConfig(dg.Config):
-    """The UI/run-config face of ``PeftStudySpec``: the budget every method gets."""
-
-    max_steps: int = PeftStudySpec.max_steps
-    batch_size: int = PeftStudySpec.batch_size
-    max_seq_len: int = PeftStudySpec.max_seq_len
-    lora_r: int = Field(default=PeftStudySpec.lora_r, description="rank of LoRA/QLoRA/DoRA/VB-LoRA; AdaLoRA "
-                        "starts at 1.5x and ends at this average rank")
-    vblora_vector_length: int = Field(default=PeftStudySpec.vblora_vector_length,
-                                      description="VB-LoRA vector length (divides every targeted layer's sizes)")
-    learning_rate: float = Field(default=PeftStudySpec.learning_rate, description="IA3 and VB-LoRA use their own")
-    eval_steps: int = PeftStudySpec.eval_steps
-    max_val_samples: int = PeftStudySpec.max_val_samples
-    loss_samples: int = PeftStudySpec.loss_samples
-    max_new_tokens: int = PeftStudySpec.max_new_tokens
-    seed: int = PeftStudySpec.seed
+PeftStudyConfig = config_class(PeftStudySpec, "PeftStudyConfig",
+                               doc="The UI/run-config face of ``PeftStudySpec``: the budget every method gets.")
 
 
 @dg.asset(
@@ -89,7 +78,7 @@ def peft_comparison(lake: LakeResource) -> dg.MaterializeResult:
     if frame.height == 0:
         raise dg.Failure("peft_study is empty: materialize (backfill) peft_method_run partitions first")
     columns = ["method", "trainable_params", "adapter_mb", "train_seconds", "peak_rss_delta_mb", "best_val_loss",
-               "golden_loss", "golden_numeric_fidelity", "golden_label_accuracy", "golden_token_f1",
+               "golden_loss", "golden_number_correctness", "golden_label_correctness", "golden_exact_match",
                "golden_rouge_l", "quality", "latency_s"]
     out = studies_dir(lake) / "peft"
     rows = frame.to_dicts()
@@ -97,7 +86,7 @@ def peft_comparison(lake: LakeResource) -> dg.MaterializeResult:
                                                   ("train_seconds", "training time (s)")], out)
     summary = [("methods", ", ".join(frame["method"].to_list())),
                ("budget", f"{frame['steps'].max()} steps each on {frame['base_model'][0]}, same split and golden set"),
-               ("quality", "mean of golden numeric fidelity, label accuracy and ROUGE-L"),
+               ("quality", "mean of the strict golden metrics: number correctness, label correctness, exact match"),
                *[(f"Pareto frontier, quality vs {c}", ", ".join(f)) for c, f in fronts.items()]]
     md, html = render_study("finpipe PEFT method comparison", rows, columns, out, summary, plots)
     return dg.MaterializeResult(metadata={
@@ -108,17 +97,10 @@ def peft_comparison(lake: LakeResource) -> dg.MaterializeResult:
     })
 
 
-class CompressionConfig(dg.Config):
-    """What to compress and how hard (the UI face of ``CompressionSpec``)."""
-
-    ks: list[int] = Field(default=[2, 4], description="decoder layers to drop in total, successively")
-    heal_steps: int = Field(default=8, description="LoRA steps after each drop (0 = no healing)")
-    answers: int = Field(default=14, description="golden answers generated per variant")
-    max_new_tokens: int = 64
-    bf16: bool = True
-    int8: bool = True
-    nf4: bool = True
-    seed: int = 0
+CompressionConfig = config_class(
+    CompressionSpec, "CompressionConfig", only=[n for n, *_ in fields_of(CompressionSpec) if n != "ks"],
+    extra={"ks": (list[int], Field(default=list(CompressionSpec.ks), description=help_of(CompressionSpec, "ks")))},
+    doc="What to compress and how hard (the UI face of ``CompressionSpec``).")
 
 
 @dg.asset(
@@ -153,7 +135,7 @@ def compression_study(context: dg.AssetExecutionContext, config: CompressionConf
     rows = [r | {"champion": champion["run_id"], "finished_at": finished} for r in rows]
     upsert_rows(lake.prices_lake(), COMPRESSION_TABLE, rows, key="variant")
     columns = ["variant", "size_mb", "size_basis", "parameters", "layers", "tokens_per_s", "latency_s",
-               "peak_rss_increase_mb", "loss", "numeric_fidelity", "label_accuracy", "rouge_l", "quality",
+               "peak_rss_increase_mb", "loss", "number_correctness", "label_correctness", "exact_match", "quality",
                "pareto_size", "pareto_speed", "skipped"]
     plots = {"quality vs size": out / "pareto_size.png", "quality vs generation speed": out / "pareto_speed.png"}
     summary = [("champion", champion["run_id"]), ("variants", ", ".join(r["variant"] for r in rows)),
@@ -178,6 +160,3 @@ def _merged_from(folder: Path) -> str | None:
 
     manifest = folder / EXPORT_MANIFEST
     return json.loads(manifest.read_text()).get("champion") if manifest.exists() else None
-
-
-study_assets = [peft_method_run, peft_comparison, compression_study]

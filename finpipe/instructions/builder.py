@@ -11,17 +11,16 @@ import polars as pl
 
 from finpipe.instructions import families as fam
 from finpipe.instructions.samples import SYSTEM_PROMPT, Sample, sample_id
+from finpipe.settings import setting
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    seed: int = 42
-    #: take every Nth session (counted back from the newest) as an as-of date
-    date_stride: int = 3
-    families: tuple[str, ...] = fam.ALL_FAMILIES
-    #: ticker pairs compared per as-of date (at most all pairs)
-    comparisons_per_date: int = 2
-    system_prompt: str = SYSTEM_PROMPT
+    seed: int = setting(42, "fixes phrasings, horizons and pairs: same seed, same bytes")
+    date_stride: int = setting(3, "every Nth session (counted back from the newest) is an as-of date")
+    families: tuple[str, ...] = setting(fam.ALL_FAMILIES, "question families to render")
+    comparisons_per_date: int = setting(2, "ticker pairs compared per as-of date (at most all pairs)")
+    system_prompt: str = setting(SYSTEM_PROMPT, "the system turn of every sample")
 
     def __post_init__(self) -> None:
         unknown = set(self.families) - set(fam.ALL_FAMILIES)
@@ -52,7 +51,7 @@ def _sample(spec: DatasetSpec, family: str, tickers: list[str], as_of: str, titl
         {"role": "assistant", "content": rendered.answer},
     ]
     return Sample(id=sample_id(family, tickers, as_of, messages), family=family, tickers=tickers, as_of=as_of,
-                  messages=messages, expected=rendered.expected, labels=rendered.labels)
+                  messages=messages, expected=rendered.expected, labels=rendered.labels, facts=rendered.facts)
 
 
 def build_samples(stats: pl.DataFrame, prices: pl.DataFrame, names: dict[str, str], spec: DatasetSpec) -> list[Sample]:
@@ -78,7 +77,7 @@ def build_samples(stats: pl.DataFrame, prices: pl.DataFrame, names: dict[str, st
                 render, needs = fam.SINGLE_TICKER_FAMILIES[family]
                 if _complete(row, needs):
                     rendered = render(row, _rng(spec, family, row["ticker"], as_of_text))
-                    samples.append(_sample(spec, family, [row["ticker"]], as_of_text, fam._name(row), rendered))
+                    samples.append(_sample(spec, family, [row["ticker"]], as_of_text, fam.display_name(row), rendered))
         if "comparison" in spec.families and spec.comparisons_per_date:
             eligible = sorted(t for t, row in records.items() if _complete(row, fam.COMPARISON_NEEDS))
             pairs = list(itertools.combinations(eligible, 2))

@@ -26,10 +26,16 @@ GATES = {
     "token_budget": "every sample fits the configured max sequence length",
     "no_nan_text": "no NaN/inf/None rendered into any message",
     "family_balance": "each grounded family's share of samples is within [0.5, 2] x uniform",
-    "fact_check": "every number in a grounded answer appears in (or derives from) its context",
+    "fact_check": "every number in an answer appears in (or derives from) its context: grounded samples' market "
+                  "data, an external record's own instruction",
+    "no_control_or_injection": "no chat-template control tokens and no instruction-injection text in any message",
 }
+#: text that would become real chat turns when tokenized, or that tries to override the system prompt
+CONTROL_OR_INJECTION = (r"(?i)<\|[a-z_]+\|>|</?s>|\[/?INST\]|<<SYS>>|"
+                        r"(ignore|disregard|forget)\s+(all\s+|any\s+)?(the\s+)?(previous|prior|above|earlier)\s+"
+                        r"(instructions|prompts?|messages)|\bnew system prompt\b|\byou are now\b")
 REQUIRED_COLUMNS = ["sample_id", "family", "origin", "roles", "user_text", "assistant_text", "all_text",
-                    "tokens", "fact_check", "family_share"]
+                    "content_text", "tokens", "fact_check", "family_share"]
 
 
 @dataclass
@@ -60,11 +66,10 @@ def samples_frame(samples: list[Sample], count_tokens: TokenCounter = estimate_t
     rows = []
     for s in samples:
         user, answer = s.text_of("user"), s.text_of("assistant")
-        if s.grounded:
-            unsupported = unsupported_numbers(answer, user)
-            fact = "pass" if not unsupported else "fail: " + ", ".join(unsupported[:5])
-        else:
-            fact = "n/a"
+        # grounded samples against their market data; external records against their own instruction (an
+        # invented "AAPL closed at 999999.99" has nothing to stand on)
+        unsupported = unsupported_numbers(answer, user)
+        fact = "pass" if not unsupported else "fail: " + ", ".join(unsupported[:5])
         rows.append({
             "sample_id": s.id,
             "family": s.family,
@@ -73,6 +78,9 @@ def samples_frame(samples: list[Sample], count_tokens: TokenCounter = estimate_t
             "user_text": user or None,
             "assistant_text": answer or None,
             "all_text": "\n".join(str(m.get("content")) for m in s.messages),
+            # what users and answers say (finpipe's own system prompt is the one text allowed to instruct)
+            "content_text": "\n".join(str(m.get("content")) for m in s.messages if m.get("role") != "system"
+                                      or s.origin != "finpipe"),
             "tokens": count_tokens(s.messages),
             "fact_check": fact,
             "family_share": shares.get(s.family) if s.grounded else None,
@@ -97,7 +105,9 @@ def _suite(max_seq_len: int, n_grounded_families: int):
         ("no_nan_text", gxe.ExpectColumnValuesToNotMatchRegex(column="all_text", regex=NAN_TEXT)),
         ("family_balance", gxe.ExpectColumnValuesToBeBetween(column="family_share", min_value=0.5 * uniform,
                                                               max_value=min(1.0, 2 * uniform))),
-        ("fact_check", gxe.ExpectColumnValuesToBeInSet(column="fact_check", value_set=["pass", "n/a"])),
+        ("fact_check", gxe.ExpectColumnValuesToBeInSet(column="fact_check", value_set=["pass"])),
+        ("no_control_or_injection", gxe.ExpectColumnValuesToNotMatchRegex(column="content_text",
+                                                                          regex=CONTROL_OR_INJECTION)),
     ]
     suite = gx.ExpectationSuite(name="instruction_samples")
     for gate, expectation in spec:

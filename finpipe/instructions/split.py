@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from finpipe.instructions.samples import Sample
+from finpipe.settings import setting
 
 
 @dataclass(frozen=True)
 class SplitSpec:
-    val_fraction: float = 0.2
-    cutoff: dt.date | None = None  # explicit cutoff overrides val_fraction
-    embargo_days: int = 0
+    val_fraction: float = setting(0.2, "share of the dated samples after the cutoff (the validation side)")
+    cutoff: dt.date | None = setting(None, "explicit cutoff date; overrides val_fraction")
+    embargo_days: int = setting(0, "calendar days before the cutoff excluded from training")
 
     def __post_init__(self) -> None:
         if self.cutoff is None and not 0.0 < self.val_fraction < 1.0:

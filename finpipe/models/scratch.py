@@ -14,24 +14,25 @@ from pathlib import Path
 
 from finpipe.models.chat_template import CHATML_WITH_GENERATION, IM_END, IM_START
 from finpipe.models.files import atomic_dir
+from finpipe.settings import setting
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 
 
 @dataclass(frozen=True)
-class ScratchConfig:
-    vocab_size: int = 4000
-    hidden_size: int = 128
-    intermediate_size: int = 352  # a multiple of 32 (bitsandbytes' CPU 4-bit kernels need it)
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    seq_len: int = 256
-    batch_size: int = 8
-    steps: int = 300
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
-    seed: int = 0
+class ScratchGPTSpec:
+    vocab_size: int = setting(4000, "BPE vocabulary size of the model's own tokenizer")
+    hidden_size: int = setting(128, "hidden size")
+    intermediate_size: int = setting(352, "MLP size (a multiple of 32: bitsandbytes' CPU 4-bit kernels need it)")
+    num_layers: int = setting(4, "decoder layers")
+    num_heads: int = setting(4, "attention heads")
+    num_kv_heads: int = setting(2, "key/value heads (grouped-query attention)")
+    seq_len: int = setting(256, "tokens per training sequence")
+    batch_size: int = setting(8, "sequences per optimizer step")
+    steps: int = setting(300, "optimizer steps")
+    learning_rate: float = setting(3e-3, "peak learning rate")
+    warmup_steps: int = setting(20, "linear warmup steps")
+    seed: int = setting(0, "initialization and data-order seed")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "seq_len",
@@ -107,7 +108,7 @@ class PretrainReport:
     config: dict
 
 
-def pretrain(train_texts: list[str], val_texts: list[str], target: Path, config: ScratchConfig = ScratchConfig(),
+def pretrain(train_texts: list[str], val_texts: list[str], target: Path, config: ScratchGPTSpec = ScratchGPTSpec(),
              log=print) -> PretrainReport:
     """Train tokenizer + model, measure validation perplexity before/after, save atomically to ``target``."""
     import torch

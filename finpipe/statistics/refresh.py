@@ -11,7 +11,6 @@ import duckdb
 import polars as pl
 
 from finpipe.market.lake import transaction
-
 from finpipe.statistics.compute import (
     INCREMENTAL_TAIL_SESSIONS,
     STATISTICS_COLUMNS,

@@ -19,7 +19,6 @@ see ``INT8_CPU_NOTE``, ``NF4_CPU_NOTE`` and ``UNSUPPORTED_METHODS``.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import random
@@ -30,9 +29,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from finpipe.evaluation.evaluate import ANSWER_METRICS, quality_score, score_set
-from finpipe.evaluation.generation import Sampling, generate, inference_dtype
+from finpipe.evaluation.generation import Sampling, generate
 from finpipe.instructions.samples import Sample
 from finpipe.models.files import atomic_dir
+from finpipe.runtime import accelerator, inference_dtype, package_versions, release_memory
+from finpipe.settings import setting
 from finpipe.studies.pareto import pareto_front, pareto_plot_png
 from finpipe.training.memory import RssPeak
 
@@ -88,21 +89,21 @@ SIZE_MEMORY = "memory: parameter + buffer + quantization-state bytes of the load
 class CompressionSpec:
     """Knobs of one study, validated up front (``ks`` against the model's depth at run time)."""
 
-    ks: tuple[int, ...] = (2, 4)  # total numbers of decoder layers to drop, successively
-    heal_steps: int = 16  # LoRA steps after each drop; 0 = no healing
-    answers: int = 14  # generated answers per variant (spread over the families)
-    max_new_tokens: int = 64
-    calibration_prompts: int = 16  # training conversations used to rank layers
-    seed: int = 0
-    bf16: bool = True
-    int8: bool = True
-    nf4: bool = True
-    heal_lora_r: int = 8
-    heal_learning_rate: float = 5e-4
-    heal_batch_size: int = 2
-    heal_max_seq_len: int = 512
-    heal_max_train_samples: int = 0  # 0 = all
-    heal_val_samples: int = 8
+    ks: tuple[int, ...] = setting((2, 4), "decoder layers to drop in total, successively (each a running total)")
+    heal_steps: int = setting(8, "LoRA steps after each drop (0 = no healing)")
+    answers: int = setting(14, "golden answers generated per variant (spread over the families)")
+    max_new_tokens: int = setting(64, "longest generated answer")
+    calibration_prompts: int = setting(16, "training conversations used to rank layers")
+    seed: int = setting(0, "seed")
+    bf16: bool = setting(True, "measure the bf16 variant")
+    int8: bool = setting(True, "measure the bitsandbytes 8-bit variant")
+    nf4: bool = setting(True, "measure the bitsandbytes 4-bit NF4 variant")
+    heal_lora_r: int = setting(8, "rank of the healing LoRA")
+    heal_learning_rate: float = setting(5e-4, "learning rate of the healing LoRA")
+    heal_batch_size: int = setting(2, "batch of the healing LoRA")
+    heal_max_seq_len: int = setting(512, "sequence length of the healing LoRA")
+    heal_max_train_samples: int = setting(0, "healing samples (0 = all)")
+    heal_val_samples: int = setting(8, "validation samples during healing")
 
     def __post_init__(self) -> None:
         problems = []
@@ -228,12 +229,6 @@ def drop_layers(model, indices: Sequence[int]):
 
 # ------------------------------------------------------------------------------------------- variants
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_variant(model_dir: str | Path, kind: str, device: str | None = None):
     """One post-training variant of a plain model folder: ``fp32``, ``bf16``, ``int8`` or ``nf4``."""
     import torch
@@ -243,7 +238,7 @@ def load_variant(model_dir: str | Path, kind: str, device: str | None = None):
 
     if kind not in PTQ_VARIANTS:
         raise ValueError(f"unknown variant {kind!r}: expected one of {PTQ_VARIANTS}")
-    device = device or _device()
+    device = device or accelerator()
     kwargs: dict[str, Any] = {"device_map": {"": device}, "dtype": torch.bfloat16 if kind == "bf16" else torch.float32}
     if kind == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -306,17 +301,6 @@ def _dtype_name(model) -> str:
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def _release_memory() -> None:
-    """Give freed model memory back to the OS so the next variant's RSS growth is its own."""
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _weights_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
@@ -355,7 +339,7 @@ def measure_variant(name: str, model, tokenizer, samples: Sequence[Sample], samp
         size, basis = _weights_bytes(folder), SIZE_DISK
     else:
         size, basis = memory, SIZE_MEMORY
-    _release_memory()
+    release_memory()
     started = time.perf_counter()
     with RssPeak() as rss:  # only inference: saving allocates serialization buffers unrelated to serving
         # an untimed warm-up answer: the first generate pays one-time costs (kernel selection, lazy allocations)
@@ -413,8 +397,9 @@ def heal_with_lora(model_dir: str | Path, train_samples: Sequence[Sample], val_s
     shutil.rmtree(job_dir, ignore_errors=True)
     spec = AdapterSpec(
         quantization="none", lora_r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, learning_rate=learning_rate,
-        max_steps=steps, batch_size=batch_size, max_seq_len=max_seq_len, warmup_ratio=0.0,
-        eval_steps=steps, early_stopping_patience=0, gradient_checkpointing=False,  # short run: speed over memory
+        max_minutes=0, max_steps=steps, batch_size=batch_size, max_seq_len=max_seq_len, warmup_ratio=0.0,
+        eval_points=1, early_stopping_patience=0, gradient_checkpointing="off", balance_labels=False,
+        curve_answers_per_family=0, general_replay_share=0.0,  # short run: speed over memory
         max_train_samples=max_train_samples, max_val_samples=max_val_samples, logging_steps=max(1, steps // 4),
         seed=seed)
     torch.manual_seed(seed)
@@ -460,7 +445,7 @@ def _row(**values) -> dict:
 
 def successive_drop_and_heal(model_dir: str | Path, ks: list[int], train: Sequence[Sample], val: Sequence[Sample],
                              answer_samples: Sequence[Sample], out_dir: str | Path, sampling: Sampling,
-                             heal_steps: int = 0, calibration_prompts: int = 16, seed: int = 0,
+                             heal_steps: int, calibration_prompts: int = 16, seed: int = 0,
                              heal_options: dict | None = None, log: Log = print) -> list[dict]:
     """For each k (ascending): rank the current model's layers, drop the least important until k are gone in
     total, measure (``drop{k}``); with ``heal_steps`` heal with LoRA and measure again (``drop{k}+heal``). The
@@ -479,7 +464,7 @@ def successive_drop_and_heal(model_dir: str | Path, ks: list[int], train: Sequen
     prompts = [s.messages for s in spread(train, calibration_prompts, seed)]
     if not prompts:
         raise ValueError("ranking layers needs calibration conversations: train is empty")
-    device = _device()
+    device = accelerator()
     dtype = inference_dtype(device)
     current = Path(model_dir)
     original_ids = list(range(total_layers))  # original index of each layer of the current model
@@ -503,7 +488,7 @@ def successive_drop_and_heal(model_dir: str | Path, ks: list[int], train: Sequen
         rows.append(_row(**row, method="layer_drop", source=str(current), dropped_layers=sorted(dropped),
                          layer_importance=[round(s, 6) for s in scores], healed=False, heal_steps=0))
         del model
-        _release_memory()
+        release_memory()
         current = folder
         if heal_steps:
             healed_dir = out_dir / f"{name}_heal"
@@ -518,7 +503,7 @@ def successive_drop_and_heal(model_dir: str | Path, ks: list[int], train: Sequen
             rows.append(_row(**row, method="layer_drop+lora_heal", source=str(folder), dropped_layers=sorted(dropped),
                              healed=True, heal_steps=heal.steps, heal_eval_loss=heal.best_eval_loss))
             del model
-            _release_memory()
+            release_memory()
             current = healed_dir
     return rows
 
@@ -582,7 +567,7 @@ def run_compression_study(model_dir: str | Path, train: Sequence[Sample], val: S
             continue
         finally:
             model = None
-            _release_memory()
+            release_memory()
         note = {"int8": INT8_CPU_NOTE, "nf4": NF4_CPU_NOTE}.get(kind)
         rows.append(_row(**row, method="reference" if kind in ("fp32", "bf16") else "ptq", source=str(model_dir),
                          note=note, healed=False, heal_steps=0))
@@ -608,7 +593,7 @@ def run_compression_study(model_dir: str | Path, train: Sequence[Sample], val: S
     summary = {"model_dir": str(model_dir), "spec": asdict(spec), "rows": rows, "unsupported": UNSUPPORTED_METHODS,
                "int8_cpu": INT8_CPU_NOTE, "nf4_cpu": NF4_CPU_NOTE, "plots": {k: str(v) for k, v in plots.items()},
                "answers": [s.id for s in answers], "seconds": round(time.perf_counter() - started, 1),
-               "versions": _versions(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+               "versions": package_versions(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                "load_average": {"before": load_before, "after": _load_average()}}
     (out_dir / "study.json").write_text(json.dumps(summary, indent=2, default=str))
     log(f"compression study: {len(rows)} rows in {summary['seconds']} s -> {out_dir}")
@@ -620,16 +605,3 @@ def _load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-

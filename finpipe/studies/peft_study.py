@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from finpipe.evaluation.evaluate import quality_score
 from finpipe.instructions.samples import Sample
+from finpipe.settings import setting
 
 STUDY_METHODS = ("lora", "qlora", "adalora", "vblora", "dora", "ia3")
 #: per-method learning rates (peft's examples); the rest use the study's ``learning_rate``
@@ -24,20 +25,22 @@ METHOD_LEARNING_RATES = {"ia3": 3e-3, "vblora": 1e-3}
 
 @dataclass(frozen=True)
 class PeftStudySpec:
-    max_steps: int = 8  # sized for 2 CPU cores: the six methods train and score in ~20 minutes
-    batch_size: int = 2
-    max_seq_len: int = 384
-    lora_r: int = 16
-    vblora_vector_length: int = 64  # must divide every targeted layer's in/out features (SmolLM2: 64 does)
-    learning_rate: float = 2e-4
-    eval_steps: int = 4
-    max_val_samples: int = 8  # validation subset evaluated during training
-    loss_samples: int = 14  # validation samples for the study's loss
-    max_new_tokens: int = 64
-    seed: int = 42
+    """The budget every PEFT method gets in the study (sized for 2 CPU cores: six methods in ~20 minutes)."""
+
+    max_steps: int = setting(8, "optimizer steps per method")
+    batch_size: int = setting(2, "samples per step")
+    max_seq_len: int = setting(384, "tokens per sample")
+    lora_r: int = setting(16, "rank of LoRA/QLoRA/DoRA/VB-LoRA; AdaLoRA starts at 1.5x and ends at this average rank")
+    vblora_vector_length: int = setting(64, "VB-LoRA vector length (must divide every targeted layer's sizes)")
+    learning_rate: float = setting(2e-4, "learning rate (IA3 and VB-LoRA use their own)")
+    eval_points: int = setting(2, "evaluations (validation loss, checkpoint) during each method's training")
+    max_val_samples: int = setting(8, "validation subset evaluated during training")
+    loss_samples: int = setting(14, "validation samples for the study's loss")
+    max_new_tokens: int = setting(64, "longest generated golden answer")
+    seed: int = setting(42, "seed")
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "max_seq_len", "lora_r", "vblora_vector_length", "eval_steps",
+        for name in ("max_steps", "batch_size", "max_seq_len", "lora_r", "vblora_vector_length", "eval_points",
                      "max_val_samples",
                      "loss_samples", "max_new_tokens"):
             if getattr(self, name) <= 0:
@@ -60,7 +63,8 @@ def method_spec(method: str, study: PeftStudySpec):
         vblora_vector_length=study.vblora_vector_length,
         learning_rate=METHOD_LEARNING_RATES.get(method, study.learning_rate),
         max_steps=study.max_steps, batch_size=study.batch_size, max_seq_len=study.max_seq_len,
-        eval_steps=study.eval_steps, max_val_samples=study.max_val_samples, early_stopping_patience=0,
+        max_minutes=0, eval_points=study.eval_points, max_val_samples=study.max_val_samples, early_stopping_patience=0,
+        curve_answers_per_family=0, general_replay_share=0.0,
         seed=study.seed,
     )
 

@@ -1,0 +1,51 @@
+"""One declaration per setting: a domain spec's dataclass field carries its name, default and help, and both
+faces of it are derived from there — the Dagster run config (``finpipe.defs.config.config_class``) and the
+command-line options (``add_options``). Nothing here imports Dagster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Iterable
+
+
+def setting(default: Any, help: str) -> Any:
+    """A spec field with its help text (the UI's description and the ``--help`` line)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def help_of(spec_cls: type, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(spec_cls) if f.name == name)
+
+
+def fields_of(spec_cls: type, only: Iterable[str] | None = None) -> list[tuple[str, type, Any, str]]:
+    """(name, type, default, help) of each field, in declaration order (``only``: a subset, in its order)."""
+    hints = typing.get_type_hints(spec_cls)
+    by_name = {f.name: (f.name, hints[f.name], f.default, f.metadata.get("help", "")) for f in dataclasses.fields(spec_cls)}
+    return [by_name[n] for n in only] if only is not None else list(by_name.values())
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_options(parser: argparse.ArgumentParser, spec_cls: type, only: Iterable[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> None:
+    """``--field-name VALUE`` for each field (default None: unset options leave the spec's default in place)."""
+    for name, kind, default, text in fields_of(spec_cls, only):
+        shown = (defaults or {}).get(name, default)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_parse_bool if kind is bool else kind,
+                            default=None, metavar=kind.__name__.upper(),
+                            help=f"{text} (default: {shown})".replace("%", "%%"))  # argparse formats help with %
+
+
+def chosen(args: argparse.Namespace, spec_cls: type, only: Iterable[str] | None = None) -> dict[str, Any]:
+    """The options given on the command line, as spec keyword arguments."""
+    return {name: getattr(args, name) for name, *_ in fields_of(spec_cls, only) if getattr(args, name, None) is not None}

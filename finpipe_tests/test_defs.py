@@ -1,0 +1,51 @@
+"""The code location, as Dagster loads it: every asset, group, check, job, schedule and sensor, literally. An asset
+that falls out of the autoloaded ``finpipe/defs`` (or one nobody meant to add) fails here, in under a second."""
+
+import dagster as dg
+
+from finpipe.definitions import defs, in_groups
+from finpipe.instructions.quality import GATES
+
+GROUPS = {
+    "daily_prices": "market_data",
+    "price_statistics": "statistics",
+    "instruction_samples": "datasets", "dataset_split": "datasets",
+    "base_model": "models", "qlora_adapter": "models",
+    "scratch_gpt": "scratch",
+    "adapter_evaluation": "evaluation", "evaluation_report": "evaluation", "champion_adapter": "evaluation",
+    "peft_method_run": "studies", "peft_comparison": "studies", "compression_study": "studies",
+}
+CHECKS = {
+    "daily_prices": {"prices_keys_unique", "prices_ohlc_consistent", "prices_no_calendar_gaps", "prices_fresh"},
+    "price_statistics": {"statistics_sane"},
+    "instruction_samples": {f"samples_{gate}" for gate in GATES},
+    "dataset_split": {"split_has_no_leakage"},
+    "adapter_evaluation": {"adapter_beats_base_on_val_loss", "adapter_keeps_general_skills",
+                           "no_golden_regression_vs_champion"},
+}
+
+
+def test_the_code_location_holds_exactly_the_documented_definitions():
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()} == GROUPS
+    checks: dict[str, set[str]] = {}
+    for key in graph.asset_check_keys:
+        checks.setdefault(key.asset_key.to_user_string(), set()).add(key.name)
+    assert checks == CHECKS
+    assert {j.name for j in defs.jobs} == {"nightly_retrain"}
+    assert {s.name for s in defs.schedules} == {"nightly_schedule"}
+    assert {s.name for s in defs.sensors} == {"refresh_on_new_prices"}
+    assert set(defs.resources) == {"lake", "market_data", "huggingface"}
+    assert defs.executor.name == "multiprocess_lake_safe"
+    repository = defs.get_repository_def()  # binds resources and jobs: fails on any missing resource
+    assert repository.get_job("nightly_retrain")
+
+
+def test_a_stage_is_its_groups_assets_and_their_checks():
+    stage = in_groups("market_data")
+    assets = [d for d in stage if not isinstance(d, dg.AssetChecksDefinition)]
+    assert {a.key.to_user_string() for a in assets} == {"daily_prices"}
+    assert len(stage) - len(assets) == len(CHECKS["daily_prices"])
+    models = {k.to_user_string() for d in in_groups("models", "evaluation")
+              if not isinstance(d, dg.AssetChecksDefinition) for k in d.keys}
+    assert models == {"base_model", "qlora_adapter", "adapter_evaluation", "evaluation_report", "champion_adapter"}
