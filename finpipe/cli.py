@@ -488,7 +488,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"modelfile: {result.folder / 'Modelfile'}\nmodel card: {result.folder / 'README.md'}")
     for p in result.parity:
         print(f"parity: {p.file}: {p.identical}/{p.answers} answers identical to the merged model at its precision, "
-              f"number correctness {p.number_correctness} vs {p.reference_number_correctness} -> "
+              f"number correctness {p.number_correctness} vs {p.reference_number_correctness}, label correctness "
+              f"{p.label_correctness} vs {p.reference_label_correctness} -> "
               f"{'pass' if p.passed else 'FAIL'} ({p.rule})")
     print(f"export took {time.perf_counter() - started:.0f} s ({', '.join(f'{k} {v} s' for k, v in result.seconds.items())})")
     print(f"run with: cd {result.folder} && ollama create finpipe -f Modelfile && ollama run finpipe")

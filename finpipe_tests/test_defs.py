@@ -49,3 +49,23 @@ def test_a_stage_is_its_groups_assets_and_their_checks():
     models = {k.to_user_string() for d in in_groups("models", "evaluation")
               if not isinstance(d, dg.AssetChecksDefinition) for k in d.keys}
     assert models == {"base_model", "qlora_adapter", "adapter_evaluation", "evaluation_report", "champion_adapter"}
+
+
+def test_every_shipped_run_config_is_valid_for_the_launchpad_and_the_cli():
+    """configs/*.yaml: each op's config passes its asset's own config schema (what the Launchpad checks), and the
+    CLI's reader accepts it."""
+    from dagster._config import process_config
+
+    from finpipe.cli import _config_ops
+    from finpipe.paths import REPO_ROOT
+
+    assets = {a.key.to_user_string(): a for a in defs.assets}
+    files = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"quickstart", "train-60-minutes", "nightly", "gpu-qlora"}
+    for path in files:
+        for op, section in _config_ops(str(path)).items():
+            schema = assets[op].op.config_schema.config_type
+            result = process_config(schema, section.get("config", {}))
+            assert result.success, (path.name, op, [e.message for e in result.errors])
+    bad = process_config(assets["qlora_adapter"].op.config_schema.config_type, {"max_minuts": 3})
+    assert not bad.success  # a misspelt field is caught, so the check above can fail

@@ -91,10 +91,12 @@ def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], 
         "Each file was loaded back by a reader that did not write it (transformers' GGUF loader) and answered the "
         "golden questions greedily; its answers are compared with the merged model's at the same precision.",
         "",
-        "| file | reader | answers identical | strict number correctness (file / reference) | verdict |",
-        "|---|---|---|---|---|",
+        "| file | reader | answers identical | strict number correctness (file / reference) | "
+        "strict label correctness (file / reference) | verdict |",
+        "|---|---|---|---|---|---|",
         *[f"| `{p['file']}` | {p['reader']} | {p['identical']}/{p['answers']} | {p['number_correctness']} / "
-          f"{p['reference_number_correctness']} | {'pass' if p['passed'] else 'FAIL'} ({p['rule']}) |" for p in parity],
+          f"{p['reference_number_correctness']} | {p.get('label_correctness')} / {p.get('reference_label_correctness')} | "
+          f"{'pass' if p['passed'] else 'FAIL'} ({p['rule']}) |" for p in parity],
         "",
         "## License",
         "",

@@ -16,8 +16,7 @@ from typing import Callable, Sequence
 
 from finpipe.instructions.samples import Sample
 
-Q8_MIN_IDENTICAL = 0.90
-Q8_MAX_NUMBER_DROP = 0.02
+Q8_MAX_DROP = 0.03  # about 2 of 70 golden numbers/labels
 READER = "transformers GGUF loader"
 
 
@@ -30,6 +29,8 @@ class Parity:
     identical: int
     number_correctness: float | None
     reference_number_correctness: float | None
+    label_correctness: float | None
+    reference_label_correctness: float | None
     passed: bool
     rule: str
     differing: list[dict]  # the first few answers that differ: question, reference, file
@@ -58,11 +59,17 @@ def _answers(model, tokenizer, samples: Sequence[Sample], max_new_tokens: int) -
     return [g.text for g in out]
 
 
-def _number_correctness(samples: Sequence[Sample], answers: list[str]) -> float | None:
+def _strict(samples: Sequence[Sample], answers: list[str]) -> tuple[float | None, float | None]:
+    """Mean strict number and label correctness of ``answers`` (None where no sample has that kind of slot)."""
     from finpipe.evaluation.evaluate import score_answers
 
-    values = [r["number_correctness"] for r in score_answers(samples, answers) if r["number_correctness"] is not None]
-    return round(sum(values) / len(values), 4) if values else None
+    rows = score_answers(samples, answers)
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if r[key] is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
+    return mean("number_correctness"), mean("label_correctness")
 
 
 def check_gguf(gguf_path: Path, outtype: str, merged_dir: Path, samples: Sequence[Sample], max_new_tokens: int = 96,
@@ -95,16 +102,15 @@ def check_gguf(gguf_path: Path, outtype: str, merged_dir: Path, samples: Sequenc
     release_memory()
     reference = cache[key]
     identical = sum(a == b for a, b in zip(answers, reference))
-    numbers, reference_numbers = _number_correctness(samples, answers), _number_correctness(samples, reference)
+    (numbers, labels), (reference_numbers, reference_labels) = _strict(samples, answers), _strict(samples, reference)
     if outtype in ("f16", "bf16", "f32"):
         rule = "identical answers"
         passed = identical == len(samples)
     else:
-        rule = (f">= {Q8_MIN_IDENTICAL:.0%} identical and number correctness within {Q8_MAX_NUMBER_DROP} of the "
-                "reference")
-        passed = identical >= Q8_MIN_IDENTICAL * len(samples) and (
-            numbers is None or reference_numbers is None or numbers >= reference_numbers - Q8_MAX_NUMBER_DROP)
+        rule = f"number and label correctness each within {Q8_MAX_DROP} of the reference; identical share reported"
+        passed = all(mine is None or theirs is None or mine >= theirs - Q8_MAX_DROP
+                     for mine, theirs in ((numbers, reference_numbers), (labels, reference_labels)))
     differing = [{"question": s.text_of("user").rsplit("Question:", 1)[-1].strip(), "reference": b, "file": a}
                  for s, a, b in zip(samples, answers, reference) if a != b][:5]
-    return Parity(gguf_path.name, outtype, READER, len(samples), identical, numbers, reference_numbers, passed, rule,
-                  differing)
+    return Parity(gguf_path.name, outtype, READER, len(samples), identical, numbers, reference_numbers, labels,
+                  reference_labels, passed, rule, differing)

@@ -32,7 +32,7 @@ class AdapterSpec:
     target_modules: str = setting("all-linear", "'all-linear' or a comma-separated list, e.g. 'q_proj,v_proj'")
     learning_rate: float = setting(1e-3, "peak learning rate (chosen by the sweep, docs/training-sweep.md)")
     # The budget (finpipe.training.budget): training stops when any limit is reached, and the schedule follows it.
-    max_minutes: float = setting(3.0, "wall-time budget of the training loop, in minutes (0 = no time limit); "
+    max_minutes: float = setting(2.5, "wall-time budget of the training loop, in minutes (0 = no time limit); "
                                  "sized so the Quickstart's first line stays under 10 minutes on 2 CPU cores")
     max_steps: int = setting(0, "optimizer steps (0 = no step limit)")
     max_epochs: float = setting(3.0, "passes over the label-balanced training set (0 = no epoch limit)")
