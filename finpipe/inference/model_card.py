@@ -30,7 +30,7 @@ def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], 
         "---",
         f"# {name}",
         "",
-        f"A financial data assistant fine-tuned by [finpipe](https://github.com/) (run `{lineage.get('run_id')}`): "
+        f"A financial data assistant fine-tuned by finpipe (run `{lineage.get('run_id')}`): "
         "it answers questions about a ticker's latest market data **given in the prompt** (a context block finpipe "
         "builds from its lake), restating the numbers exactly and labelling trend, risk, momentum, range and "
         "relative performance by documented rules. It does not know prices on its own. Not investment advice.",
