@@ -275,3 +275,25 @@ def test_a_question_longer_than_the_context_is_refused_before_generating(capsys,
     line = err.strip().splitlines()[-1]  # after the "loading champion" progress line: the tokenizer counts
     assert "Traceback" not in err and line.startswith("error: ")
     assert code == EXIT_BAD_INPUT and out == "" and "the question is too long" in line and "prompt tokens" in line
+
+
+def test_an_unchanged_dataset_is_not_rewritten_and_the_job_is_known_by_its_content(tmp_path):
+    """Ctrl-C, then rerun: the rerun rebuilds the split; the training job must be the same one to resume it."""
+    import os
+
+    from finpipe.instructions.samples import write_jsonl
+    from finpipe.models.files import file_digest
+    from finpipe.training.spec import AdapterSpec
+    from finpipe_tests.helpers import default_samples
+
+    samples = default_samples()[:50]
+    train = tmp_path / "train.jsonl"
+    write_jsonl(samples, train)
+    os.utime(train, ns=(1_000_000_000, 1_000_000_000))  # an old file, as a previous run left it
+    write_jsonl(samples, train)  # the rerun writes the same samples
+    assert train.stat().st_mtime_ns == 1_000_000_000  # untouched
+    job = AdapterSpec().fingerprint("base", file_digest(train))
+    os.utime(train)  # touched (a copy, a checkout): same content, same job
+    assert AdapterSpec().fingerprint("base", file_digest(train)) == job
+    write_jsonl(samples[:49], train)  # different content: a different job, and the file is rewritten
+    assert AdapterSpec().fingerprint("base", file_digest(train)) != job

@@ -168,7 +168,7 @@ def test_incremental_equals_full_recompute_on_replay_data(replay_prices, k):
 
 def test_incremental_tail_is_derived_from_the_definitions():
     from finpipe.statistics.compute import INCREMENTAL_TAIL_SESSIONS, RSI_EXACT_TAIL, trailing_window
-    from finpipe.statistics.definitions import YEAR_WINDOW
+    from finpipe.statistics.measures import YEAR_WINDOW
 
     assert RSI_EXACT_TAIL == 513 and INCREMENTAL_TAIL_SESSIONS == 513 > YEAR_WINDOW
     a = series([float(i) for i in range(1, 11)], ticker="A")

@@ -41,8 +41,16 @@ def night(lake: Path, as_of: dt.date, minutes: float, warm: bool, log: Path) -> 
         code = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise SystemExit(f"the run for {as_of} failed (exit {code}): see {log}")
-    latest = json.loads((lake / "models/adapters/latest.json").read_text())
-    champion = json.loads((lake / "models/adapters/champion.json").read_text())
+    return summarize(lake, as_of, round(time.perf_counter() - started))
+
+
+def summarize(lake: Path, as_of: dt.date, seconds: int | None) -> dict:
+    """The night's row, from the lake the run left (pointers resolved against the lake)."""
+    sys.path.insert(0, str(REPO))
+    from finpipe.models import registry
+
+    latest = registry.read_pointer(registry.latest_adapter_pointer(lake))
+    champion = registry.read_pointer(registry.champion_pointer(lake))
     evaluation = json.loads((Path(latest["path"]) / "evaluation/evaluation.json").read_text())
     training = json.loads((Path(latest["path"]) / "training_report.json").read_text())
     sys.path.insert(0, str(REPO))
@@ -52,7 +60,7 @@ def night(lake: Path, as_of: dt.date, minutes: float, warm: bool, log: Path) -> 
     decision = decide(v["adapter"], v["base"], v["champion"], evaluation["spec"]["regression_tolerance"],
                       evaluation["same_base_as_champion"], evaluation["spec"]["forgetting_tolerance"])
     golden = lambda name: ((evaluation["variants"].get(name) or {}).get("golden") or {}).get("overall", {})  # noqa
-    return {"as_of": as_of.isoformat(), "seconds": round(time.perf_counter() - started), "challenger_run": latest["run_id"],
+    return {"as_of": as_of.isoformat(), "seconds": seconds, "challenger_run": latest["run_id"],
             "promoted": champion["run_id"] == latest["run_id"], "reason": decision.reason,
             "champion_after": champion["run_id"], "warm_start": training.get("warm_start"),
             "challenger_tokens_cumulative": training.get("cumulative_train_tokens"),
@@ -73,7 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for i, as_of in enumerate(sessions_from(args.first, args.nights + 1)):
         print(f"night {i}: as of {as_of}{' (warm start from the champion)' if i else ' (first run)'}", flush=True)
-        rows.append(night(args.lake, as_of, args.train_minutes, warm=i > 0, log=args.lake / f"night-{i}.log"))
+        done = args.lake / f"night-{i}.json"  # a finished night is not run again: rerun the script to resume
+        if done.exists():
+            rows.append(json.loads(done.read_text()))
+        else:
+            rows.append(night(args.lake, as_of, args.train_minutes, warm=i > 0, log=args.lake / f"night-{i}.log"))
+            done.write_text(json.dumps(rows[-1], indent=2))
         r = rows[-1]
         print(f"  challenger {r['challenger_run']} -> {'promoted' if r['promoted'] else 'kept the champion'} "
               f"({r['reason']}); strict golden {r['challenger']}", flush=True)

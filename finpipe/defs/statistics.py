@@ -11,7 +11,7 @@ from finpipe.defs.market_data import daily_prices
 from finpipe.defs.metadata import markdown_table
 from finpipe.defs.partitions import REFRESH_WHEN_PRICES_LAND
 from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
-from finpipe.statistics import definitions
+from finpipe.statistics import measures
 from finpipe.statistics.compute import STATISTICS_COLUMNS
 from finpipe.statistics.refresh import STATISTICS_TABLE, refresh_statistics
 
@@ -24,7 +24,7 @@ from finpipe.statistics.refresh import STATISTICS_TABLE, refresh_statistics
     op_tags=LAKE_WRITER_TAGS,
     kinds={"polars", "duckdb"},
     description="Returns, volatility, SMAs, RSI, 52-week range, drawdown and relative performance per "
-    "ticker and date (definitions: finpipe/statistics/definitions.py), in the lake table `price_statistics`.",
+    "ticker and date (definitions: finpipe/statistics/measures.py), in the lake table `price_statistics`.",
 )
 def price_statistics(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     prices_lake = lake.prices_lake()
@@ -59,7 +59,7 @@ def price_statistics(context: dg.AssetExecutionContext, lake: LakeResource) -> d
             "price_rows_read": outcome["price_rows_read"],
             "latest": dg.MetadataValue.md(markdown_table(latest)),
             "coverage": dg.MetadataValue.md(markdown_table(coverage, max_rows=50)),
-            "definitions": dg.MetadataValue.md(definitions.__doc__ or ""),
+            "definitions": dg.MetadataValue.md(measures.__doc__ or ""),
         }
     )
 

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from finpipe.instructions import families as fam
 from finpipe.instructions.samples import SYSTEM_PROMPT
-from finpipe.statistics.definitions import RETURN_WINDOWS
+from finpipe.statistics.measures import RETURN_WINDOWS
 
 STATISTICS_TABLE = "price_statistics"
 #: the N of "N-day return" the performance and comparison families choose from

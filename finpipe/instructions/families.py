@@ -21,7 +21,7 @@ from typing import Callable
 
 from finpipe.instructions import rules as r
 from finpipe.instructions.samples import CONTEXT_HEADER
-from finpipe.statistics.definitions import RETURN_WINDOWS
+from finpipe.statistics.measures import RETURN_WINDOWS
 
 #: the N of "N-day return" the performance and comparison families choose from
 WINDOWS: tuple[int, ...] = tuple(RETURN_WINDOWS[1:])

@@ -1,4 +1,4 @@
-"""Vectorized computation of the statistics defined in ``finpipe.statistics.definitions``."""
+"""Vectorized computation of the statistics defined in ``finpipe.statistics.measures``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import polars as pl
 
-from finpipe.statistics.definitions import (
+from finpipe.statistics.measures import (
     RETURN_WINDOWS,
     RSI_WINDOW,
     SMA_WINDOWS,
