@@ -173,7 +173,8 @@ def score_answer(sample: Sample, answer: str) -> dict:
     }
 
 
-def _means(group: Sequence[dict]) -> dict[str, float | None]:
+def metric_means(group: Sequence[dict]) -> dict[str, float | None]:
+    """The mean of each answer metric over the rows that have it (None where none does)."""
     out: dict[str, float | None] = {}
     for name in ANSWER_METRICS:
         values = [r[name] for r in group if r.get(name) is not None]
@@ -185,9 +186,10 @@ def summarize(rows: Sequence[dict], seed: int = 0) -> dict:
     """Means of ``ANSWER_METRICS`` overall, per family and per golden part, and a bootstrap 95% interval for
     each headline metric (a metric no row defines is None)."""
     families = sorted({r["family"] for r in rows})
-    parts = {p: _means([r for r in rows if r.get("part", "seen") == p]) for p in PARTS
+    parts = {p: metric_means([r for r in rows if r.get("part", "seen") == p]) for p in PARTS
              if any(r.get("part", "seen") == p for r in rows)}
-    return {"overall": _means(rows), "per_family": {f: _means([r for r in rows if r["family"] == f]) for f in families},
+    per_family = {f: metric_means([r for r in rows if r["family"] == f]) for f in families}
+    return {"overall": metric_means(rows), "per_family": per_family,
             "parts": parts, "ci": {k: _ci([r.get(k) for r in rows], seed) for k in HEADLINE_METRICS}}
 
 

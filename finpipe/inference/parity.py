@@ -61,15 +61,10 @@ def _answers(model, tokenizer, samples: Sequence[Sample], max_new_tokens: int) -
 
 def _strict(samples: Sequence[Sample], answers: list[str]) -> tuple[float | None, float | None]:
     """Mean strict number and label correctness of ``answers`` (None where no sample has that kind of slot)."""
-    from finpipe.evaluation.evaluate import score_answers
+    from finpipe.evaluation.evaluate import metric_means, score_answers
 
-    rows = score_answers(samples, answers)
-
-    def mean(key: str) -> float | None:
-        values = [r[key] for r in rows if r[key] is not None]
-        return round(sum(values) / len(values), 4) if values else None
-
-    return mean("number_correctness"), mean("label_correctness")
+    means = metric_means(score_answers(samples, answers))
+    return means["number_correctness"], means["label_correctness"]
 
 
 def check_gguf(gguf_path: Path, outtype: str, merged_dir: Path, samples: Sequence[Sample], max_new_tokens: int = 96,
