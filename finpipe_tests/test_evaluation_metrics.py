@@ -46,6 +46,26 @@ def test_every_reference_answer_of_the_replay_dataset_scores_full_marks():
         assert s.problems == [] and s.exact_match == 1.0, (sample.family, sample.text_of("assistant"), s.problems)
 
 
+def test_the_context_states_each_label_beside_its_evidence_and_the_reference_is_one_form():
+    """The rules decide the labels in code and the context shows them, so the model states, not computes, them;
+    every sample of a family answers in its first form (a deterministic target)."""
+    for sample in default_samples():
+        context = sample.text_of("user")
+        for slot, label in sample.labels.items():
+            if slot == "outperformer":
+                expected = ("- result: neither outperformed" if label == fam.TIE else
+                            f"- result: {label} outperformed {sample.facts['l']}")
+            elif slot == "move":
+                expected = f"- {sample.facts['n']}-day return: {sample.facts['ret']} ({label})"
+            else:
+                line = {"risk": "risk level", "trend": "trend", "momentum": "momentum",
+                        "range": "52-week range position"}[slot]
+                expected = f"- {line}: {label}"
+            assert expected in context.splitlines(), (sample.family, expected, context)
+        forms = fam.FORMS[sample.family]
+        assert sample.text_of("assistant") == forms.applicable(sample.facts)[0].format(**sample.facts)
+
+
 def test_a_wrong_label_fails_and_two_labels_fail_even_when_one_is_right():
     v = render("volatility")
     assert v.labels == {"risk": "low"}  # 17.78% < 20%

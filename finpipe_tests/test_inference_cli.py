@@ -61,10 +61,13 @@ def test_question_naming_two_tickers_gets_their_latest_facts(lake):
     assert one.tickers == ["AAPL"] and one.families == ("trend",)
     assert one.context.splitlines() == [
         "Market data for AAPL (Apple Inc.) as of 2013-03-01:",
-        f"- close: {rules.price(row['close'])}", f"- 10-day SMA: {rules.price(row['sma_10'])}",
-        f"- 20-day SMA: {rules.price(row['sma_20'])}", f"- 50-day SMA: {rules.price(row['sma_50'])}",
-        f"- close vs 20-day SMA: {rules.pct(row['pct_vs_sma_20'])}",
-        f"- close vs 50-day SMA: {rules.pct(row['pct_vs_sma_50'])}",
+        f"- close: {rules.price(row['close'])}",
+        f"- close vs 20-day SMA: {rules.pct_abs(row['pct_vs_sma_20'])} {rules.side(row['pct_vs_sma_20'])}",
+        f"- 20-day SMA: {rules.price(row['sma_20'])}",
+        f"- close vs 50-day SMA: {rules.pct_abs(row['pct_vs_sma_50'])} {rules.side(row['pct_vs_sma_50'])}",
+        f"- 50-day SMA: {rules.price(row['sma_50'])}",
+        f"- trend: {rules.trend_label(row['close'], row['sma_20'], row['sma_50'])}",
+        f"- 10-day SMA: {rules.price(row['sma_10'])}",
     ]
     trend = rules.trend_label(row["close"], row["sma_20"], row["sma_50"])
     assert re.search(rf"\b(trending {trend}|{trend} trend|trend is {trend})\b", one.reference), one.reference

@@ -203,6 +203,16 @@ def test_a_time_budget_stops_training_and_an_interrupted_run_continues_its_clock
     assert __import__("time").perf_counter() - started < 60
     assert len(report.eval_losses) == 1 + 3  # before training, then at each third of the budget
 
+    class SlowEvaluation(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            __import__("time").sleep(3)
+
+    # evaluations are not charged to the budget: 3 x 3 s of slow evaluation, the same 9 s of training steps
+    slow = train_adapter(tiny_base, split().train, split().val, tmp_path / "job-slow", tmp_path / "adapter-slow",
+                         budget, callbacks=[SlowEvaluation()])
+    assert slow.stopped_by == "time" and slow.seconds >= 9 + 3 * 3 - 1, slow.seconds
+    assert slow.steps >= 0.6 * report.steps, (slow.steps, report.steps)
+
     class StopAtStep3(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
@@ -250,6 +260,31 @@ def test_the_device_plan_says_what_trains_and_why():
     assert forced.quantization == "nf4" and forced.gradient_checkpointing is False
     assert "QLoRA" in forced.note and forced.facts["quantization_reason"] == "set: nf4"
     assert set(cpu.as_dict()) >= {"device", "precision", "quantization", "attention", "gradient_checkpointing", "cpu"}
+    assert cpu.facts["precision_reason"]  # measured (or no native bf16): the plan says which
+
+
+def test_cpu_precision_is_chosen_by_measured_speed_not_by_a_flag(monkeypatch):
+    """A CPU with AVX512-BF16 but no AMX computed bf16 slower than fp32 (0.73x, 2026-12-01): the plan follows the
+    measurement (or FINPIPE_CPU_BF16), never the flag alone."""
+    from finpipe import runtime
+    from finpipe.training.device import plan_device
+
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: True)
+    for speedup, dtype in ((0.73, "float32"), (1.05, "float32"), (1.8, "bfloat16")):
+        monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda s=speedup: s)
+        monkeypatch.setattr(runtime, "onednn_bf16_isa", lambda: "avx512_core_bf16")
+        plan = plan_device("auto", "off", prefer_cpu=True)
+        assert plan.compute_dtype == dtype and plan.bf16 == (dtype == "bfloat16"), (speedup, plan)
+        assert f"{speedup}x the speed of fp32" in plan.facts["precision_reason"]
+        assert str(runtime.inference_dtype("cpu")) == f"torch.{dtype}"
+    monkeypatch.setenv("FINPIPE_CPU_BF16", "1")
+    assert plan_device("auto", "off", prefer_cpu=True).compute_dtype == "bfloat16"
+    monkeypatch.setenv("FINPIPE_CPU_BF16", "0")
+    assert plan_device("auto", "off", prefer_cpu=True).compute_dtype == "float32"
+    monkeypatch.delenv("FINPIPE_CPU_BF16")
+    monkeypatch.setattr(runtime, "cpu_supports_bf16", lambda: False)
+    plan = plan_device("auto", "off", prefer_cpu=True)
+    assert plan.compute_dtype == "float32" and plan.facts["precision_reason"] == "no native bf16 on this CPU: fp32"
 
 
 def test_the_answer_loss_equals_the_causal_lm_loss_on_answer_tokens(tiny_base):

@@ -138,6 +138,8 @@ def windows(family: str) -> tuple[_Window, ...]:
                         right, words = _literal(near), words + near
                 if not re.search(r"[A-Za-z]{2,}", words):
                     continue  # a window of punctuation alone would attribute any number
+                if len(sides) == 1 and len(re.findall(r"[A-Za-z]{2,}", words)) < 2:
+                    continue  # one side of one word ("is {dh}") would claim "volatility is 27.69%" for the range
                 out.append(_Window(name, re.compile(regex + core + right), len(sides) == 2))
     return tuple(out)
 

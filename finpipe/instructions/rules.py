@@ -11,6 +11,8 @@ Labels (thresholds are inclusive where stated):
 
 Each rule is applied to the number **as the context shows it** (rounded), never to the unrounded statistic:
 an RSI of 69.96 shows as "70.0" and reads overbought, so every label follows from what the model can see.
+The context then shows the label too, beside its evidence (``finpipe.instructions.families``): the rules are
+decided here, in code, and the model states them.
 
 Numbers: prices with 2 decimals, percentages as percent with 2 decimals, RSI with 1 decimal, volume
 as a whole number with thousands separators, a gap in percentage points with 2 decimals. Answers repeat

@@ -5,8 +5,9 @@ Measured on this project's CPUs (README, docs/training.md): on a CPU, 4-bit NF4 
 (dequantization on every matmul), so ``quantization: auto`` trains plain LoRA on CPU and QLoRA on CUDA;
 gradient checkpointing costs ~30% of the time to save activation memory, so ``auto`` turns it on only when
 the estimated activations would take more than ``CHECKPOINTING_MEMORY_SHARE`` of the memory available.
-bf16 is used where the hardware computes it natively (CUDA, AVX512-BF16, AMX), with the frozen base loaded
-directly in bf16 (no re-cast of fp32 weights on every autocast forward).
+bf16 is used on CUDA, and on a CPU where it is *measured* faster than fp32 (``runtime.cpu_bf16_pays``: AVX512-BF16
+without AMX can be slower), with the frozen base loaded directly in bf16 (no re-cast of fp32 weights on every
+autocast forward).
 """
 
 from __future__ import annotations
@@ -77,11 +78,17 @@ def plan_device(quantization: str = "auto", gradient_checkpointing: str = "auto"
         facts["gpu"] = torch.cuda.get_device_name(0)
         where = f"CUDA ({facts['gpu']})"
     else:
-        bf16 = runtime.cpu_supports_bf16()
+        bf16 = runtime.cpu_bf16_pays()
         device, dtype, optimizer = "cpu", "bfloat16" if bf16 else "float32", "adamw_torch"
         facts |= {"cpu": runtime.cpu_model(), "cpu_flags": runtime.cpu_flags(), "threads": torch.get_num_threads()}
-        if bf16:
+        if runtime.cpu_supports_bf16():
             facts["onednn_bf16_kernels"] = runtime.onednn_bf16_isa()
+            facts["bf16_speedup_vs_fp32"] = runtime.cpu_bf16_speedup()
+            facts["precision_reason"] = (
+                f"bf16 measured {facts['bf16_speedup_vs_fp32']}x the speed of fp32 on this CPU: "
+                + ("bf16" if bf16 else f"fp32 (bf16 needs >= {runtime.BF16_MIN_SPEEDUP}x)"))
+        else:
+            facts["precision_reason"] = "no native bf16 on this CPU: fp32"
         where = f"CPU ({facts['cpu']}; {', '.join(facts['cpu_flags']) or 'no relevant flags'})"
 
     if quantization == "auto":

@@ -43,7 +43,8 @@ class AdapterSpec:
     lr_schedule: str = setting("cosine", "learning rate after warmup, over the budget's progress: 'cosine' (to 0), "
                                "'linear' (to 0) or 'constant'")
     warmup_ratio: float = setting(0.05, "share of the budget spent warming the learning rate up")
-    eval_points: int = setting(3, "evaluations (validation loss, learning curve, checkpoint) spread over the budget")
+    eval_points: int = setting(2, "evaluations (validation loss, learning curve, checkpoint) spread over the budget; "
+                               "not charged to it")
     early_stopping_patience: int = setting(2, "evaluations without a better validation loss before stopping "
                                            "(0 = never stop early)")
     packing: bool = setting(False, "best-fit packing (padding-free); on a CPU, grouping by length is faster")
