@@ -33,7 +33,7 @@ def render(family: str, seed: int = 0) -> fam.Rendered:
 
 def test_the_reference_answer_scores_full_marks():
     for family in fam.ALL_FAMILIES:
-        for seed in range(4):  # both answer forms of each family
+        for seed in range(4):  # several question phrasings and windows of each family
             rendered = render(family, seed)
             s = score(family, rendered, rendered.answer)
             assert (s.number_correctness, s.exact_match, s.problems) == (1.0, 1.0, []), (family, rendered.answer)
