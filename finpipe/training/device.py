@@ -12,6 +12,7 @@ autocast forward).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from finpipe import runtime
@@ -81,8 +82,12 @@ def plan_device(quantization: str = "auto", gradient_checkpointing: str = "auto"
         bf16 = runtime.cpu_bf16_pays()
         device, dtype, optimizer = "cpu", "bfloat16" if bf16 else "float32", "adamw_torch"
         facts |= {"cpu": runtime.cpu_model(), "cpu_flags": runtime.cpu_flags(), "threads": torch.get_num_threads()}
-        if runtime.cpu_supports_bf16():
+        if bf16:
             facts["onednn_bf16_kernels"] = runtime.onednn_bf16_isa()
+        forced = os.environ.get("FINPIPE_CPU_BF16") in ("0", "1")
+        if forced:
+            facts["precision_reason"] = f"set by FINPIPE_CPU_BF16: {'bf16' if bf16 else 'fp32'}"
+        elif runtime.cpu_supports_bf16():
             facts["bf16_speedup_vs_fp32"] = runtime.cpu_bf16_speedup()
             facts["precision_reason"] = (
                 f"bf16 measured {facts['bf16_speedup_vs_fp32']}x the speed of fp32 on this CPU: "
