@@ -37,6 +37,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "linear": {"lr_schedule": "linear"},
     "batch4": {"batch_size": 4},
     "batch2": {"batch_size": 2},
+    "no-replay": {"general_replay_share": 0.0},
+    "no-replay-lr2e-3": {"general_replay_share": 0.0, "learning_rate": 2e-3},
     "batch4-lr2e-3": {"batch_size": 4, "learning_rate": 2e-3},
     "batch2-lr2e-3": {"batch_size": 2, "learning_rate": 2e-3},
     "batch1": {"batch_size": 1},
