@@ -357,6 +357,28 @@ def test_batched_greedy_answers_equal_one_by_one_answers(tiny_base):
     assert tokenizer.padding_side == side  # restored for training code that pads on the right
 
 
+def test_answers_scored_with_their_references_keep_the_answers_and_give_the_teacher_forced_loss(tiny_base):
+    from finpipe.evaluation.evaluate import assistant_loss
+    from finpipe.evaluation.generation import Sampling, generate_batch, load_chat_model
+    from finpipe_tests.helpers import default_samples
+
+    model, tokenizer = load_chat_model(tiny_base, dtype=torch.float32)
+    samples = default_samples()[:5]  # prompts and references of different lengths: padding on both sides
+    chats, references = [s.messages[:-1] for s in samples], [s.text_of("assistant") for s in samples]
+    sampling = Sampling(max_new_tokens=10)
+    plain = generate_batch(model, tokenizer, chats, sampling, batch_size=3)
+    scored = generate_batch(model, tokenizer, chats, sampling, batch_size=3, references=references)
+    assert [g.text for g in scored] == [g.text for g in plain]  # generated from the same prompt cache
+    assert all(g.reference_nll is None for g in plain)
+    fused = sum(g.reference_nll for g in scored) / sum(g.reference_tokens for g in scored)
+    assert fused == pytest.approx(assistant_loss(model, tokenizer, samples), rel=1e-4)
+    tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    assert [g.reference_tokens for g in scored] == [  # each reference's own tokens, end of turn included
+        tokens(tokenizer.apply_chat_template(s.messages, tokenize=False))
+        - tokens(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False))
+        for s, c in zip(samples, chats)]
+
+
 def test_serving_merges_the_adapter_and_answers_exactly_like_the_unmerged_model(tiny_base, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -208,9 +208,13 @@ def score_answers(samples: Sequence[Sample], answers: Sequence[str]) -> list[dic
 def score_set(model, tokenizer, loss_samples: Sequence[Sample], answer_samples: Sequence[Sample],
               sampling: Sampling, log: Callable[[str], None] = lambda _: None, batch_size: int = 64,
               seed: int = 0) -> SetScores:
-    loss = assistant_loss(model, tokenizer, loss_samples) if loss_samples else float("nan")
+    fused = loss_samples is answer_samples  # the golden set: its loss comes with its answers' prefill
+    loss = assistant_loss(model, tokenizer, loss_samples) if loss_samples and not fused else float("nan")
     generated = generate_batch(model, tokenizer, [s.messages[:-1] for s in answer_samples], sampling, batch_size,
-                               progress=log)
+                               progress=log,
+                               references=[s.text_of("assistant") for s in answer_samples] if fused else None)
+    if fused and generated:
+        loss = sum(g.reference_nll or 0.0 for g in generated) / max(1, sum(g.reference_tokens for g in generated))
     rows = score_answers(answer_samples, [g.text for g in generated])
     for row, g in zip(rows, generated):
         row["new_tokens"] = g.new_tokens

@@ -60,6 +60,9 @@ class Generated:
     text: str
     new_tokens: int
     seconds: float
+    # with ``references``: the reference answer's summed cross-entropy given the prompt, and its token count
+    reference_nll: float | None = None
+    reference_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -118,11 +121,15 @@ def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Samplin
 
 
 def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling: Sampling = Sampling(),
-                   batch_size: int = 8, progress=None) -> list[Generated]:
+                   batch_size: int = 8, progress=None, references: list[str] | None = None) -> list[Generated]:
     """Answers to many chats, ``batch_size`` at a time (left padding): on a CPU a decoding step costs about
     the same for 1 or 8 sequences, so evaluation runs several times faster than one by one. ``seconds`` is
     the batch's wall time shared evenly; use ``generate`` to measure single-request latency. ``progress``, if
-    given, is called with a line after each batch (answers done, of how many, elapsed)."""
+    given, is called with a line after each batch (answers done, of how many, elapsed).
+
+    ``references`` (one reference answer per chat) also scores each reference teacher-forced in the same forward
+    pass that fills the prompt's KV cache (``reference_nll``/``reference_tokens``): the loss of an answered set
+    costs no second pass over its prompts (half of a golden evaluation's compute on a CPU)."""
     import torch
 
     from finpipe.runtime import rebalance
@@ -141,17 +148,61 @@ def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
             started = time.perf_counter()
+            scored: list[tuple[float | None, int]] = [(None, 0)] * len(chunk)
+            cache = None
             with torch.inference_mode():
-                out = model.generate(**enc, **sampling.generate_kwargs(), eos_token_id=stops, pad_token_id=pad)
+                if references is not None:
+                    scored, cache = _score_references(model, tokenizer, chunk, texts, references[i: i + batch_size],
+                                                      enc, pad)
+                out = model.generate(**enc, **sampling.generate_kwargs(), eos_token_id=stops, pad_token_id=pad,
+                                     **({"cache": cache} if cache is not None else {}))
             share = (time.perf_counter() - started) / len(chunk)
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            for row, (nll, n_ref) in zip(out[:, enc["input_ids"].shape[1]:].tolist(), scored):
                 end = next((j for j, t in enumerate(row) if t in stops), None)
                 kept = row[:end] if end is not None else row
                 n = len(kept) + (1 if end is not None else 0)  # the stop token was generated too
                 results.append(Generated(text=tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                                         new_tokens=n, seconds=share))
+                                         new_tokens=n, seconds=share, reference_nll=nll, reference_tokens=n_ref))
             if progress is not None and len(chats) > batch_size:
                 progress(f"  answers {len(results)}/{len(chats)} ({time.perf_counter() - begun:.0f} s)")
     finally:
         tokenizer.padding_side = side
     return results
+
+
+def _score_references(model, tokenizer, chats, prompts: list[str], references: list[str], enc: dict, pad: int):
+    """One forward pass over each left-padded prompt followed by its right-padded reference answer: the
+    references' summed token cross-entropies, and the KV cache cropped to the prompt (less its last token, which
+    ``generate`` feeds itself), so the answers are generated from the very same prefill.
+
+    Causal attention makes the prompt's keys and values independent of what follows it, and position ids come
+    from the attention mask as ``generate`` computes them."""
+    import torch
+
+    answers: list[list[int]] = []
+    for chat, prompt, reference in zip(chats, prompts, references):
+        full = tokenizer.apply_chat_template(chat + [{"role": "assistant", "content": reference}], tokenize=False)
+        full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError("the chat template's prompt is not a prefix of the conversation: cannot isolate the answer")
+        answers.append(full_ids[len(prompt_ids):])
+    prompt_ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+    width = max(len(a) for a in answers)
+    answer_ids = torch.full((len(answers), width), pad, dtype=torch.long)
+    labels = torch.full((len(answers), width), -100, dtype=torch.long)
+    for row, ids in enumerate(answers):
+        answer_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(ids)
+    answer_ids, labels = answer_ids.to(prompt_ids.device), labels.to(prompt_ids.device)
+    input_ids = torch.cat([prompt_ids, answer_ids], dim=1)
+    attention = torch.cat([prompt_mask, (labels != -100).long()], dim=1)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=True,
+                logits_to_keep=width + 1)  # the last prompt position predicts the first answer token
+    logits = out.logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            ignore_index=-100, reduction="none").reshape(labels.shape).sum(-1)
+    cache = out.past_key_values
+    cache.crop(-(width + 1))  # keep the prompt less its last token
+    return [(float(v), len(a)) for v, a in zip(nll.tolist(), answers)], cache
