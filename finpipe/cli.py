@@ -29,7 +29,31 @@ def _prepare_dagster_home() -> Path:
         config.write_text("telemetry:\n  enabled: false\n")
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+    _event_log_without_fsync()
     return home
+
+
+def _event_log_without_fsync() -> None:
+    """Dagster's SQLite run history without an fsync per commit, in this process only.
+
+    A full ingest writes ~6,800 events (two per daily partition), each committed to two SQLite files: ~68,000
+    fsyncs, half of `finpipe run --only-lake`'s 2 min 12 s on the Xeon (1 min 4 s without). A killed process
+    loses nothing (the writes are with the OS); an OS crash or power cut could damage the run history under
+    data_lake/dagster_home, never the lake (DuckDB) or the models."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if getattr(_event_log_without_fsync, "installed", False):
+        return
+
+    @event.listens_for(Engine, "connect")
+    def _no_fsync(dbapi_connection, _record) -> None:
+        if type(dbapi_connection).__module__.startswith("sqlite3"):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA synchronous=OFF")
+            cursor.close()
+
+    _event_log_without_fsync.installed = True  # type: ignore[attr-defined]
 
 
 def _parse_date(value: str) -> dt.date:

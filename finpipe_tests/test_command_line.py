@@ -79,6 +79,16 @@ def test_finpipe_run_only_lake_on_a_short_range(cli_env, isolated_lake):
     assert "datasets:" not in done.stdout
 
 
+def test_the_cli_writes_dagster_history_without_fsync_and_other_processes_keep_the_default(cli_env, tmp_path):
+    probe = ("import sqlalchemy, sys\n{prepare}"
+             "engine = sqlalchemy.create_engine('sqlite:///' + sys.argv[1])\n"
+             "with engine.connect() as c: print(c.exec_driver_sql('PRAGMA synchronous').scalar())\n")
+    cli = run([sys.executable, "-c", probe.format(prepare="from finpipe import cli; cli._prepare_dagster_home()\n"),
+               str(tmp_path / "a.db")], cli_env)
+    plain = run([sys.executable, "-c", probe.format(prepare=""), str(tmp_path / "b.db")], cli_env)
+    assert (cli.stdout.strip(), plain.stdout.strip()) == ("0", "2"), cli.stderr + plain.stderr  # OFF vs FULL
+
+
 def test_finpipe_run_reports_configuration_errors_in_one_line(cli_env):
     bad_universe = run([str(BIN / "finpipe"), "run", "--universe", "mars"], cli_env, timeout=120)
     assert bad_universe.returncode == 2

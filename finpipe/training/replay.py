@@ -37,7 +37,7 @@ def general_replay(base_dir: str | Path, cache_dir: Path, log: Callable[[str], N
     log(f"general replay: the base model answers {len(prompts)} general prompts (once per base model)")
     model, tokenizer = load_chat_model(base_dir)
     answers = generate_batch(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                             Sampling(max_new_tokens=MAX_NEW_TOKENS), batch_size=64)
+                             Sampling(max_new_tokens=MAX_NEW_TOKENS), batch_size=len(prompts))  # one batch
     del model
     release_memory()
     samples = []
