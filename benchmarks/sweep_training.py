@@ -46,6 +46,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "long-batch2": {"batch_size": 2, "eval_points": 6},
     "unbalanced": {"balance_labels": False},
     "dropout0.05": {"lora_dropout": 0.05},
+    "all-layers": {"lora_layer_share": 1.0},
+    "top-half": {"lora_layer_share": 0.5},
+    "top-third": {"lora_layer_share": 1 / 3},
+    "top-half-lr2e-3": {"lora_layer_share": 0.5, "learning_rate": 2e-3},
+    "top-half-replay10": {"lora_layer_share": 0.5, "general_replay_share": 0.1},
 }
 
 

@@ -29,7 +29,7 @@ def spec(**changes) -> AdapterSpec:
                 max_steps=6, batch_size=4, max_seq_len=512, eval_points=1, early_stopping_patience=0,
                 max_train_samples=160, curve_answers_per_family=0, general_replay_share=0.0,
                 max_val_samples=8, logging_steps=1, warmup_ratio=0.0, adalora_init_r=12, adalora_target_r=4,
-                vblora_num_vectors=32, vblora_vector_length=16)
+                vblora_num_vectors=32, vblora_vector_length=16, lora_layer_share=1.0)  # every layer: MODULES
     return AdapterSpec(**(base | changes))
 
 
@@ -223,9 +223,27 @@ def test_the_default_spec_trains_lora_with_quantization_chosen_per_device(tiny_b
     default = AdapterSpec()
     assert (default.method, default.quantization) == ("lora", "auto")  # QLoRA on CUDA, plain LoRA on CPU
     config = build_peft_config(default, AutoModelForCausalLM.from_pretrained(tiny_base))
-    expected = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
-                          bias="none")
+    # the top half of the layers (the tiny model has 2): every linear layer there, by leaf name
+    expected = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM", bias="none",
+                          target_modules=["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+                          layers_to_transform=[1], layers_pattern="layers")
     assert type(config) is LoraConfig and config.to_dict() == expected.to_dict()
+
+
+def test_lora_on_the_top_layers_only_trains_those_layers(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    from finpipe.training.sft import train_adapter
+
+    report = train_adapter(tiny_base, split().train, split().val, tmp_path / "job", tmp_path / "adapter",
+                           spec(lora_layer_share=0.5), log=lambda *_: None)
+    weights = load_file(tmp_path / "adapter" / ADAPTER_FILE)
+    layers = {int(name.split(".layers.")[1].split(".")[0]) for name in weights}
+    assert layers == {1} and len(weights) == 2 * 7  # lora_A and lora_B of the 7 linears of the top layer only
+    assert all(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # trained (B starts at zero)
+    assert report.steps == 6
+    with pytest.raises(ValueError, match=r"lora_layer_share must be in \(0, 1\], got 0"):
+        spec(lora_layer_share=0)
 
 
 def test_fingerprint_covers_the_method_and_its_knobs():

@@ -26,7 +26,7 @@ from finpipe.evaluation.paraphrases import HELD_OUT_QUESTIONS
 from finpipe.instructions.balance import label_stratum
 from finpipe.instructions.samples import Sample, read_jsonl, sample_id, write_jsonl
 
-GOLDEN_VERSION = 3  # 3: contexts state the labels; one reference answer form
+GOLDEN_VERSION = 4  # 3: contexts state the labels; one reference answer form. 4: contexts in the answer's order
 PARAPHRASE_ORIGIN = "finpipe:paraphrase"
 PARTS = ("seen", "paraphrase")
 

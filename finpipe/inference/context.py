@@ -122,9 +122,11 @@ def _complete(row: dict, needs: Iterable[str]) -> bool:
     return all(row.get(k) is not None and math.isfinite(row[k]) for k in needs)
 
 
-def context_lines(row: dict, families: Iterable[str]) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
+def context_lines(row: dict, families: Iterable[str], window: int = DEFAULT_WINDOW
+                  ) -> tuple[list[tuple[str, str]], tuple[str, ...]]:
     """The union of the families' context lines for one ticker's row (first occurrence of a label wins:
-    a label always renders the same value), and the families whose statistics the row has."""
+    a label always renders the same value), and the families whose statistics the row has. ``window``: the
+    return window the question asks about (the performance lines lead with it, as in training)."""
     lines: list[tuple[str, str]] = []
     seen: set[str] = set()
     used: list[str] = []
@@ -133,7 +135,7 @@ def context_lines(row: dict, families: Iterable[str]) -> tuple[list[tuple[str, s
         if not _complete(row, needs):  # e.g. no 52-week range in a ticker's first year
             continue
         used.append(family)
-        for label, value in render(row, _PinnedWindow(DEFAULT_WINDOW)).context:
+        for label, value in render(row, _PinnedWindow(window)).context:
             if label not in seen:
                 seen.add(label)
                 lines.append((label, value))
@@ -252,7 +254,7 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
     (ticker,) = tickers
     row = facts.latest(ticker)
     wanted = detect_families(question)
-    lines, used = context_lines(row, wanted) if row else ([], ())
+    lines, used = context_lines(row, wanted, detect_window(question)) if row else ([], ())
     if not lines:
         grounding.notes.append(f"{ticker} has no complete statistics for {', '.join(wanted)}: "
                                "asking without market data")

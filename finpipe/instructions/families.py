@@ -244,7 +244,9 @@ def performance(row: dict, rng: random.Random) -> Rendered:
     n = rng.choice(WINDOWS)
     facts = {"t": row["ticker"], "n": str(n), "ret": r.pct(row[f"ret_{n}d"]), "close": r.price(row["close"])}
     facts["move"] = r.move_label(shown(facts["ret"]))
-    ctx = [(f"{w}-day return", with_move(r.pct(row[f"ret_{w}d"]))) for w in RETURN_WINDOWS] + [("close", facts["close"])]
+    # the asked window first, then the close: the answer's order; the other windows follow as context
+    ctx = [(f"{n}-day return", with_move(facts["ret"])), ("close", facts["close"])]
+    ctx += [(f"{w}-day return", with_move(r.pct(row[f"ret_{w}d"]))) for w in RETURN_WINDOWS if w != n]
     return _render(PERFORMANCE, PERFORMANCE_QUESTIONS, ctx, facts, {"move": facts["move"]}, rng)
 
 
@@ -391,12 +393,9 @@ def comparison(a: dict, b: dict, rng: random.Random) -> Rendered:
     # (a comparison and arithmetic, which a small model cannot be trusted with) are in the context
     shown_a, shown_b = round(shown(ra) * 100, 2), round(shown(rb) * 100, 2)
     gap = r.gap(abs(shown_a - shown_b))
-    ctx = []
-    for row in (a, b):
-        ctx += [(f"{row['ticker']} close", r.price(row["close"])),
-                (f"{row['ticker']} {n}-day return", r.pct(row[f"ret_{n}d"])),
-                (f"{row['ticker']} annualized 20-day volatility", r.pct_abs(row["volatility_20d"]))]
-    ctx.append((f"{n}-day return gap", f"{gap} percentage points"))
+    # what the answer states, in its order (both returns, the gap, the result), then the rest as context
+    ctx = [(f"{ta} {n}-day return", ra), (f"{tb} {n}-day return", rb),
+           (f"{n}-day return gap", f"{gap} percentage points")]
     facts = {"a": ta, "b": tb, "n": str(n)}
     if shown_a == shown_b:
         label = TIE
@@ -407,6 +406,9 @@ def comparison(a: dict, b: dict, rng: random.Random) -> Rendered:
         facts |= {"ra": ra, "rb": rb, "w": winner, "l": loser, "gap": gap}
         label = winner
         ctx.append(("result", f"{winner} outperformed {loser}"))
+    for row in (a, b):
+        ctx += [(f"{row['ticker']} close", r.price(row["close"])),
+                (f"{row['ticker']} annualized 20-day volatility", r.pct_abs(row["volatility_20d"]))]
     facts["outperformer"] = label
     return _render(COMPARISON, COMPARISON_QUESTIONS, ctx, facts, {"outperformer": label}, rng)
 

@@ -91,7 +91,13 @@ def build_peft_config(spec: AdapterSpec, model):
     targets = targeted_linears(spec, model)  # fails early, with the model's module names, on a wrong list
     target_modules = spec.target_modules_value
     if spec.method in ("lora", "dora"):
-        extra = {"use_dora": True} if spec.method == "dora" else {}
+        extra: dict = {"use_dora": True} if spec.method == "dora" else {}
+        if spec.lora_layer_share < 1:
+            layers = model.config.num_hidden_layers
+            adapted = max(1, round(layers * spec.lora_layer_share))
+            # peft restricts layers only for a list of module names: 'all-linear' becomes its leaf names
+            target_modules = sorted({name.rsplit(".", 1)[-1] for name in targets})
+            extra |= {"layers_to_transform": list(range(layers - adapted, layers)), "layers_pattern": "layers"}
         return LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                           target_modules=target_modules, task_type="CAUSAL_LM", bias="none", **extra)
     if spec.method == "adalora":
