@@ -51,6 +51,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "top-third": {"lora_layer_share": 1 / 3},
     "top-half-lr2e-3": {"lora_layer_share": 0.5, "learning_rate": 2e-3},
     "top-half-replay10": {"lora_layer_share": 0.5, "general_replay_share": 0.1},
+    "replay40": {"general_replay_share": 0.4},
 }
 
 
