@@ -43,17 +43,15 @@ def _event_log_without_fsync() -> None:
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    if getattr(_event_log_without_fsync, "installed", False):
-        return
+    if not event.contains(Engine, "connect", _sqlite_without_fsync):
+        event.listen(Engine, "connect", _sqlite_without_fsync)
 
-    @event.listens_for(Engine, "connect")
-    def _no_fsync(dbapi_connection, _record) -> None:
-        if type(dbapi_connection).__module__.startswith("sqlite3"):
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA synchronous=OFF")
-            cursor.close()
 
-    _event_log_without_fsync.installed = True  # type: ignore[attr-defined]
+def _sqlite_without_fsync(dbapi_connection, _record) -> None:
+    if type(dbapi_connection).__module__.startswith("sqlite3"):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA synchronous=OFF")
+        cursor.close()
 
 
 def _parse_date(value: str) -> dt.date:
