@@ -26,7 +26,9 @@ from finpipe.evaluation.paraphrases import HELD_OUT_QUESTIONS
 from finpipe.instructions.balance import label_stratum
 from finpipe.instructions.samples import Sample, read_jsonl, sample_id, write_jsonl
 
-GOLDEN_VERSION = 4  # 3: contexts state the labels; one reference answer form. 4: contexts in the answer's order
+# 3: contexts state the labels; one reference answer form. 4: contexts in the answer's order. 5: every reference
+# answer starts with the ticker (the model dropped leading "On {date}," / "Over the last n trading days" clauses)
+GOLDEN_VERSION = 5
 PARAPHRASE_ORIGIN = "finpipe:paraphrase"
 PARTS = ("seen", "paraphrase")
 

@@ -197,7 +197,7 @@ def placeholders(template: str) -> list[str]:
 
 PRICE = AnswerForms(
     templates=(
-        "On {d}, {t} opened at {open}, traded between {low} and {high}, and closed at {close} ({ret} on the day). "
+        "{t} opened at {open} on {d}, traded between {low} and {high}, and closed at {close} ({ret} on the day). "
         "Volume was {volume} shares.",
         "{t} closed at {close} on {d}, after opening at {open}. The session ranged from {low} to {high} "
         "on {volume} shares, a 1-day move of {ret}.",
@@ -226,7 +226,7 @@ def price(row: dict, rng: random.Random) -> Rendered:
 
 PERFORMANCE = AnswerForms(
     templates=(
-        "Over the last {n} trading days {t} returned {ret}, closing at {close}, so it {move}.",
+        "{t} returned {ret} over the last {n} trading days, closing at {close}, so it {move}.",
         "{t}'s {n}-day return is {ret} (close {close}): it {move} over the past {n} sessions.",
     ),
     slots={"t": TICKER, "n": WINDOW, "move": Slot("label", "move"), "ret": Slot("signed_pct", "ret_{n}d_pct"),
@@ -365,7 +365,7 @@ def range_52w(row: dict, rng: random.Random) -> Rendered:
 
 COMPARISON = AnswerForms(
     templates=(
-        "Over the last {n} trading days {a} returned {ra} and {b} returned {rb}, a gap of {gap} percentage points: "
+        "{a} returned {ra} and {b} returned {rb} over the last {n} trading days, a gap of {gap} percentage points: "
         "{w} outperformed {l}.",
         "In the past {n} sessions {a} returned {ra} versus {rb} for {b}; the gap is {gap} percentage points, so {w} "
         "outperformed {l}.",
