@@ -94,6 +94,23 @@ def test_swapped_entities_in_a_comparison_fail_numbers_and_label():
     assert {p.split(":")[0] for p in s.problems} >= {"IBM ret_5d_pct", "MSFT ret_5d_pct"}
 
 
+def test_a_comparison_in_a_sentence_of_its_own_is_read_by_ticker_and_still_fails_when_swapped():
+    """"GOOG returned +1.43%, AAPL returned +1.06%, and ..." (the model's own wording) states each return for the
+    ticker before it: right numbers are right, not exact; the same sentence with the returns swapped is wrong."""
+    c = render("comparison", 1)
+    f = c.facts
+    tail = f", and the {f['n']}-day return gap was {f['gap']} percentage points: {f['w']} outperformed {f['l']}."
+    own = score("comparison", c, f"{f['a']} returned {f['ra']}, {f['b']} returned {f['rb']}" + tail)
+    assert (own.number_correctness, own.label_correctness, own.exact_match, own.problems) == (1.0, 1.0, 0.0, [])
+    swapped = score("comparison", c, f"{f['a']} returned {f['rb']}, {f['b']} returned {f['ra']}" + tail)
+    assert swapped.number_correctness == pytest.approx(1 / 3, abs=1e-4)
+    assert f"{f['a']} ret_5d_pct: stated {f['rb'].rstrip('%').lstrip('+')}, fact {f['ra'].rstrip('%').lstrip('+')}" \
+        in swapped.problems
+    # one word alone still attributes nothing: "is 7.12" next to no ticker is no claim about the gap or a return
+    vague = score("comparison", c, f"The return is {f['ra']}.")
+    assert vague.number_correctness == 0.0
+
+
 def test_a_flipped_sign_is_a_wrong_number():
     v = render("volatility")
     s = score("volatility", v, v.answer.replace("-12.34%", "+12.34%"))

@@ -116,13 +116,14 @@ def windows(family: str) -> tuple[_Window, ...]:
             companions = _companions(forms, name)
             for sides in (("left", "right"), ("left",), ("right",)):
                 used: dict[str, int] = {}
-                regex, words = "", ""
+                regex, words, named = "", "", 0  # named: companions in the window (a ticker is as specific as a word)
                 if "left" in sides:
                     lit = literals[i]
                     near = _edge(lit, WORDS_PER_SIDE, "left")
                     if i > 0 and names[i - 1] in companions and len(_WORD.findall(lit)) <= 1:
                         far = _edge(literals[i - 1], 2, "left")
                         regex, words = _literal(far) + _group(forms, names[i - 1], used) + _literal(lit), far + lit
+                        named += 1
                     else:
                         regex, words = _literal(near), near
                 core = _group(forms, name, used)
@@ -134,12 +135,15 @@ def windows(family: str) -> tuple[_Window, ...]:
                         far = _edge(literals[i + 2], 2, "right")
                         right, words = _literal(lit) + _group(forms, names[i + 1], used) + _literal(far), \
                             words + lit + far
+                        named += 1
                     else:
                         right, words = _literal(near), words + near
                 if not re.search(r"[A-Za-z]{2,}", words):
                     continue  # a window of punctuation alone would attribute any number
-                if len(sides) == 1 and len(re.findall(r"[A-Za-z]{2,}", words)) < 2:
-                    continue  # one side of one word ("is {dh}") would claim "volatility is 27.69%" for the range
+                if len(sides) == 1 and len(re.findall(r"[A-Za-z]{2,}", words)) + named < 2:
+                    # one side of one word ("is {dh}") would claim "volatility is 27.69%" for the range; one word and
+                    # the ticker it belongs to ("GOOG returned {ra}") is specific
+                    continue
                 out.append(_Window(name, re.compile(regex + core + right), len(sides) == 2))
     return tuple(out)
 
