@@ -23,6 +23,10 @@ CHECKS = {
     "adapter_evaluation": {"adapter_beats_base_on_val_loss", "adapter_keeps_general_skills",
                            "no_golden_regression_vs_champion"},
 }
+# data gates block what is built on bad data; the model checks only inform: promotion applies the same rules, and a
+# refused challenger (one that forgets general skills, say) ends a nightly run with the champion kept, not failed
+BLOCKING = {"prices_keys_unique", "prices_no_calendar_gaps", "prices_ohlc_consistent", "statistics_sane",
+            "split_has_no_leakage"} | {f"samples_{gate}" for gate in GATES}
 
 
 def test_the_code_location_holds_exactly_the_documented_definitions():
@@ -32,6 +36,7 @@ def test_the_code_location_holds_exactly_the_documented_definitions():
     for key in graph.asset_check_keys:
         checks.setdefault(key.asset_key.to_user_string(), set()).add(key.name)
     assert checks == CHECKS
+    assert {k.name for k in graph.asset_check_keys if graph.get_check_spec(k).blocking} == BLOCKING
     assert {j.name for j in defs.jobs} == {"nightly_retrain"}
     assert {s.name for s in defs.schedules} == {"nightly_schedule"}
     assert {s.name for s in defs.sensors} == {"refresh_on_new_prices"}
