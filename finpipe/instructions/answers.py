@@ -114,7 +114,11 @@ def windows(family: str) -> tuple[_Window, ...]:
             if not name or forms.slots[name].kind in ("ticker", "side", "label"):
                 continue  # tickers and sides are read as companions of a value; labels by vocabulary
             companions = _companions(forms, name)
-            for sides in (("left", "right"), ("left",), ("right",)):
+            # a window ("30") is a small integer any form's constants can share ("over the last 252 days" in the
+            # volatility answer): it is read only with its form's words on both sides
+            any_sides = (("left", "right"),) if forms.slots[name].kind == "window" else \
+                (("left", "right"), ("left",), ("right",))
+            for sides in any_sides:
                 used: dict[str, int] = {}
                 regex, words, named = "", "", 0  # named: companions in the window (a ticker is as specific as a word)
                 if "left" in sides:
