@@ -37,6 +37,8 @@ VALUE_PATTERNS = {
     "gap": _NUM_START + r"\d+(?:\.\d+)?" + _NUM_END,
 }
 WORDS_PER_SIDE = 3
+BOTH_SIDES = (("left", "right"),)
+BOTH_OR_ONE_SIDE = (("left", "right"), ("left",), ("right",))
 _WORD = re.compile(r"\S+")
 
 
@@ -116,9 +118,8 @@ def windows(family: str) -> tuple[_Window, ...]:
             companions = _companions(forms, name)
             # a window ("30") is a small integer any form's constants can share ("over the last 252 days" in the
             # volatility answer): it is read only with its form's words on both sides
-            any_sides = (("left", "right"),) if forms.slots[name].kind == "window" else \
-                (("left", "right"), ("left",), ("right",))
-            for sides in any_sides:
+            side_sets = BOTH_SIDES if forms.slots[name].kind == "window" else BOTH_OR_ONE_SIDE
+            for sides in side_sets:
                 used: dict[str, int] = {}
                 regex, words, named = "", "", 0  # named: companions in the window (a ticker is as specific as a word)
                 if "left" in sides:
