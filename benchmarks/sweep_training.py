@@ -52,6 +52,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "top-half-lr2e-3": {"lora_layer_share": 0.5, "learning_rate": 2e-3},
     "top-half-replay10": {"lora_layer_share": 0.5, "general_replay_share": 0.1},
     "replay40": {"general_replay_share": 0.4},
+    "replay50": {"general_replay_share": 0.5},
+    "replay50-lr1e-3": {"general_replay_share": 0.5, "learning_rate": 1e-3},
 }
 
 
@@ -103,7 +105,8 @@ def run_config(name: str, overrides: dict, golden, val, train, base: dict, workd
         "tokens_per_s": report.tokens_per_s, "train_seconds": round(trained, 1), "stopped_by": report.stopped_by,
         "best_val_loss": report.best_eval_loss, **golden_scores.overall, "ci": golden_scores.ci,
         "parts": golden_scores.parts, "quality": quality_score(golden_scores.overall),
-        "forgetting": (scores.forgetting or {}).get("score"), "curve": report.curve,
+        "forgetting": (scores.forgetting or {}).get("score"),
+        "forgetting_rows": (scores.forgetting or {}).get("rows"), "curve": report.curve,
         "device_note": report.device_note,
         "answers": [{k: r[k] for k in ("family", "part", "answer", "problems", "number_correctness",
                                        "label_correctness", "exact_match")} for r in golden_scores.rows],

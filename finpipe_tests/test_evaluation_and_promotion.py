@@ -397,3 +397,44 @@ def test_serving_merges_the_adapter_and_answers_exactly_like_the_unmerged_model(
     chat = default_samples()[0].messages[:-1]
     sampling = Sampling(max_new_tokens=12)
     assert generate(merged, tokenizer, chat, sampling).text == generate(unmerged, tokenizer, chat, sampling).text
+
+
+def test_the_general_replay_keeps_only_right_answers_cut_after_the_answer():
+    from finpipe.instructions.general import GeneralPrompt
+    from finpipe.training.replay import is_kept, through_the_answer
+
+    minus = GeneralPrompt("What is 17 minus 10?", "7", (17, 10))
+    assert is_kept(minus, "17 minus 10 is 7.")
+    assert not is_kept(minus, "17 - 10 = 17\n\nThe answer is: 17")  # the base's greedy mistake, once replayed
+    assert not is_kept(minus, "17 - 10 = 8, so the answer is 7.")  # the right number beside a wrong one
+    assert not is_kept(minus, "It is 70.") and not is_kept(minus, "  ")
+    capital = GeneralPrompt("What is the capital of Spain?", "Madrid")
+    assert is_kept(capital, "The capital of Spain is Madrid.") and not is_kept(capital, "It is Barcelona.")
+    assert is_kept(GeneralPrompt("Name a fruit that is red.", None), "An apple.")  # open-ended: any answer
+    assert through_the_answer("12 * 5 = 60\n\nThis is the result of a classic trick.", "60") == "12 * 5 = 60"
+    assert through_the_answer("The capital is Madrid. It has 3 million people.", "Madrid") == "The capital is Madrid."
+    assert through_the_answer("Water boils at 212.5 degrees. Yes.", "212") == "Water boils at 212.5 degrees."
+
+
+def test_the_general_replay_never_asks_a_probe_question_and_its_answers_are_right():
+    import re
+
+    from finpipe.evaluation.forgetting import PROBE
+    from finpipe.instructions.general import general_prompts
+
+    def norm(text: str) -> str:
+        return re.sub(r"\W+", " ", text.lower()).strip()
+
+    prompts = general_prompts()
+    assert len(prompts) == len({p.prompt for p in prompts}) > 100
+    assert not {norm(p.prompt) for p in prompts} & {norm(q) for q, _ in PROBE}
+    # the probe's near neighbours with another answer are out (freezing point in Fahrenheit: the probe asks Celsius)
+    assert not [p.prompt for p in prompts if re.search(r"freezing|boiling|legs|bees|minutes", p.prompt)]
+    arithmetic = [p for p in prompts if p.operands]
+    assert len(arithmetic) == 40
+    for p in arithmetic:
+        a, b = p.operands
+        op = re.search(r"(\+|plus|-|minus|\*|times|/|divided by)", p.prompt).group(1)
+        result = {"+": a + b, "plus": a + b, "-": a - b, "minus": a - b, "*": a * b, "times": a * b,
+                  "/": a / b, "divided by": a / b}[op]
+        assert float(p.accepted) == result and result == int(result) > 0, p

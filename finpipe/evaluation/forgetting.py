@@ -63,8 +63,13 @@ class ProbeAnswer:
     right: bool
 
 
+def find_answer(answer: str, accepted: str) -> re.Match | None:
+    """Where ``answer`` first states ``accepted`` as a whole word ("12" is not in "125" nor in "1.12")."""
+    return re.search(rf"(?<![\w.]){accepted}(?![\w])", answer, re.I)
+
+
 def is_right(answer: str, accepted: str) -> bool:
-    return re.search(rf"(?<![\w.]){accepted}(?![\w])", answer, re.I) is not None
+    return find_answer(answer, accepted) is not None
 
 
 def probe_chats() -> list[list[dict[str, str]]]:

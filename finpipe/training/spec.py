@@ -34,7 +34,8 @@ class AdapterSpec:
                                       "lora and dora): backpropagation stops below them, so a step costs less (the "
                                       "top half: 1.8x the steps in a CPU budget and better strict metrics, "
                                       "docs/training-sweep.md)")
-    learning_rate: float = setting(2e-3, "peak learning rate (chosen by the sweep, docs/training-sweep.md)")
+    learning_rate: float = setting(1e-3, "peak learning rate (chosen by the sweep, docs/training-sweep.md: 2e-3 "
+                                   "learns finance as fast but forgets general skills)")
     # The budget (finpipe.training.budget): training stops when any limit is reached, and the schedule follows it.
     max_minutes: float = setting(2.5, "wall-time budget of the training loop, in minutes (0 = no time limit); "
                                  "sized so the Quickstart's first line stays under 10 minutes on 2 CPU cores")
@@ -55,9 +56,10 @@ class AdapterSpec:
     group_by_length: bool = setting(True, "batch samples of similar length together: almost no padding")
     balance_labels: bool = setting(True, "resample the training split so each family's label values are equally "
                                    "frequent (the rules are learned from their rare cases)")
-    general_replay_share: float = setting(0.25, "share of training samples that are general prompts answered by the "
-                                          "base model itself, so the adapter does not forget general skills (0 = "
-                                          "finance only)")
+    general_replay_share: float = setting(0.5, "share of training samples that are general prompts the base model "
+                                          "answered right, so the adapter does not forget general skills (0 = "
+                                          "finance only; the answers are short, so half the samples cost ~15% of "
+                                          "the tokens)")
     gradient_checkpointing: str = setting("auto", "'auto' (on only when activations would take over 30% of the "
                                           "free memory), 'on' or 'off'")
     max_train_samples: int = setting(0, "cap on training samples (0 = all)")
