@@ -100,7 +100,7 @@ def general_replay(base_dir: str | Path, cache_dir: Path, log: Callable[[str], N
         for i, generated in zip(missing, sampled):
             if keep(prompts[i], generated):
                 kept[i] = through_the_answer(generated.text, prompts[i].accepted)
-    del model
+    model = None  # freed before training starts
     release_memory()
     samples = []
     for i in sorted(kept):
