@@ -254,8 +254,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     except duckdb.PermissionException as exc:
         raise ValueError(f"refused: finpipe sql is read-only (no file access, no ATTACH, no extensions): "
                          f"{str(exc).splitlines()[0]}") from None
-    except (duckdb.ParserException, duckdb.CatalogException, duckdb.BinderException,
-            duckdb.InvalidInputException, duckdb.ConversionException) as exc:
+    except duckdb.Error as exc:  # any other failure of the query itself (parse, catalog, overflow, type, ...)
         raise ValueError(f"the query failed: {str(exc).splitlines()[0]}") from None
     with pl.Config(tbl_rows=args.limit, tbl_cols=-1, tbl_width_chars=200):
         print(frame)

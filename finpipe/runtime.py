@@ -50,10 +50,6 @@ def cpu_supports_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
 
 
-def cpu_has_amx() -> bool:
-    return "amx_bf16" in cpu_flags()
-
-
 def accelerator() -> str:
     """'cuda' when a CUDA device is usable, else 'cpu'."""
     import torch

@@ -162,3 +162,21 @@ def query(lake_dir, sql):
         return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``finpipe ARGV`` in this process: (exit code, stdout, stderr)."""
+    from finpipe.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -10,16 +10,10 @@ import sys
 import dagster as dg
 import pytest
 
-from finpipe.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_LAKE_CORRUPT, main
+from finpipe.cli import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_LAKE_CORRUPT
 from finpipe.models import registry
 from finpipe.paths import LAKE_DB_NAME
-from finpipe_tests.helpers import derive, ingest
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+from finpipe_tests.helpers import cli, derive, ingest
 
 
 def one_error_line(err: str) -> str:
@@ -39,6 +33,8 @@ def one_error_line(err: str) -> str:
     ("   ", "the query is empty"),
     ("SELEC 1", "the query failed"),
     ("SELECT * FROM no_such_table", "the query failed"),
+    ("SELECT 9223372036854775807::BIGINT + 1", "the query failed"),  # out of range
+    ("SELECT 'a'::INTEGER", "the query failed"),  # conversion
 ])
 def test_sql_is_read_only_and_answers_bad_queries_in_one_line(capsys, champion, isolated_lake, query, message):
     pointer = registry.champion_pointer(isolated_lake)

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from finpipe.models import registry
 from finpipe.paths import LAKE_DB_NAME, REPO_ROOT
+from finpipe_tests.helpers import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -106,15 +106,9 @@ def test_dagster_asset_materialize_cli(cli_env, isolated_lake):
     assert count_rows(isolated_lake) == 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_dagster_dev_serves_the_assets_over_graphql(cli_env):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
         cwd=REPO_ROOT, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

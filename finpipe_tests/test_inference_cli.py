@@ -11,14 +11,13 @@ import re
 import pytest
 import torch
 
-from finpipe.cli import main
 from finpipe.inference.context import LakeFacts, detect_families, detect_window, find_tickers, ground
 from finpipe.instructions import rules
 from finpipe.instructions.builder import DatasetSpec, build_samples
 from finpipe.instructions.families import ALL_FAMILIES
 from finpipe.market.lake import PriceLake
 from finpipe.paths import LAKE_DB_NAME
-from finpipe_tests.helpers import lake_inputs
+from finpipe_tests.helpers import cli, lake_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -30,12 +29,6 @@ def _own_lake(lake: PriceLake) -> PriceLake:
 def latest_row(lake: PriceLake, ticker: str) -> dict:
     return lake.query("SELECT * FROM price_statistics WHERE ticker = ? ORDER BY date DESC LIMIT 1", [ticker]).row(
         0, named=True)
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # --------------------------------------------------------------------------- context building

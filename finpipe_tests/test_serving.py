@@ -5,7 +5,6 @@ verification must catch). The verifier itself is tested on the grounding's own r
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -19,14 +18,9 @@ from finpipe.inference.context import LakeFacts, ground, unknown_tickers
 from finpipe.models import registry
 from finpipe.serving.app import ServeSpec
 from finpipe.serving.verify import verify
+from finpipe_tests.helpers import free_port
 
 START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -25,13 +25,3 @@ def estimate_tokens(messages: list[dict[str, str]]) -> int:
         # long words split into several sub-word tokens: one per 6 characters beyond the first
         total += sum(1 + max(0, (len(w) - 1) // 6) for w in words) + TEMPLATE_OVERHEAD_PER_MESSAGE
     return total
-
-
-def tokenizer_counter(tokenizer) -> TokenCounter:
-    """Exact counts with a Hugging Face tokenizer and its chat template."""
-
-    def count(messages: list[dict[str, str]]) -> int:
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
-        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # transformers 5 returns a BatchEncoding
-
-    return count

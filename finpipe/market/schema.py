@@ -28,10 +28,6 @@ PRICE_FIELDS = ("open", "high", "low", "close", "adj_close")
 OHLC_TOLERANCE = 1e-6
 
 
-def empty_prices() -> pl.DataFrame:
-    return pl.DataFrame(schema=PRICE_COLUMNS)
-
-
 def conform(frame: pl.DataFrame) -> pl.DataFrame:
     """Cast a source frame to the canonical schema (column order and dtypes); missing columns are an error."""
     missing = [c for c in PRICE_COLUMNS if c not in frame.columns]

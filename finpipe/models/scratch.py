@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from finpipe import runtime
 from finpipe.models.chat_template import CHATML_WITH_GENERATION, IM_END, IM_START
 from finpipe.models.files import atomic_dir
 from finpipe.settings import setting
@@ -129,9 +130,9 @@ def pretrain(train_texts: list[str], val_texts: list[str], target: Path, config:
     initial = perplexity(model, val_blocks, config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    # bf16 autocast where the CPU supports it natively; fp32 master weights either way
-    use_bf16 = torch.cuda.is_available() or _cpu_has_bf16()
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # bf16 autocast where it pays (as for adapters: runtime decides); fp32 master weights either way
+    device_type = runtime.accelerator()
+    use_bf16 = device_type == "cuda" or runtime.cpu_bf16_pays()
     model.to(device_type)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
@@ -164,11 +165,3 @@ def pretrain(train_texts: list[str], val_texts: list[str], target: Path, config:
         dtype="bf16 autocast" if use_bf16 else "fp32", config=asdict(config),
     )
 
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False

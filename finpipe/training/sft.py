@@ -289,12 +289,11 @@ def train_adapter(
     import datasets
 
     # 1. data, sized to the budget
-    import torch
     from transformers import AutoConfig, EarlyStoppingCallback
     from trl import SFTTrainer
 
     from finpipe.models.safe_loading import load_tokenizer
-    from finpipe.runtime import claim_cpu_share
+    from finpipe.runtime import accelerator, claim_cpu_share
     from finpipe.training import peft_methods
     from finpipe.training.budget import budget_callback_class, budgeted_trainer_class
     from finpipe.training.curve import curve_callback_class
@@ -307,7 +306,7 @@ def train_adapter(
         from finpipe.training.replay import general_replay
 
         replay = general_replay(base_dir, replay_cache or Path(job_dir).parent / "general_replay", log=log)
-    data = prepare_data(spec, tokenizer, train, val, "cuda" if torch.cuda.is_available() else "cpu", replay)
+    data = prepare_data(spec, tokenizer, train, val, accelerator(), replay)
 
     # 2. device plan (precision, LoRA or QLoRA, checkpointing) for this machine
     config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False)
