@@ -113,8 +113,13 @@ class ModelStore:
         folder = registry.adapters_dir(self.lake_dir) / name
         report = json.loads((folder / "training_report.json").read_text()) \
             if (folder / "training_report.json").exists() else {}
-        base = {"name": Path(report.get("base_model", "")).name, "path": report.get("base_model")}
-        if not base["path"] or not Path(base["path"]).is_dir():  # e.g. a lake moved since: today's base
+        # the base of that name in *this* lake (the report's absolute path may be another lake's, for a copied or
+        # moved lake); else today's base
+        name_of_base = Path(report.get("base_model", "")).name
+        own = registry.base_pointer(self.lake_dir).parent / name_of_base
+        if name_of_base and own.is_dir():
+            base = {"name": name_of_base, "path": str(own)}
+        else:
             base = registry.read_pointer(registry.base_pointer(self.lake_dir))
         return name, base, str(folder)
 
