@@ -83,24 +83,24 @@ def test_an_invalid_pointer_file_is_named(capsys, champion, isolated_lake):
 
 def test_a_copied_lake_uses_its_own_models_and_never_the_original(capsys, champion, isolated_lake, tiny, tmp_path):
     adapters = registry.adapters_dir(isolated_lake)
-    shutil.copytree(tiny["adapter"], adapters / "r1")
+    shutil.copytree(tiny["adapter"], adapters / "copied-run")
     own_base = registry.base_pointer(isolated_lake).parent / "tiny-base"
     shutil.copytree(champion["base"]["path"], own_base)
-    (adapters / "r1" / "training_report.json").write_text(json.dumps({"base_model": str(own_base)}))  # absolute
+    (adapters / "copied-run" / "training_report.json").write_text(json.dumps({"base_model": str(own_base)}))  # absolute
     registry.write_pointer(registry.latest_adapter_pointer(isolated_lake),
-                           {"run_id": "r1", "path": str(adapters / "r1"), "base": champion["base"]})
+                           {"run_id": "copied-run", "path": str(adapters / "copied-run"), "base": champion["base"]})
     stored = json.loads(registry.latest_adapter_pointer(isolated_lake).read_text())
-    assert stored["path"] == "r1"  # relative to the pointer's folder
+    assert stored["path"] == "copied-run"  # relative to the pointer's folder
     copy = tmp_path / "copied_lake"
     shutil.copytree(isolated_lake, copy)
-    shutil.rmtree(adapters / "r1")  # the original's adapter is gone: the copy must not need it
+    shutil.rmtree(adapters / "copied-run")  # the original's adapter is gone: the copy must not need it
     latest = registry.resolve_adapter(copy, "latest")
-    assert latest["path"] == str((copy / "models/adapters/r1").resolve())
+    assert latest["path"] == str((copy / "models/adapters/copied-run").resolve())
     # served by name, the copy's adapter runs on the copy's base, not on the original's (its report names that)
     from finpipe.serving.models import ModelStore
 
-    model_id, base, adapter = ModelStore(copy, log=lambda *_: None).resolve("r1")
-    assert (model_id, adapter) == ("r1", str(copy / "models/adapters/r1"))
+    model_id, base, adapter = ModelStore(copy, log=lambda *_: None).resolve("copied-run")
+    assert (model_id, adapter) == ("copied-run", str(copy / "models/adapters/copied-run"))
     assert base == {"name": "tiny-base", "path": str(copy / "models/base/tiny-base")}
 
 
