@@ -6,7 +6,9 @@ Heavy imports (Dagster, ML libraries) happen inside the commands, so ``finpipe -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import logging
 import os
 import sys
 from pathlib import Path
@@ -36,10 +38,9 @@ def _prepare_dagster_home() -> Path:
 def _event_log_without_fsync() -> None:
     """Dagster's SQLite run history without an fsync per commit, in this process only.
 
-    A full ingest writes ~6,800 events (two per daily partition), each committed to two SQLite files: ~68,000
-    fsyncs, half of `finpipe run --only-lake`'s 2 min 12 s on the Xeon (1 min 4 s without). A killed process
-    loses nothing (the writes are with the OS); an OS crash or power cut could damage the run history under
-    data_lake/dagster_home, never the lake (DuckDB) or the models."""
+    A full ingest writes thousands of events (two per daily partition), and the fsyncs were half of its time
+    (docs/operations.md). A killed process loses nothing (the writes are with the OS); an OS crash or power cut
+    could damage the run history under data_lake/dagster_home, never the lake (DuckDB) or the models."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
@@ -128,16 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not _report(dg.materialize(in_groups("scratch"), resources=resources, instance=instance,
                                       raise_on_error=False, run_config=run_config), "scratch GPT"):
             return 1
-    ops = _config_ops(args.config)
-    training = ops.get("qlora_adapter", {}).get("config", {}) | (
-        {"quantization": args.quantization} if args.quantization else {}) | (
-        {"max_minutes": args.train_minutes} if args.train_minutes is not None else {}) | (
-        {"max_steps": args.max_steps} if args.max_steps is not None else {}) | (
-        {"warm_start": "champion"} if args.warm_start else {})
-    evaluation = ops.get("adapter_evaluation", {}).get("config", {}) | (
-        {"max_new_tokens": args.eval_max_new_tokens} if args.eval_max_new_tokens is not None else {})
-    ops = ops | {"base_model": {"config": ops.get("base_model", {}).get("config", {}) | {"model": args.base}},
-                 "qlora_adapter": {"config": training}, "adapter_evaluation": {"config": evaluation}}
+    ops = _model_stage_ops(args)
+    training = ops["qlora_adapter"]["config"]
     budget = [f"{training['max_minutes']} min" if "max_minutes" in training else None,
               f"{training['max_steps']} steps" if training.get("max_steps") else None]
     print(f"finpipe: [3/3] base model ({args.base}), adapter ({training.get('quantization', 'auto')}; budget "
@@ -147,6 +140,29 @@ def cmd_run(args: argparse.Namespace) -> int:
                             run_config=run_config | {"ops": ops})
     if not _report(models, "model"):
         return 1
+    report = _print_model_stage(models)
+    _snapshot_after_run()
+    print(f"report: {report}")  # the last line: the one a user opens
+    return 0
+
+
+def _model_stage_ops(args: argparse.Namespace) -> dict:
+    """The model stage's op config: the ``--config`` file's, overridden by the command-line options."""
+    ops = _config_ops(args.config)
+    training = ops.get("qlora_adapter", {}).get("config", {}) | (
+        {"quantization": args.quantization} if args.quantization else {}) | (
+        {"max_minutes": args.train_minutes} if args.train_minutes is not None else {}) | (
+        {"max_steps": args.max_steps} if args.max_steps is not None else {}) | (
+        {"warm_start": "champion"} if args.warm_start else {})
+    evaluation = ops.get("adapter_evaluation", {}).get("config", {}) | (
+        {"max_new_tokens": args.eval_max_new_tokens} if args.eval_max_new_tokens is not None else {})
+    return ops | {"base_model": {"config": ops.get("base_model", {}).get("config", {}) | {"model": args.base}},
+                  "qlora_adapter": {"config": training}, "adapter_evaluation": {"config": evaluation}}
+
+
+def _print_model_stage(models) -> str:
+    """What the model stage made: the adapter, its strict scores against the base, the promotion; returns the
+    report's path."""
     adapter = {k: v.value for k, v in models.asset_materializations_for_node("qlora_adapter")[0].metadata.items()}
     print(f"adapter: {adapter['path']}")
     print(f"  trained as {adapter['trained_as']}, {adapter['device']} {adapter['precision']}: validation loss "
@@ -165,9 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"{shown(evaluation['adapter_forgetting_probe'])}")
     print(("promotion: promoted " if promotion["promoted"] else "promotion: kept the champion, ")
           + f"{promotion['challenger'] if promotion['promoted'] else promotion['champion'] or 'none'} ({promotion['reason']})")
-    _snapshot_after_run()
-    print(f"report: {report['html']}")
-    return 0
+    return report["html"]
 
 
 def _config_ops(path: str | None) -> dict:
@@ -190,9 +204,54 @@ def _config_ops(path: str | None) -> dict:
     return ops
 
 
+def _is_interrupt_event(event) -> bool:
+    from dagster._core.events import RunFailureReason
+    from dagster._core.execution.plan.objects import ErrorSource
+
+    data = event.event_specific_data
+    return bool((event.is_step_failure and getattr(data, "error_source", None) == ErrorSource.INTERRUPT)
+                or (event.is_run_failure
+                    and getattr(data, "failure_reason", None) == RunFailureReason.UNEXPECTED_TERMINATION))
+
+
+def _interrupted(result) -> bool:
+    """Dagster turns Ctrl-C inside a step into a failed step (``raise_on_error=False`` returns it as a result): was
+    this run's failure an interruption?"""
+    return any(_is_interrupt_event(event) for event in result.all_events)
+
+
+class _WithoutInterruptStacks(logging.Filter):
+    """Drops the console records of a Ctrl-C (Dagster logs the interrupted step and run as failures, each with a
+    stack trace); ``main`` says it in one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = (getattr(record, "dagster_meta", None) or {}).get("dagster_event")
+        return event is None or not _is_interrupt_event(event)
+
+
+class _ConsoleLogger(logging.Logger):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.addFilter(_WithoutInterruptStacks())
+
+
+@contextlib.contextmanager
+def _quiet_interrupts():
+    """Dagster builds its console logger from ``logging.getLoggerClass()`` for each run: while a finpipe command
+    runs, that class carries the filter above."""
+    before = logging.getLoggerClass()
+    logging.setLoggerClass(_ConsoleLogger)
+    try:
+        yield
+    finally:
+        logging.setLoggerClass(before)
+
+
 def _report(result, what: str) -> bool:
     import dagster as dg
 
+    if not result.success and _interrupted(result):
+        raise KeyboardInterrupt  # main() ends it with one line and EXIT_INTERRUPTED
     evaluations = [c for c in result.get_asset_check_evaluations() if not c.passed]
     failed_checks = [c.check_name for c in evaluations if c.severity != dg.AssetCheckSeverity.WARN]
     warnings = [c.check_name for c in evaluations if c.severity == dg.AssetCheckSeverity.WARN]
@@ -494,7 +553,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     lake_dir = paths.lake_dir()
     outtypes = tuple(t.strip() for t in args.gguf_types.split(",") if t.strip())
     payload = registry.resolve_adapter(lake_dir, args.adapter)
-    golden_file = lake_dir / "datasets" / "golden.jsonl"
+    golden_file = paths.DatasetFiles.of(lake_dir).golden
     golden = read_jsonl(golden_file)[: args.parity_samples or None] if golden_file.exists() else []
     if not golden:
         print(f"finpipe: no golden set at {golden_file}: the parity check is skipped", file=sys.stderr)
@@ -650,13 +709,20 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec_default(name: str):
-    from finpipe.training.spec import AdapterSpec
+def _spec_help(spec_cls: type, name: str) -> str:
+    from finpipe.settings import help_of
 
-    return getattr(AdapterSpec, name)
+    default = getattr(spec_cls, name)
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{help_of(spec_cls, name)} (default: {shown})".replace("%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from finpipe.evaluation.evaluate import EvalSpec
+    from finpipe.studies.compression import CompressionSpec
+    from finpipe.studies.peft_study import PeftStudySpec
+    from finpipe.training.spec import QUANTIZATIONS, AdapterSpec
+
     parser = argparse.ArgumentParser(prog="finpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -670,20 +736,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only-data", action="store_true", help="stop after the datasets (no model training)")
     run.add_argument("--base", default="smollm2",
                      help="base model: smollm2 (embedded), scratch (finpipe's own GPT), a hub id or a local folder")
-    run.add_argument("--quantization", choices=["auto", "nf4", "none"],
-                     help="auto (the default) = QLoRA on CUDA, LoRA on CPU; nf4 = QLoRA; none = LoRA")
-    run.add_argument("--train-minutes", type=float, help=f"adapter training budget in minutes (default "
-                     f"{_spec_default('max_minutes')}; a faster machine trains more steps in it)")
-    run.add_argument("--max-steps", type=int, help="also stop after this many optimizer steps")
+    # options that set a spec field take its help and default from the spec (finpipe.settings: declared once)
+    run.add_argument("--quantization", choices=QUANTIZATIONS, help=_spec_help(AdapterSpec, "quantization"))
+    run.add_argument("--train-minutes", type=float, help=_spec_help(AdapterSpec, "max_minutes"))
+    run.add_argument("--max-steps", type=int, help=_spec_help(AdapterSpec, "max_steps"))
     run.add_argument("--warm-start", action="store_true",
                      help="continue from the champion's weights (as the nightly run does) instead of a fresh adapter")
-    run.add_argument("--eval-max-new-tokens", type=int, help="longest generated answer in the evaluation (greedy)")
+    run.add_argument("--eval-max-new-tokens", type=int, help=_spec_help(EvalSpec, "max_new_tokens"))
     run.add_argument("--config", metavar="YAML", help="run config for the model stage (the Launchpad's format), e.g. "
                      "configs/train-60-minutes.yaml; the options above override it")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(func=cmd_run)
 
-    ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1")
+    ui = sub.add_parser("ui", help="start the Dagster UI (dg dev) on 127.0.0.1")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
@@ -740,10 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser("study", help="the PEFT method comparison and the compression study (after `run`)")
     study.add_argument("--methods", help="comma-separated subset of lora,qlora,adalora,vblora,dora,ia3 (default all)")
-    study.add_argument("--max-steps", type=int, help="training steps per PEFT method (default: the study spec's)")
-    study.add_argument("--drop", default="2,4", help="layers to drop in total, successively (e.g. 2,4)")
-    study.add_argument("--heal-steps", type=int, help="LoRA healing steps after each drop (0 = none; default: the "
-                       "study spec's)")
+    study.add_argument("--max-steps", type=int, help=_spec_help(PeftStudySpec, "max_steps"))
+    study.add_argument("--drop", default=",".join(map(str, CompressionSpec.ks)), help=_spec_help(CompressionSpec, "ks"))
+    study.add_argument("--heal-steps", type=int, help=_spec_help(CompressionSpec, "heal_steps"))
     study.add_argument("--skip-peft", action="store_true")
     study.add_argument("--skip-compression", action="store_true")
     study.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -759,7 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     try:
-        return args.func(args)
+        with _quiet_interrupts():
+            return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line; training resumes from its last checkpoint on the next run
         print("\nfinpipe: interrupted; run the same command again to continue (training resumes from its last "
               "checkpoint)", file=sys.stderr)

@@ -120,6 +120,16 @@ def test_a_lake_dir_that_is_a_file_or_read_only_is_one_line(capsys, monkeypatch,
         monkeypatch.setenv("FINPIPE_LAKE_DIR", str(locked))
         code, _, err = cli(capsys, "run", "--only-lake")
         assert code == EXIT_BAD_INPUT and "not writable" in one_error_line(err)
+        from finpipe.market.lake import PriceLake
+
+        readable = tmp_path / "readable"
+        readable.mkdir()
+        with PriceLake(readable / LAKE_DB_NAME).connect():
+            pass
+        (readable / LAKE_DB_NAME).chmod(0o444)  # the folder is writable, the lake file is not
+        with pytest.raises(PermissionError, match="permission denied; give this user write access"):
+            with PriceLake(readable / LAKE_DB_NAME).connect():
+                pass
 
 
 def test_a_damaged_lake_is_detected_and_restored_from_its_snapshot(capsys, champion, isolated_lake):
@@ -160,6 +170,46 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
     monkeypatch.setattr(cli_module, "cmd_runs", interrupted)
     code, _, err = cli(capsys, "runs")
     assert code == EXIT_INTERRUPTED and "interrupted; run the same command again" in one_error_line(err)
+
+
+@pytest.mark.slow
+def test_a_real_ctrl_c_inside_a_dagster_run_ends_with_one_line_and_keeps_the_lake(tmp_path):
+    """SIGINT while the statistics/datasets run is computing: Dagster turns it into a failed step, which must not be
+    reported as an ordinary failure ("the run failed") with its stack; the prices already ingested stay."""
+    import signal
+    import time
+
+    import duckdb
+
+    lake = tmp_path / "lake"
+    env = os.environ | {"FINPIPE_LAKE_DIR": str(lake), "PYTHONUNBUFFERED": "1", "DAGSTER_HOME": str(tmp_path / "dh")}
+    process = subprocess.Popen([sys.executable, "-m", "finpipe.cli", "run", "--only-data", "--start", "2004-03-01",
+                                "--end", "2013-03-01"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        for line in process.stdout:  # interrupt once the second run has started
+            if line.startswith("finpipe: [2/3]"):
+                break
+        time.sleep(3)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        # Python ignores an interrupt that lands in a garbage-collection callback; a user presses Ctrl-C again
+        for _ in range(10):
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=3)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == EXIT_INTERRUPTED, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("finpipe: interrupted; run the same command again"), err[-3000:]
+    assert "the derived assets run failed" not in err and "Traceback" not in err and "Stack Trace" not in err
+    assert "STEP_FAILURE" not in err and "RUN_FAILURE" not in err  # Dagster's records of the interrupt: dropped
+    with duckdb.connect(str(lake / LAKE_DB_NAME), read_only=True) as db:
+        assert db.execute("SELECT count(*) FROM prices").fetchone()[0] > 4 * 1000
 
 
 # ------------------------------------------------------------------------------------------ gates that hold
