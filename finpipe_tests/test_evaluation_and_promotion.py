@@ -351,10 +351,16 @@ def test_batched_greedy_answers_equal_one_by_one_answers(tiny_base):
     assert len({len(tokenizer.apply_chat_template(c, tokenize=False)) for c in chats}) > 1
     sampling, side = Sampling(max_new_tokens=10), tokenizer.padding_side
     one_by_one = [generate(model, tokenizer, c, sampling) for c in chats]
-    batched = generate_batch(model, tokenizer, chats, sampling, batch_size=3)
+    lines: list[str] = []
+    batched = generate_batch(model, tokenizer, chats, sampling, batch_size=3, progress=lines.append,
+                             progress_every_s=0)
     assert [g.text for g in batched] == [g.text for g in one_by_one]
     assert [g.new_tokens for g in batched] == [g.new_tokens for g in one_by_one]
     assert tokenizer.padding_side == side  # restored for training code that pads on the right
+    # progress within a batch (token reached, time left) and after each batch, without changing the answers
+    assert any(line.startswith("  answers 1-3 of 5: token 2/10 (") and "s left)" in line for line in lines), lines
+    assert any(line.startswith("  answers 4-5 of 5: token 1/10 (") for line in lines), lines
+    assert [line.split(" (")[0] for line in lines if "token" not in line] == ["  answers 3/5", "  answers 5/5"]
 
 
 def test_answers_scored_with_their_references_keep_the_answers_and_give_the_teacher_forced_loss(tiny_base):

@@ -121,11 +121,13 @@ def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Samplin
 
 
 def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling: Sampling = Sampling(),
-                   batch_size: int = 8, progress=None, references: list[str] | None = None) -> list[Generated]:
+                   batch_size: int = 8, progress=None, references: list[str] | None = None,
+                   progress_every_s: float = 15.0) -> list[Generated]:
     """Answers to many chats, ``batch_size`` at a time (left padding): on a CPU a decoding step costs about
     the same for 1 or 8 sequences, so evaluation runs several times faster than one by one. ``seconds`` is
     the batch's wall time shared evenly; use ``generate`` to measure single-request latency. ``progress``, if
-    given, is called with a line after each batch (answers done, of how many, elapsed).
+    given, is called with a line after each batch (answers done, of how many, elapsed) and every
+    ``progress_every_s`` seconds within one (the token reached, the time left at most).
 
     ``references`` (one reference answer per chat) also scores each reference teacher-forced in the same forward
     pass that fills the prompt's KV cache (``reference_nll``/``reference_tokens``): the loss of an answered set
@@ -154,8 +156,11 @@ def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling
                 if references is not None:
                     scored, cache = _score_references(model, tokenizer, chunk, texts, references[i: i + batch_size],
                                                       enc, pad)
+                ticker = {} if progress is None else {"stopping_criteria": _progress_ticker(
+                    progress, f"  answers {i + 1}-{i + len(chunk)} of {len(chats)}", sampling.max_new_tokens,
+                    progress_every_s)}
                 out = model.generate(**enc, **sampling.generate_kwargs(), eos_token_id=stops, pad_token_id=pad,
-                                     **({"cache": cache} if cache is not None else {}))
+                                     **({"cache": cache} if cache is not None else {}), **ticker)
             share = (time.perf_counter() - started) / len(chunk)
             for row, (nll, n_ref) in zip(out[:, enc["input_ids"].shape[1]:].tolist(), scored):
                 end = next((j for j, t in enumerate(row) if t in stops), None)
@@ -168,6 +173,30 @@ def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling
     finally:
         tokenizer.padding_side = side
     return results
+
+
+def _progress_ticker(progress, what: str, max_new_tokens: int, every_s: float):
+    """A stopping criterion that never stops: every ``every_s`` seconds of one batch's decoding it reports the token
+    reached and the time left at most (the batch ends sooner when every answer has stopped)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Ticker(StoppingCriteria):
+        def __init__(self):
+            self.started = self.shown = time.perf_counter()
+            self.steps = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.steps += 1
+            now = time.perf_counter()
+            if now - self.shown >= every_s:
+                self.shown = now
+                left = (now - self.started) / self.steps * (max_new_tokens - self.steps)
+                progress(f"{what}: token {self.steps}/{max_new_tokens} ({now - self.started:.0f} s, at most "
+                         f"{left:.0f} s left)")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Ticker()])
 
 
 def _score_references(model, tokenizer, chats, prompts: list[str], references: list[str], enc: dict, pad: int):
