@@ -74,3 +74,55 @@ def test_every_shipped_run_config_is_valid_for_the_launchpad_and_the_cli():
             assert result.success, (path.name, op, [e.message for e in result.errors])
     bad = process_config(assets["qlora_adapter"].op.config_schema.config_type, {"max_minuts": 3})
     assert not bad.success  # a misspelt field is caught, so the check above can fail
+
+
+def test_every_setting_has_one_default_and_one_help_in_the_config_classes_and_the_cli():
+    """Each Dagster config class carries its spec's defaults and help; each CLI option that sets a spec field shows
+    that field's help and default (the heal_steps drift, 8 in one place and 16 in another, cannot come back)."""
+    import dataclasses
+
+    from finpipe.cli import build_parser
+    from finpipe.defs.datasets import DatasetSplitConfig, InstructionSamplesConfig
+    from finpipe.defs.evaluation import EvaluationConfig
+    from finpipe.defs.models import AdapterTrainingConfig, ScratchGPTConfig
+    from finpipe.defs.studies import CompressionConfig, PeftStudyConfig
+    from finpipe.evaluation.evaluate import EvalSpec
+    from finpipe.instructions.builder import DatasetSpec
+    from finpipe.instructions.split import SplitSpec
+    from finpipe.models.scratch import ScratchGPTSpec
+    from finpipe.settings import help_of
+    from finpipe.studies.compression import CompressionSpec
+    from finpipe.studies.peft_study import PeftStudySpec
+    from finpipe.training.spec import AdapterSpec
+
+    pairs = [(AdapterTrainingConfig, AdapterSpec), (EvaluationConfig, EvalSpec), (CompressionConfig, CompressionSpec),
+             (PeftStudyConfig, PeftStudySpec), (InstructionSamplesConfig, DatasetSpec), (DatasetSplitConfig, SplitSpec),
+             (ScratchGPTConfig, ScratchGPTSpec)]
+    compared = 0
+    for config_cls, spec_cls in pairs:
+        spec_fields = {f.name: f for f in dataclasses.fields(spec_cls)}
+        for name, field in config_cls.model_fields.items():
+            if name not in spec_fields:
+                continue  # a Dagster-only field (warm_start, the split's paths)
+            default = spec_fields[name].default
+            # the UI's forms have no tuples or None: a tuple becomes a list, None an empty string ("empty: none")
+            shown = list(default) if isinstance(default, tuple) else "" if default is None else default
+            assert field.default == shown, (config_cls, name)
+            assert field.description.startswith(help_of(spec_cls, name)), (config_cls, name)  # + a format hint
+            compared += 1
+    assert compared > 60
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    options = {"run": {"--quantization": (AdapterSpec, "quantization"), "--train-minutes": (AdapterSpec, "max_minutes"),
+                       "--max-steps": (AdapterSpec, "max_steps"), "--eval-max-new-tokens": (EvalSpec, "max_new_tokens")},
+               "study": {"--max-steps": (PeftStudySpec, "max_steps"), "--heal-steps": (CompressionSpec, "heal_steps"),
+                         "--drop": (CompressionSpec, "ks")}}
+    for command, wanted in options.items():
+        actions = {a.option_strings[0]: a for a in sub[command]._actions if a.option_strings}
+        for option, (spec_cls, name) in wanted.items():
+            default = getattr(spec_cls, name)
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+            assert actions[option].help.startswith(help_of(spec_cls, name).replace("%", "%%")), (command, option)
+            assert actions[option].help.endswith(f"(default: {shown})"), (command, option)
+    assert sub["study"]._option_string_actions["--drop"].default == "2,4" == ",".join(map(str, CompressionSpec.ks))
+    assert CompressionSpec.heal_steps == CompressionConfig().heal_steps
