@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from finpipe.runtime import ML_PACKAGES
+
 RESULTS_DIR = Path(__file__).parent / "results"
-PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "polars", "duckdb",
-            "numpy", "pyarrow")
+PACKAGES = (*ML_PACKAGES, "polars", "duckdb", "numpy", "pyarrow")  # the versions a result records
 
 
 def cpu_model() -> str:
@@ -152,12 +153,12 @@ def lake_champion_adapter() -> Path | None:
 def lake_split():
     """(train, val) from the lake's dataset split files, or None."""
     from finpipe.instructions.samples import read_jsonl
-    from finpipe.paths import lake_dir
+    from finpipe.paths import DatasetFiles, lake_dir
 
-    folder = lake_dir() / "datasets" / "split"
-    if not ((folder / "train.jsonl").exists() and (folder / "val.jsonl").exists()):
+    files = DatasetFiles.of(lake_dir())
+    if not (files.train.exists() and files.val.exists()):
         return None
-    return read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "val.jsonl")
+    return read_jsonl(files.train), read_jsonl(files.val)
 
 
 def builtin_split(date_stride: int = 1):

@@ -147,11 +147,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = parse_args(argv)
     lake_dir = paths.lake_dir()
-    split = lake_dir / "datasets" / "split"
-    golden_file = lake_dir / "datasets" / "golden.jsonl"
+    files = paths.DatasetFiles.of(lake_dir)
+    golden_file = files.golden
     if not golden_file.exists():
         raise SystemExit(f"no golden set at {golden_file}: run `finpipe run` first")
-    train, val, golden = read_jsonl(split / "train.jsonl"), read_jsonl(split / "val.jsonl"), read_jsonl(golden_file)
+    train, val, golden = read_jsonl(files.train), read_jsonl(files.val), read_jsonl(golden_file)
     base = registry.read_pointer(registry.base_pointer(lake_dir))
     common = dict(_typed(AdapterSpec, a) for a in args.set)
     if args.minutes is not None:

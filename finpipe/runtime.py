@@ -76,8 +76,7 @@ def cpu_bf16_speedup() -> float | None:
     """fp32 time / bf16 time of a linear layer's forward and backward at a small decoder's shapes (448 tokens,
     576 -> 1536), best of several tries, with this process's threads; None on a CPU without native bf16.
 
-    A flag is not a speed: on an Intel Xeon with AVX512-BF16 but no AMX (2026-12-01), bf16 trained SmolLM2 at
-    0.71x and generated at 0.82x the speed of fp32; on AMX and on an AMD EPYC with AVX512-BF16 it was faster.
+    A flag is not a speed: a CPU with AVX512-BF16 but no AMX can compute bf16 slower than fp32 (docs/training.md).
     Measured once per process (~0.3 s)."""
     if not cpu_supports_bf16():
         return None

@@ -3,7 +3,6 @@
 import datetime as dt
 import json
 from collections import Counter
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -21,37 +20,17 @@ from finpipe.instructions.samples import read_jsonl, write_jsonl
 from finpipe.instructions.split import SplitSpec, temporal_split
 from finpipe.instructions.tokens import estimate_tokens
 from finpipe.models.files import atomic_write_text, file_digest
+from finpipe.paths import DatasetFiles
 from finpipe.settings import help_of
 
 
-def datasets_dir(lake: LakeResource) -> Path:
-    return lake.directory / "datasets"
-
-
-def samples_path(lake: LakeResource) -> Path:
-    return datasets_dir(lake) / "samples.jsonl"
-
-
-def manifest_path(lake: LakeResource) -> Path:
-    return datasets_dir(lake) / "samples.manifest.json"
-
-
-def split_dir(lake: LakeResource) -> Path:
-    return datasets_dir(lake) / "split"
-
-
-def golden_path(lake: LakeResource) -> Path:
-    """The frozen golden evaluation set (written once by the evaluation asset)."""
-    return datasets_dir(lake) / "golden.jsonl"
-
-
-def validation_path(lake: LakeResource) -> Path:
-    return datasets_dir(lake) / "validation" / "instruction_samples.json"
+def dataset_files(lake: LakeResource) -> DatasetFiles:
+    return DatasetFiles.of(lake.directory)
 
 
 def gated_samples_digest(lake: LakeResource) -> str:
     """The digest of samples.jsonl, if its current content passed every gate; else a Failure saying what to run."""
-    samples, report = samples_path(lake), validation_path(lake)
+    samples, report = dataset_files(lake).samples, dataset_files(lake).gate_report
     if not samples.exists():
         raise dg.Failure(f"{samples} does not exist: materialize instruction_samples first")
     digest = file_digest(samples)
@@ -72,16 +51,15 @@ def gated_samples_digest(lake: LakeResource) -> str:
 
 def check_split_files(lake: LakeResource) -> dict:
     """split.json, after checking that train.jsonl and val.jsonl are exactly the files the split wrote."""
-    out = split_dir(lake)
+    files = dataset_files(lake)
     try:
-        manifest = json.loads((out / "split.json").read_text())
+        manifest = json.loads(files.split_manifest.read_text())
     except (OSError, ValueError):
-        raise dg.Failure(f"{out / 'split.json'} is missing or not JSON: materialize dataset_split") from None
-    for side in ("train", "val"):
-        path = out / f"{side}.jsonl"
+        raise dg.Failure(f"{files.split_manifest} is missing or not JSON: materialize dataset_split") from None
+    for side, path in (("train", files.train), ("val", files.val)):
         expected = (manifest.get("files") or {}).get(side)
         if expected is None:
-            raise dg.Failure(f"{out / 'split.json'} has no manifest for {side}.jsonl (written by an older finpipe): "
+            raise dg.Failure(f"{files.split_manifest} has no manifest for {path.name} (written by an older finpipe): "
                              "materialize dataset_split again")
         lines = sum(1 for _ in open(path, encoding="utf-8")) if path.exists() else 0
         if not path.exists() or file_digest(path) != expected["sha256"]:
@@ -94,8 +72,8 @@ def split_and_golden(lake: LakeResource, golden_per_family: int, seed: int, para
     """(train, val, golden, created): the split files and the golden set, frozen from val on first use."""
     from finpipe.evaluation.golden import freeze_golden
 
-    train, val = read_jsonl(split_dir(lake) / "train.jsonl"), read_jsonl(split_dir(lake) / "val.jsonl")
-    golden, created = freeze_golden(val, golden_path(lake), golden_per_family, seed, paraphrase_share)
+    train, val = read_jsonl(dataset_files(lake).train), read_jsonl(dataset_files(lake).val)
+    golden, created = freeze_golden(val, dataset_files(lake).golden, golden_per_family, seed, paraphrase_share)
     return train, val, golden, created
 
 
@@ -128,11 +106,11 @@ def instruction_samples(context: dg.AssetExecutionContext, config: InstructionSa
     samples = build_samples(stats, prices, names, spec)
     external = load_external(config.external_path) if config.external_path else []
     samples += external
-    path = samples_path(lake)
+    path = dataset_files(lake).samples
     write_jsonl(samples, path)
     manifest = {"config": config.model_dump(), "samples": len(samples), "families": family_counts(samples),
                 "token_counter": "estimate"}
-    manifest_path(lake).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    dataset_files(lake).samples_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     tokens = [estimate_tokens(s.messages) for s in samples]
     examples = "\n\n".join(
         f"**{s.family}** ({', '.join(s.tickers)} as of {s.as_of})\n\n```\n{s.text_of('user')}\n```\n\n> {s.text_of('assistant')}"
@@ -156,13 +134,13 @@ def instruction_samples(context: dg.AssetExecutionContext, config: InstructionSa
 )
 def instruction_samples_quality(context: dg.AssetCheckExecutionContext, lake: LakeResource):
     """One Great Expectations suite; one blocking check per gate. Results saved as JSON beside the samples."""
-    samples = read_jsonl(samples_path(lake))
-    manifest = json.loads(manifest_path(lake).read_text())
+    samples = read_jsonl(dataset_files(lake).samples)
+    manifest = json.loads(dataset_files(lake).samples_manifest.read_text())
     result = validate_samples(samples, max_seq_len=manifest["config"]["max_seq_len"])
-    report = validation_path(lake)
+    report = dataset_files(lake).gate_report
     report.parent.mkdir(parents=True, exist_ok=True)
     # the split reads this: it trains only on samples whose exact bytes passed every gate
-    verdict = {"samples_sha256": file_digest(samples_path(lake)), "passed": result.passed,
+    verdict = {"samples_sha256": file_digest(dataset_files(lake).samples), "passed": result.passed,
                "gates": {g.name: g.passed for g in result.gates.values()}}
     atomic_write_text(report, json.dumps(result.raw | {"finpipe": verdict}, indent=1, default=str))
     for gate in result.gates.values():
@@ -194,16 +172,16 @@ def dataset_split(context: dg.AssetExecutionContext, config: DatasetSplitConfig,
     samples_digest = gated_samples_digest(lake)  # refuses samples whose gates did not pass (or never ran)
     cutoff = dt.date.fromisoformat(config.cutoff) if config.cutoff else None
     spec = SplitSpec(val_fraction=config.val_fraction, cutoff=cutoff, embargo_days=config.embargo_days)
-    golden = golden_path(lake)
+    golden = dataset_files(lake).golden
     holdout = read_jsonl(golden) if golden.exists() else []  # the frozen evaluation set never trains
-    split = temporal_split(read_jsonl(samples_path(lake)), spec, holdout=holdout)
-    out = split_dir(lake)
-    train_path, val_path = out / "train.jsonl", out / "val.jsonl"
+    split = temporal_split(read_jsonl(dataset_files(lake).samples), spec, holdout=holdout)
+    layout = dataset_files(lake)
+    train_path, val_path = layout.train, layout.val
     write_jsonl(split.train, train_path)
     write_jsonl(split.val, val_path)
-    files = {side: {"samples": len(rows), "sha256": file_digest(out / f"{side}.jsonl")}
-             for side, rows in (("train", split.train), ("val", split.val))}
-    atomic_write_text(out / "split.json", json.dumps({
+    files = {side: {"samples": len(rows), "sha256": file_digest(path)}
+             for side, rows, path in (("train", split.train, train_path), ("val", split.val, val_path))}
+    atomic_write_text(layout.split_manifest, json.dumps({
         "cutoff": split.cutoff.isoformat(), "train": len(split.train), "val": len(split.val),
         "dropped": split.dropped, "files": files, "samples_sha256": samples_digest}, indent=2))
     train_counts, val_counts = Counter(s.family for s in split.train), Counter(s.family for s in split.val)
@@ -230,9 +208,9 @@ def dataset_split(context: dg.AssetExecutionContext, config: DatasetSplitConfig,
 @dg.asset_check(asset=dataset_split, blocking=True,
                 description="No validation as-of date at or before the cutoff, no train date after it, no shared text.")
 def split_has_no_leakage(lake: LakeResource) -> dg.AssetCheckResult:
-    out = split_dir(lake)
-    train, val = read_jsonl(out / "train.jsonl"), read_jsonl(out / "val.jsonl")
-    cutoff = json.loads((out / "split.json").read_text())["cutoff"]
+    files = dataset_files(lake)
+    train, val = read_jsonl(files.train), read_jsonl(files.val)
+    cutoff = json.loads(files.split_manifest.read_text())["cutoff"]
     late_train = sum(1 for s in train if s.as_of and s.as_of > cutoff)
     early_val = sum(1 for s in val if not s.as_of or s.as_of <= cutoff)
     texts = lambda side: {s.text_of("user") for s in side} | {s.text_of("assistant") for s in side}  # noqa: E731

@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 
 from finpipe.defs.config import config_class
-from finpipe.defs.datasets import golden_path, split_and_golden, split_dir
+from finpipe.defs.datasets import dataset_files, split_and_golden
 from finpipe.defs.metadata import markdown_table, markdown_with_inline_images
 from finpipe.defs.models import qlora_adapter
 from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
@@ -54,14 +54,14 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluationConf
     train, val, golden, created = split_and_golden(lake, spec.golden_per_family, spec.seed,
                                                    spec.golden_paraphrase_share)
     if created:
-        context.log.info(f"froze the golden set: {len(golden)} samples at {golden_path(lake)}")
+        context.log.info(f"froze the golden set: {len(golden)} samples at {dataset_files(lake).golden}")
     champion_pointer = registry.champion_pointer(lake.directory)
     champion = registry.read_pointer(champion_pointer) if champion_pointer.exists() else None
     evaluation = evaluate_challenger(latest, champion, val, golden, spec,
                                      registry.models_dir(lake.directory) / "evaluation_cache", log=context.log.info)
     out = write_evaluation(evaluation)
     report = json.loads((Path(latest["path"]) / "training_report.json").read_text())
-    cutoff = json.loads((split_dir(lake) / "split.json").read_text())["cutoff"]
+    cutoff = json.loads(dataset_files(lake).split_manifest.read_text())["cutoff"]
     registry.RunRegistry(lake.prices_lake()).record(
         registry_row(evaluation, report, _window(train), cutoff, latest.get("fingerprint", "")))
     from finpipe.evaluation.report import metrics_rows

@@ -27,14 +27,15 @@ def adapter_lineage(lake_dir: Path, pointer: dict) -> dict:
     (``{run_id, path, base}``, as in champion.json)."""
     from finpipe.market.lake import PriceLake
     from finpipe.models.registry import RunRegistry
+    from finpipe.paths import DatasetFiles
 
     adapter = Path(pointer["path"])
-    datasets = lake_dir / "datasets"
+    datasets = DatasetFiles.of(lake_dir)
     out = {"run_id": pointer["run_id"], "base_name": pointer["base"]["name"], "base_path": pointer["base"]["path"],
            "training": _read(adapter / "training_report.json"),
            "evaluation": _read(adapter / "evaluation" / "evaluation.json"),
-           "gates": passed_gates(_read(datasets / "validation" / "instruction_samples.json")),
-           "val_cutoff": _read(datasets / "split" / "split.json").get("cutoff")}
+           "gates": passed_gates(_read(datasets.gate_report)),
+           "val_cutoff": _read(datasets.split_manifest).get("cutoff")}
     db = lake_dir / "finpipe.duckdb"
     if db.exists():
         lake = PriceLake(db)

@@ -1,14 +1,9 @@
 """General instructions the adapter keeps answering as the base model did: a replay set against forgetting.
 
-Fine-tuning on finance templates alone makes a small model forget general skills (measured: after 500k training
-tokens the forgetting probe fell from 1.00 to 0.74; "What is 7 + 5?" -> "The answer is 7."). Training therefore
-mixes in a share of general prompts answered by the **base model itself** (self-distillation), so the adapter
-learns finance without drifting elsewhere.
-
-Only the base's *right* answers are replayed (``GeneralPrompt.accepted``, checked as the forgetting probe checks):
-replaying its greedy mistakes taught them. Measured 2026-12-02 (Intel Xeon with AMX, 235 steps): with v1 the replay
-held "17 - 10 = 17 The answer is: 17" and the adapter answered "12 - 4 = 12 The answer is: 12"; every arithmetic
-question of the probe was lost (0.743 -> 0.514).
+Fine-tuning on finance templates alone makes a small model forget general skills, so training mixes in a share of
+general prompts answered by the **base model itself** (self-distillation). Only the base's *right* answers are
+replayed (``GeneralPrompt.accepted``, checked as the forgetting probe checks): replaying its greedy mistakes taught
+them (the measurements: docs/evaluation.md, docs/training-sweep.md).
 
 The prompts are generated here from small seeded templates (arithmetic, capitals, opposites, plurals, everyday
 facts); they never repeat the forgetting probe's questions (``finpipe.evaluation.forgetting``, a test guards it).

@@ -39,21 +39,13 @@ from finpipe.training.memory import RssPeak
 
 Log = Callable[[str], None]
 
-#: Measured 2026-11-25 on the 2-core AVX512-BF16 EPYC: 8-bit works on CPU. bitsandbytes 0.48.2 registers a
-#: CPU kernel for ``int8_linear_matmul`` (``torch._int_mm``, s8 @ s8 -> s32) and transformers 5.x accepts
-#: ``load_in_8bit`` with ``device_map="cpu"``: every projection becomes ``bnb.nn.Linear8bitLt``, ``generate``
-#: works, logits stay within ~1e-2 of fp32 on the tiny test model. bnb warns "MatMul8bitLt: inputs will be cast
-#: from float32 to float16 during quantization" (activations are quantized through fp16). If a future stack
-#: breaks it, the study records the exception in the row's ``skipped`` field instead of failing.
+#: what the study found of each bitsandbytes variant on a CPU (docs/studies.md: how it was checked)
 INT8_CPU_NOTE = ("works on CPU with bitsandbytes 0.48.2 + transformers 5.x: Linear8bitLt via torch._int_mm; "
                  "activations are cast to fp16 for quantization")
 
-#: 4-bit NF4 loads and generates on CPU (``bnb.nn.Linear4bit``); bnb 0.49/0.50 would assert on layers whose
-#: out_features % 32 != 0 during no-grad forwards on AVX512-BF16 CPUs, hence ``disable_cpu_repacking``.
 NF4_CPU_NOTE = "works on CPU: Linear4bit, fp32 compute; saves memory, not time"
 
-#: Checked 2026-11-25 against the package registry (``pip index versions`` / ``pip download --no-deps``, nothing
-#: installed); finpipe's stack is torch 2.13.0+cpu, transformers 5.24, and no dependency was added for this.
+#: why GPTQ and AWQ are not studied (docs/studies.md: checked against the package registry)
 UNSUPPORTED_METHODS: dict[str, str] = {
     "gptq": (
         "no installable CPU path for this stack: transformers 5.x runs GPTQ only through gptqmodel (+ optimum); "
@@ -232,26 +224,18 @@ def drop_layers(model, indices: Sequence[int]):
 def load_variant(model_dir: str | Path, kind: str, device: str | None = None):
     """One post-training variant of a plain model folder: ``fp32``, ``bf16``, ``int8`` or ``nf4``."""
     import torch
-    from transformers import BitsAndBytesConfig
 
+    from finpipe.models.quantized import load_quantized_causal_lm
     from finpipe.models.safe_loading import load_causal_lm
 
     if kind not in PTQ_VARIANTS:
         raise ValueError(f"unknown variant {kind!r}: expected one of {PTQ_VARIANTS}")
-    device = device or accelerator()
-    kwargs: dict[str, Any] = {"device_map": {"": device}, "dtype": torch.bfloat16 if kind == "bf16" else torch.float32}
-    if kind == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    elif kind == "nf4":
-        # fp32 compute isolates the effect of the 4-bit weights from any compute-precision effect
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32)
-    model = load_causal_lm(model_dir, **kwargs)  # safetensors only, no remote code
-    if kind == "nf4":
-        from finpipe.training.bnb_guard import disable_cpu_repacking
-
-        disable_cpu_repacking(model)
+    placement = {"device_map": {"": device or accelerator()}}
+    if kind in ("int8", "nf4"):
+        # fp32 compute isolates the effect of the quantized weights from any compute-precision effect
+        model = load_quantized_causal_lm(model_dir, 4 if kind == "nf4" else 8, torch.float32, **placement)
+    else:
+        model = load_causal_lm(model_dir, dtype=torch.bfloat16 if kind == "bf16" else torch.float32, **placement)
     model.eval()
     return model
 

@@ -118,8 +118,8 @@ def plan_device(quantization: str = "auto", gradient_checkpointing: str = "auto"
     method = "QLoRA (4-bit NF4 base)" if quantization == "nf4" else "LoRA"
     note = (f"{where}: {method}, {precision} compute, gradient checkpointing "
             f"{'on' if checkpointing else 'off'}, {'paged 8-bit AdamW' if cuda else 'AdamW'}")
-    # A SmolLM2 LoRA step (2 x 240 tokens) on 2 Xeon cores: in bf16 PyTorch's CPU SDPA kernel costs ~10% more than
-    # plain attention, in fp32 it saves ~7% (2026-12-01); on CUDA, SDPA's fused kernels win
+    # on a CPU, PyTorch's SDPA kernel is slower than plain attention in bf16 and faster in fp32 (docs/training.md);
+    # on CUDA, SDPA's fused kernels win
     attention = "sdpa" if cuda or dtype == "float32" else "eager"
     return DevicePlan(device, dtype, dtype == "bfloat16", dtype == "float16", optimizer, quantization, attention,
                       checkpointing, note, facts)

@@ -23,12 +23,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from finpipe.instructions.balance import balance_by_label
 from finpipe.instructions.samples import Sample
 from finpipe.models.files import atomic_dir, folder_size
-from finpipe.training.bnb_guard import disable_cpu_repacking
 from finpipe.training.device import DevicePlan, plan_device
 from finpipe.training.memory import RssPeak
 from finpipe.training.spec import AdapterSpec, fit_sequence_length
@@ -106,25 +105,18 @@ def load_base(base_dir: str | Path, quantization: str, plan: DevicePlan):
     """The base model, 4-bit NF4 (double quantization) or unquantized, on the planned device, frozen weights
     directly in the compute dtype (no per-forward re-cast of fp32 weights under autocast)."""
     import torch
-    from transformers import BitsAndBytesConfig
 
+    from finpipe.models.quantized import load_quantized_causal_lm
     from finpipe.models.safe_loading import load_causal_lm
 
     dtype = getattr(torch, plan.compute_dtype)
     device = plan.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one process per GPU (accelerate launch, torchrun)
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    kwargs: dict = {"dtype": dtype, "device_map": {"": device},  # + safetensors only, no remote code
-                    "attn_implementation": plan.attention}
+    placement = {"device_map": {"": device}, "attn_implementation": plan.attention}
     if quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
-    model = load_causal_lm(base_dir, **kwargs)
-    if quantization == "nf4":
-        disable_cpu_repacking(model)
-    return model
+        return load_quantized_causal_lm(base_dir, 4, dtype, **placement)
+    return load_causal_lm(base_dir, dtype=dtype, **placement)  # safetensors only, no remote code
 
 
 def count_parameters(model) -> int:
@@ -286,17 +278,13 @@ def train_adapter(
     ``init_tokens``: the tokens it was trained on, so the learning curve counts cumulatively. The general replay set
     (``spec.general_replay_share``) is the base's own answers, cached in ``replay_cache`` (default: beside job_dir).
     ``spec.method`` picks the PEFT method (``finpipe.training.peft_methods.build_peft_config``)."""
-    import datasets
-
-    # 1. data, sized to the budget
-    from transformers import AutoConfig, EarlyStoppingCallback
-    from trl import SFTTrainer
+    from transformers import AutoConfig
 
     from finpipe.models.safe_loading import load_tokenizer
     from finpipe.runtime import accelerator, claim_cpu_share
     from finpipe.training import peft_methods
-    from finpipe.training.budget import budget_callback_class, budgeted_trainer_class
-    from finpipe.training.curve import curve_callback_class
+
+    # 1. data, sized to the budget
 
     claim_cpu_share()  # this process's share of the cores, re-checked at every step
 
@@ -323,32 +311,9 @@ def train_adapter(
 
     # 4. the trainer: TRL's SFTTrainer with the budget's schedule, evaluations and stop
     job_dir.mkdir(parents=True, exist_ok=True)
-    config = sft_config(spec, plan, job_dir, data.max_seq_len)
-    # An explicit writer: transformers' own TensorBoard callback opens its writer at the first log call, and
-    # the initial evaluate() below logs before train() sets its directory, so it wrote into ./runs (cwd).
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-
-    # with several processes (accelerate launch, torchrun) only the first one logs and writes the adapter
-    main_process = config.process_index == 0
-    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(job_dir / "runs")) if main_process else None)
-    budget = budget_callback_class()(spec.max_minutes, spec.max_steps, spec.max_epochs, spec.eval_points,
-                                     spec.warmup_ratio, job_dir, spec.lr_schedule, log=log)
-    curve = curve_callback_class()(tokenizer, data.curve, CURVE_MAX_NEW_TOKENS, job_dir, init_tokens, log)
-    to_ds = lambda samples: datasets.Dataset.from_list([{"messages": s.messages} for s in samples])  # noqa: E731
-    trainer = budgeted_trainer_class(peft_methods.trainer_class(method, answer_loss_trainer_class(SFTTrainer)))(
-        model=model, args=config, train_dataset=to_ds(data.train), eval_dataset=to_ds(data.val),
-        processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[tensorboard, budget, curve,
-                   *([EarlyStoppingCallback(spec.early_stopping_patience)] if spec.early_stopping_patience else []),
-                   *method_callbacks, *callbacks],
-    )
-    trainer.budget = budget
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # raw dicts on stdout: the budget's progress lines say it in words
-    if plan.quantization == "nf4":
-        peft_methods.restore_fp32(trainer.model, replace(spec, method=method))  # after TRL's bf16 cast
+    run = build_trainer(spec, plan, data, model, peft_config, method, method_callbacks, tokenizer, job_dir,
+                        init_tokens, callbacks, log)
+    trainer = run.trainer
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
     # 5. train (resuming the newest complete checkpoint of this job, if any)
@@ -365,6 +330,8 @@ def train_adapter(
     seconds = time.perf_counter() - started
     # load_best_model_at_end restored the best evaluated checkpoint: its loss is the adapter's
     final_eval = trainer.state.best_metric if trainer.state.best_metric is not None else initial_eval
+    if run.tensorboard.tb_writer is not None:
+        run.tensorboard.tb_writer.close()
 
     # 6. report and atomic save
     history = trainer.state.log_history
@@ -373,14 +340,12 @@ def train_adapter(
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     if initial_eval is not None:  # train() starts a fresh log history: keep the step-0 evaluation in the curve
         eval_losses.insert(0, (0, round(initial_eval, 4)))
-    if tensorboard.tb_writer is not None:
-        tensorboard.tb_writer.close()
     method_facts = peft_methods.prepare_final_save(trainer.model, method, method_callbacks)
     report = TrainReport(
         adapter_dir=str(adapter_dir), base_model=str(base_dir), quantization=plan.quantization,
         device=plan.device, precision=plan.compute_dtype, device_note=plan.note, trainable_params=trainable,
         total_params=total_params, steps=trainer.state.global_step, resumed_from=resume,
-        stopped_early=budget.stopped_by is None,
+        stopped_early=run.budget.stopped_by is None,
         best_eval_loss=round(final_eval, 4) if final_eval is not None else None,
         initial_eval_loss=None if initial_eval is None else round(initial_eval, 4),
         train_losses=train_losses, eval_losses=eval_losses, train_tokens=tokens,
@@ -389,10 +354,65 @@ def train_adapter(
         adapter_bytes=0, longest_prompt_tokens=data.longest_prompt,
         warm_start=str(init_adapter) if init_adapter is not None else None, spec=asdict(spec), method=method,
         peak_rss_delta_mb=round(rss.delta_mb, 1), method_facts=method_facts, device_plan=plan.as_dict(),
-        max_seq_len=data.max_seq_len, stopped_by=budget.stopped_by, curve=curve.points,
+        max_seq_len=data.max_seq_len, stopped_by=run.budget.stopped_by, curve=run.curve.points,
         cumulative_train_tokens=init_tokens + tokens, train_samples=len(data.train),
     )
-    if main_process:
+    save_adapter(trainer, tokenizer, report, job_dir, adapter_dir)
+    return report
+
+
+@dataclass
+class _TrainerRun:
+    trainer: Any
+    tensorboard: Any  # transformers' TensorBoardCallback, with finpipe's own writer
+    budget: Any  # finpipe.training.budget's callback: the schedule, the evaluations, the stop
+    curve: Any  # finpipe.training.curve's callback: the strict learning curve
+
+
+def build_trainer(spec: AdapterSpec, plan: DevicePlan, data: _Data, model, peft_config, method: str,
+                  method_callbacks: list, tokenizer, job_dir: Path, init_tokens: int, callbacks: Sequence,
+                  log) -> _TrainerRun:
+    """TRL's SFTTrainer with finpipe's answer-only loss, the method's trainer class, the time budget's schedule
+    and stop, the strict learning curve, early stopping and TensorBoard logs in the job folder."""
+    import datasets
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import EarlyStoppingCallback
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    from finpipe.training import peft_methods
+    from finpipe.training.budget import budget_callback_class, budgeted_trainer_class
+    from finpipe.training.curve import curve_callback_class
+
+    config = sft_config(spec, plan, job_dir, data.max_seq_len)
+    # An explicit writer: transformers' own TensorBoard callback opens its writer at the first log call, and
+    # the initial evaluate() logs before train() sets its directory, so it wrote into ./runs (cwd).
+    # With several processes (accelerate launch, torchrun) only the first one logs and writes the adapter.
+    main_process = config.process_index == 0
+    tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(job_dir / "runs")) if main_process else None)
+    budget = budget_callback_class()(spec.max_minutes, spec.max_steps, spec.max_epochs, spec.eval_points,
+                                     spec.warmup_ratio, job_dir, spec.lr_schedule, log=log)
+    curve = curve_callback_class()(tokenizer, data.curve, CURVE_MAX_NEW_TOKENS, job_dir, init_tokens, log)
+    to_ds = lambda samples: datasets.Dataset.from_list([{"messages": s.messages} for s in samples])  # noqa: E731
+    trainer = budgeted_trainer_class(peft_methods.trainer_class(method, answer_loss_trainer_class(SFTTrainer)))(
+        model=model, args=config, train_dataset=to_ds(data.train), eval_dataset=to_ds(data.val),
+        processing_class=tokenizer, peft_config=peft_config,
+        callbacks=[tensorboard, budget, curve,
+                   *([EarlyStoppingCallback(spec.early_stopping_patience)] if spec.early_stopping_patience else []),
+                   *method_callbacks, *callbacks],
+    )
+    trainer.budget = budget
+    trainer.remove_callback(PrinterCallback)  # raw dicts on stdout: the budget's progress lines say it in words
+    if plan.quantization == "nf4":
+        peft_methods.restore_fp32(trainer.model, replace(spec, method=method))  # after TRL's bf16 cast
+    return _TrainerRun(trainer, tensorboard, budget, curve)
+
+
+def save_adapter(trainer, tokenizer, report: TrainReport, job_dir: Path, adapter_dir: Path) -> None:
+    """The adapter, its tokenizer, TensorBoard logs and training report, written into ``adapter_dir`` all at once
+    (a temporary folder renamed into place: an interrupted save leaves the previous adapter whole)."""
+    if trainer.args.process_index == 0:
         with atomic_dir(adapter_dir) as tmp:
             trainer.model.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
@@ -402,7 +422,6 @@ def train_adapter(
             (tmp / "training_report.json").write_text(json.dumps(asdict(report), indent=2))
     trainer.accelerator.wait_for_everyone()
     report.adapter_bytes = folder_size(adapter_dir)
-    return report
 
 
 def load_adapter(base_dir: str | Path, adapter_dir: str | Path, quantization: str = "none"):
