@@ -81,6 +81,21 @@ def test_an_invalid_pointer_file_is_named(capsys, champion, isolated_lake):
     assert code == EXIT_BAD_INPUT and "champion.json is not a finpipe pointer" in line
 
 
+def test_a_corrupt_adapter_file_is_named_and_the_champion_pointer_kept(capsys, champion, isolated_lake):
+    pointer = registry.champion_pointer(isolated_lake)
+    own = registry.adapters_dir(isolated_lake) / "corrupt-run"  # a copy: the shared fixture's adapter stays whole
+    shutil.copytree(registry.resolve_adapter(isolated_lake, "champion")["path"], own)
+    registry.write_pointer(pointer, {"run_id": "corrupt-run", "path": str(own), "base": champion["base"]})
+    before = pointer.read_bytes()
+    with open(own / "adapter_model.safetensors", "r+b") as f:  # a truncated copy or a disk error
+        f.truncate(64)
+    code, _, err = cli(capsys, "ask", "What is AAPL's trend?")
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]  # after the one progress line ("loading champion ...")
+    assert line.startswith("error: ") and "adapter_model.safetensors is not a readable safetensors file" in line
+    assert "the adapter is corrupt" in line and pointer.read_bytes() == before
+
+
 def test_a_copied_lake_uses_its_own_models_and_never_the_original(capsys, champion, isolated_lake, tiny, tmp_path):
     adapters = registry.adapters_dir(isolated_lake)
     shutil.copytree(tiny["adapter"], adapters / "copied-run")
