@@ -709,16 +709,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spec_help(spec_cls: type, name: str) -> str:
-    from finpipe.settings import help_of
-
-    default = getattr(spec_cls, name)
-    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-    return f"{help_of(spec_cls, name)} (default: {shown})".replace("%", "%%")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from finpipe.evaluation.evaluate import EvalSpec
+    from finpipe.settings import help_with_default as _spec_help
     from finpipe.studies.compression import CompressionSpec
     from finpipe.studies.peft_study import PeftStudySpec
     from finpipe.training.spec import QUANTIZATIONS, AdapterSpec

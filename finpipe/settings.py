@@ -20,6 +20,14 @@ def help_of(spec_cls: type, name: str) -> str:
     return next(f.metadata.get("help", "") for f in dataclasses.fields(spec_cls) if f.name == name)
 
 
+def help_with_default(spec_cls: type, name: str, shown: Any = None) -> str:
+    """A field's help followed by its default, as a ``--help`` line (a tuple shown as ``2,4``; ``%`` escaped for
+    argparse, which formats help with %)."""
+    default = getattr(spec_cls, name) if shown is None else shown
+    default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{help_of(spec_cls, name)} (default: {default})".replace("%", "%%")
+
+
 def fields_of(spec_cls: type, only: Iterable[str] | None = None) -> list[tuple[str, type, Any, str]]:
     """(name, type, default, help) of each field, in declaration order (``only``: a subset, in its order)."""
     hints = typing.get_type_hints(spec_cls)
@@ -39,11 +47,10 @@ def _parse_bool(text: str) -> bool:
 def add_options(parser: argparse.ArgumentParser, spec_cls: type, only: Iterable[str] | None = None,
                 defaults: dict[str, Any] | None = None) -> None:
     """``--field-name VALUE`` for each field (default None: unset options leave the spec's default in place)."""
-    for name, kind, default, text in fields_of(spec_cls, only):
-        shown = (defaults or {}).get(name, default)
+    for name, kind, default, _help in fields_of(spec_cls, only):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_parse_bool if kind is bool else kind,
                             default=None, metavar=kind.__name__.upper(),
-                            help=f"{text} (default: {shown})".replace("%", "%%"))  # argparse formats help with %
+                            help=help_with_default(spec_cls, name, (defaults or {}).get(name, default)))
 
 
 def chosen(args: argparse.Namespace, spec_cls: type, only: Iterable[str] | None = None) -> dict[str, Any]:

@@ -30,7 +30,8 @@ def dataset_files(lake: LakeResource) -> DatasetFiles:
 
 def gated_samples_digest(lake: LakeResource) -> str:
     """The digest of samples.jsonl, if its current content passed every gate; else a Failure saying what to run."""
-    samples, report = dataset_files(lake).samples, dataset_files(lake).gate_report
+    files = dataset_files(lake)
+    samples, report = files.samples, files.gate_report
     if not samples.exists():
         raise dg.Failure(f"{samples} does not exist: materialize instruction_samples first")
     digest = file_digest(samples)
@@ -72,8 +73,9 @@ def split_and_golden(lake: LakeResource, golden_per_family: int, seed: int, para
     """(train, val, golden, created): the split files and the golden set, frozen from val on first use."""
     from finpipe.evaluation.golden import freeze_golden
 
-    train, val = read_jsonl(dataset_files(lake).train), read_jsonl(dataset_files(lake).val)
-    golden, created = freeze_golden(val, dataset_files(lake).golden, golden_per_family, seed, paraphrase_share)
+    files = dataset_files(lake)
+    train, val = read_jsonl(files.train), read_jsonl(files.val)
+    golden, created = freeze_golden(val, files.golden, golden_per_family, seed, paraphrase_share)
     return train, val, golden, created
 
 
@@ -106,11 +108,11 @@ def instruction_samples(context: dg.AssetExecutionContext, config: InstructionSa
     samples = build_samples(stats, prices, names, spec)
     external = load_external(config.external_path) if config.external_path else []
     samples += external
-    path = dataset_files(lake).samples
-    write_jsonl(samples, path)
+    files = dataset_files(lake)
+    write_jsonl(samples, files.samples)
     manifest = {"config": config.model_dump(), "samples": len(samples), "families": family_counts(samples),
                 "token_counter": "estimate"}
-    dataset_files(lake).samples_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    files.samples_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     tokens = [estimate_tokens(s.messages) for s in samples]
     examples = "\n\n".join(
         f"**{s.family}** ({', '.join(s.tickers)} as of {s.as_of})\n\n```\n{s.text_of('user')}\n```\n\n> {s.text_of('assistant')}"
@@ -118,7 +120,7 @@ def instruction_samples(context: dg.AssetExecutionContext, config: InstructionSa
     )
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(samples),
-        "path": dg.MetadataValue.path(str(path)),
+        "path": dg.MetadataValue.path(str(files.samples)),
         "families": dg.MetadataValue.json(family_counts(samples)),
         "external_samples": len(external),
         "as_of_range": f"{min(s.as_of for s in samples if s.as_of)} .. {max(s.as_of for s in samples if s.as_of)}",
@@ -134,13 +136,14 @@ def instruction_samples(context: dg.AssetExecutionContext, config: InstructionSa
 )
 def instruction_samples_quality(context: dg.AssetCheckExecutionContext, lake: LakeResource):
     """One Great Expectations suite; one blocking check per gate. Results saved as JSON beside the samples."""
-    samples = read_jsonl(dataset_files(lake).samples)
-    manifest = json.loads(dataset_files(lake).samples_manifest.read_text())
+    files = dataset_files(lake)
+    samples = read_jsonl(files.samples)
+    manifest = json.loads(files.samples_manifest.read_text())
     result = validate_samples(samples, max_seq_len=manifest["config"]["max_seq_len"])
-    report = dataset_files(lake).gate_report
+    report = files.gate_report
     report.parent.mkdir(parents=True, exist_ok=True)
     # the split reads this: it trains only on samples whose exact bytes passed every gate
-    verdict = {"samples_sha256": file_digest(dataset_files(lake).samples), "passed": result.passed,
+    verdict = {"samples_sha256": file_digest(files.samples), "passed": result.passed,
                "gates": {g.name: g.passed for g in result.gates.values()}}
     atomic_write_text(report, json.dumps(result.raw | {"finpipe": verdict}, indent=1, default=str))
     for gate in result.gates.values():
@@ -172,10 +175,9 @@ def dataset_split(context: dg.AssetExecutionContext, config: DatasetSplitConfig,
     samples_digest = gated_samples_digest(lake)  # refuses samples whose gates did not pass (or never ran)
     cutoff = dt.date.fromisoformat(config.cutoff) if config.cutoff else None
     spec = SplitSpec(val_fraction=config.val_fraction, cutoff=cutoff, embargo_days=config.embargo_days)
-    golden = dataset_files(lake).golden
-    holdout = read_jsonl(golden) if golden.exists() else []  # the frozen evaluation set never trains
-    split = temporal_split(read_jsonl(dataset_files(lake).samples), spec, holdout=holdout)
     layout = dataset_files(lake)
+    holdout = read_jsonl(layout.golden) if layout.golden.exists() else []  # the frozen evaluation set never trains
+    split = temporal_split(read_jsonl(layout.samples), spec, holdout=holdout)
     train_path, val_path = layout.train, layout.val
     write_jsonl(split.train, train_path)
     write_jsonl(split.val, val_path)

@@ -105,8 +105,8 @@ def scratch_gpt(context: dg.AssetExecutionContext, config: ScratchGPTConfig, lak
 
     spec = ScratchGPTSpec(**config.model_dump())
     text = lambda s: f"{s.text_of('user')}\n{s.text_of('assistant')}"  # noqa: E731
-    train = [text(s) for s in read_jsonl(dataset_files(lake).train)]
-    val = [text(s) for s in read_jsonl(dataset_files(lake).val)]
+    files = dataset_files(lake)
+    train, val = [text(s) for s in read_jsonl(files.train)], [text(s) for s in read_jsonl(files.val)]
     target = registry.models_dir(lake.directory) / "scratch_gpt"
     report = pretrain(train, val, target, spec, log=context.log.info)
     png = loss_curve_png(list(enumerate(report.losses, 1)), [], target / "loss.png", "scratch GPT pretraining")
@@ -152,7 +152,8 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
     base = registry.read_pointer(registry.base_pointer(lake.directory))
     init_adapter, init_tokens = (registry.warm_start(lake.directory, base, log=context.log.info)
                                  if config.warm_start == "champion" else (None, 0))
-    train_path, val_path = dataset_files(lake).train, dataset_files(lake).val
+    files = dataset_files(lake)
+    train_path, val_path = files.train, files.val
     # the job is identified by what it trains on (file content, not its modification time): a rerun with the same
     # spec, data and base resumes its checkpoints
     fingerprint = spec.fingerprint(base["path"], file_digest(train_path), str(init_adapter))
