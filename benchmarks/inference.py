@@ -13,11 +13,16 @@ same ``Sampling(max_new_tokens=...)``, after one untimed warm-up generation. Var
     merged_bf16        finpipe's default on CPUs with AVX512-BF16/AMX (``runtime.inference_dtype``)
     merged_bf16_static the same with a static KV cache (``cache_implementation="static"``)
     merged_bf16_compile  the static cache and ``torch.compile`` of the forward (its compile time is reported apart)
+    merged_bf16_int8_decode  the default precision with int8 decode steps (``finpipe.models.int8_decode``; CPU
+                       only): what ``ask``, ``chat`` and ``serve`` use on a CPU (``--decode-weights auto``)
     nf4_adapter        a 4-bit NF4 base + the adapter, unmerged (as QLoRA trains)
     llama_cpp_q8_0     the exported q8_0 GGUF through llama-cpp-python, if it is installed
 
 ``--served`` also starts ``finpipe serve`` on a free loopback port (the lake's champion) and measures requests/s and
-completion tokens/s with 1 client (one request at a time) and 4 concurrent clients. Each row reports generated
+completion tokens/s with 1 client (one request at a time) and 4 concurrent clients, once with ``--decode-weights full``
+and once with the default. ``--golden`` answers the lake's golden set at the default precision with and without int8
+decode steps (batches of 4, the most that decode in int8) and reports both sets' strict metrics with intervals and
+how many answers are identical: the price of int8 in correctness. Each row reports generated
 tokens/s (sum of new tokens / generation seconds), load seconds, peak memory and how many answers equal the
 baseline's. Model: the lake's SmolLM2 with its champion (or a random LoRA), else a tiny random Llama.
 """
@@ -50,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--served", action="store_true", help="also measure `finpipe serve` at 1 and 4 clients (needs a "
                    "lake with a champion)")
     p.add_argument("--requests", type=int, default=8, help="requests per served measurement")
+    p.add_argument("--golden", action="store_true", help="also score the golden set with full and int8 decode steps "
+                   "(needs a lake with a golden set; a few minutes)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own; 1 with --quick)")
     args = p.parse_args(argv)
     args.model = args.model or ("tiny" if args.quick else "smollm2")
@@ -153,7 +160,45 @@ def llama_cpp_row(base: Path, adapter: Path, chats, sampling, workdir: Path) -> 
             "tokens_per_s": tokens / seconds if seconds else 0.0, "texts": texts}
 
 
-def served_rows(requests: int, max_new_tokens: int) -> list[dict[str, Any]]:
+def golden_parity(base: Path, adapter: Path, dtype, seed: int) -> dict[str, Any] | None:
+    """The golden set answered at ``dtype`` with full and with int8 decode steps, in batches of 4: each side's strict
+    metrics (bootstrap 95% intervals) and the identical answers."""
+    from finpipe.evaluation.evaluate import HEADLINE_METRICS, score_answers, summarize
+    from finpipe.evaluation.generation import DecodeSpec, Sampling, generate_batch, load_chat_model
+    from finpipe.instructions.samples import read_jsonl
+    from finpipe.models.int8_decode import DEFAULT_MAX_ROWS
+    from finpipe.paths import DatasetFiles, lake_dir
+
+    path = DatasetFiles.of(lake_dir()).golden
+    if not path.exists():
+        print(f"--golden: no golden set at {path} (`finpipe run` writes it); skipped", flush=True)
+        return None
+    golden = read_jsonl(path)
+    sides: dict[str, Any] = {}
+    for name, decode in (("full", None), ("int8_decode", DecodeSpec("int8"))):
+        print(f"golden set ({len(golden)} answers), {name} ...", flush=True)
+        model, tokenizer = load_chat_model(base, adapter, merge=True, dtype=dtype, decode=decode)
+        started = time.perf_counter()
+        answers = generate_batch(model, tokenizer, [s.messages[:-1] for s in golden], Sampling(), DEFAULT_MAX_ROWS)
+        summary = summarize(score_answers(golden, [a.text for a in answers]), seed)
+        sides[name] = {"seconds": round(time.perf_counter() - started, 1),
+                       "metrics": {k: summary["overall"][k] for k in HEADLINE_METRICS},
+                       "ci": summary["ci"], "texts": [a.text for a in answers]}
+        del model
+        _common.release_memory()
+    identical = sum(a == b for a, b in zip(sides["full"]["texts"], sides["int8_decode"]["texts"]))
+    lines = [f"golden set, {len(golden)} answers in batches of {DEFAULT_MAX_ROWS}: {identical} identical with and "
+             "without int8 decode steps"]
+    for name, side in sides.items():
+        lines.append(f"  {name:12s} " + ", ".join(f"{k} {v:.3f} [{side['ci'][k][0]:.2f}, {side['ci'][k][1]:.2f}]"
+                                                  for k, v in side["metrics"].items() if v is not None and side["ci"].get(k))
+                     + f" ({side['seconds']:.0f} s)")
+    return {"samples": len(golden), "batch": DEFAULT_MAX_ROWS, "identical": identical,
+            "sides": {k: {kk: vv for kk, vv in v.items() if kk != "texts"} for k, v in sides.items()},
+            "summary": "\n".join(lines)}
+
+
+def served_rows(requests: int, max_new_tokens: int, decode_weights: str = "auto") -> list[dict[str, Any]]:
     """requests/s and completion tokens/s of a real `finpipe serve` with 1 and 4 concurrent clients."""
     import os
     import socket
@@ -167,7 +212,8 @@ def served_rows(requests: int, max_new_tokens: int) -> list[dict[str, Any]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "finpipe.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "finpipe.cli", "serve", "--port", str(port),
+                             "--decode-weights", decode_weights],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     questions = ["What is AAPL's trend?", "How volatile is MSFT right now?", "Is IBM overbought or oversold?",
                  "How far is GOOG from its 52-week high?"]
@@ -196,7 +242,8 @@ def served_rows(requests: int, max_new_tokens: int) -> list[dict[str, Any]]:
             with ThreadPoolExecutor(clients) as pool:
                 tokens = sum(pool.map(ask, range(requests)))
             seconds = time.perf_counter() - started
-            rows.append({"variant": f"served_{clients}_client{'s' if clients > 1 else ''}", "requests": requests,
+            rows.append({"variant": f"served_{decode_weights}_{clients}_client{'s' if clients > 1 else ''}",
+                         "requests": requests,
                          "seconds": seconds, "requests_per_s": requests / seconds, "new_tokens": tokens,
                          "tokens_per_s": tokens / seconds})
         rows[-1]["batches"] = httpx.get(f"{url}/health").json()["batches"]
@@ -215,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from finpipe.evaluation.generation import Sampling, load_chat_model
+    from finpipe.evaluation.generation import DecodeSpec, Sampling, load_chat_model
     from finpipe.runtime import inference_dtype
     from finpipe.training.sft import load_adapter
 
@@ -232,9 +279,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"model: {model_note}\nprompts: {len(chats)} from {data_note}; greedy, max_new_tokens "
               f"{args.max_new_tokens}, one at a time with the KV cache on {device}", flush=True)
 
-        def merged(dtype, static: bool = False, compiled: bool = False):
+        def merged(dtype, static: bool = False, compiled: bool = False, int8: bool = False):
             def load():
-                model, tokenizer = load_chat_model(base, adapter, device=device, merge=True, dtype=dtype)
+                model, tokenizer = load_chat_model(base, adapter, device=device, merge=True, dtype=dtype,
+                                                   decode=DecodeSpec("int8") if int8 else None)
                 if static:
                     model.generation_config.cache_implementation = "static"
                 if compiled:
@@ -257,6 +305,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         variants.append((f"merged_{f}_static", f, merged(fast, static=True)))
         if not args.skip_compile:
             variants.append((f"merged_{f}_compile", f, merged(fast, static=True, compiled=True)))
+        if not cuda:
+            variants.append((f"merged_{f}_int8_decode", f"{f}+int8", merged(fast, int8=True)))
         if not args.skip_nf4:
             variants.append(("nf4_adapter", "nf4", nf4))
         print("warm-up (not reported) ...", flush=True)
@@ -270,9 +320,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.quick:
             print("running llama_cpp_q8_0 ...", flush=True)
             rows.append(llama_cpp_row(base, adapter, chats, sampling, Path(tmp)))
+        golden = golden_parity(base, adapter, fast, seed=0) if args.golden and not cuda else None
     if args.served:
-        print("running finpipe serve at 1 and 4 clients ...", flush=True)
-        rows += served_rows(args.requests, args.max_new_tokens)
+        for weights in ("full", "auto"):
+            print(f"running finpipe serve --decode-weights {weights} at 1 and 4 clients ...", flush=True)
+            rows += served_rows(args.requests, args.max_new_tokens, weights)
 
     baseline = rows[0]
     for r in rows:
@@ -294,12 +346,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratios": {f"{r['variant']}_vs_{baseline['variant']}_tokens_per_s": round(r["speedup"], 3)
                    for r in rows[1:] if r.get("speedup")},
         "checks": {"merged_greedy_texts_identical_to_unmerged_at_the_same_precision": merged_equal},
+        "golden_int8_parity": golden,
     }
     columns = ["variant", "dtype", "load_s", "warmup_s", "new_tokens", "gen_s", "tokens_per_s", "speedup",
                "requests_per_s", "peak_mem_mb", "same_text_as_baseline", "skipped"]
     table = _common.format_table(rows, columns)
     table += (f"\nspeedup and same_text_as_baseline are relative to {baseline['variant']} (out of {len(chats)} "
               f"answers)\nmerged greedy texts identical to unmerged (fp32): {merged_equal}")
+    if golden:
+        table += "\n" + golden["summary"]
     out = _common.finish(NAME, result, args.json, table)
     if not merged_equal:
         raise SystemExit("merged and unmerged greedy texts differ at the same precision")

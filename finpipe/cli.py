@@ -383,15 +383,26 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.|peft\.")
 
 
-def _load(choice: tuple[str, Path, Path | None], merge: bool = True):
+def _decode(args: argparse.Namespace):
+    """The ``--decode-weights`` choice, validated before anything is loaded."""
+    from finpipe.evaluation.generation import DecodeSpec
+    from finpipe.settings import chosen
+
+    return DecodeSpec(**chosen(args, DecodeSpec))
+
+
+def _load(choice: tuple[str, Path, Path | None], merge: bool = True, decode=None):
     """(label, model, tokenizer) for a ``_resolve_model`` choice; the adapter merged unless the caller needs
-    to switch it off (the demo compares with the base)."""
+    to switch it off (the demo compares with the base); ``decode``: a ``DecodeSpec`` (int8 decode steps)."""
     from finpipe.evaluation.generation import load_chat_model
+    from finpipe.models.int8_decode import uses_int8_decode
 
     _quiet_transformers()
     label, base_dir, adapter_dir = choice
     print(f"finpipe: loading {label} ({base_dir}{' + ' + str(adapter_dir) if adapter_dir else ''})", file=sys.stderr)
-    model, tokenizer = load_chat_model(base_dir, adapter_dir, merge=merge)
+    model, tokenizer = load_chat_model(base_dir, adapter_dir, merge=merge, decode=decode)
+    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"finpipe: {weights} weights" + (", int8 decode steps" if uses_int8_decode(model) else ""), file=sys.stderr)
     return label, model, tokenizer
 
 
@@ -429,7 +440,7 @@ def _answer(question: str, facts, model, tokenizer, sampling, label: str, show_p
 
 def cmd_ask(args: argparse.Namespace) -> int:
     """Answer one question, grounded in the lake's latest facts for the tickers it names."""
-    sampling = _sampling(args)
+    sampling, decode = _sampling(args), _decode(args)
     choice = _resolve_model(args.adapter)  # cheap checks first: pointers, lake, then the model
     facts = _facts()
     facts.tickers()
@@ -439,18 +450,18 @@ def cmd_ask(args: argparse.Namespace) -> int:
     refused = None if args.allow_ungrounded else refusal(ground(question, facts), facts.tickers())
     if refused:
         raise ValueError(refused)
-    label, model, tokenizer = _load(choice)
+    label, model, tokenizer = _load(choice, decode=decode)
     _answer(question, facts, model, tokenizer, sampling, label, args.show_prompt, args.allow_ungrounded)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Answer questions read line by line from stdin until EOF, `exit` or `quit` (model loaded once)."""
-    sampling = _sampling(args)
+    sampling, decode = _sampling(args), _decode(args)
     choice = _resolve_model(args.adapter)
     facts = _facts()
     known = facts.tickers()
-    label, model, tokenizer = _load(choice)
+    label, model, tokenizer = _load(choice, decode=decode)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"finpipe chat with {label}; tickers: {', '.join(known)}. `exit` or Ctrl-D ends.")
@@ -711,6 +722,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from finpipe.evaluation.evaluate import EvalSpec
+    from finpipe.evaluation.generation import DecodeSpec
+    from finpipe.settings import add_options
     from finpipe.settings import help_with_default as _spec_help
     from finpipe.studies.compression import CompressionSpec
     from finpipe.studies.peft_study import PeftStudySpec
@@ -756,11 +769,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", help='e.g. "What is AAPL\'s trend?" (tickers named get their latest facts)')
     _inference_options(ask)
     ask.add_argument("--show-prompt", action="store_true", help="print the prompt the model sees")
+    add_options(ask, DecodeSpec)
     ask.set_defaults(func=cmd_ask)
 
     chat = sub.add_parser("chat", help="interactive questions from stdin (exit, quit or EOF ends)")
     _inference_options(chat)
     chat.add_argument("--show-prompt", action="store_true", help="print each prompt the model sees")
+    add_options(chat, DecodeSpec)
     chat.set_defaults(func=cmd_chat)
 
     demo = sub.add_parser("demo", help="preset questions: base model vs adapter side by side")
@@ -782,7 +797,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = sub.add_parser("serve", help="an OpenAI-compatible chat server for the champion, grounded in the "
                                   "lake, verifying every number it states")
     from finpipe.serving.app import ServeSpec
-    from finpipe.settings import add_options
 
     add_options(serve_parser, ServeSpec)
     serve_parser.set_defaults(func=cmd_serve)

@@ -58,7 +58,7 @@ def test_inference_quick(tmp_path):
     assert "tiny random Llama" in result["config"]["model"]
     names = [r["variant"] for r in result["rows"]]
     assert names[:2] == ["merged_fp32", "peft_unmerged_fp32"] and "nf4_adapter" in names
-    assert any(n.endswith("_static") for n in names)
+    assert any(n.endswith("_static") for n in names) and any(n.endswith("_int8_decode") for n in names)
     for r in result["rows"]:
         assert r["new_tokens"] > 0 and r["tokens_per_s"] > 0 and r["gen_s"] > 0 and r["peak_mem_mb"] >= 0
         assert len(r["texts"]) == result["config"]["prompts"] == 2

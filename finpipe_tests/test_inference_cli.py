@@ -145,7 +145,7 @@ def test_ask_answers_with_the_champion_and_with_the_base_model(capsys, champion,
 
 @pytest.mark.parametrize("option, value, named", [
     ("--top-p", "0", "top_p"), ("--temperature", "-1", "temperature"), ("--max-new-tokens", "0", "max_new_tokens"),
-    ("--repetition-penalty", "0", "repetition_penalty"),
+    ("--repetition-penalty", "0", "repetition_penalty"), ("--decode-weights", "fast", "decode_weights"),
 ])
 def test_bad_sampling_value_is_a_one_line_error(capsys, champion, option, value, named):
     code, out, err = cli(capsys, "ask", "What is AAPL's trend?", option, value)

@@ -11,6 +11,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finpipe.models.chat_template import IM_END
+from finpipe.settings import setting
+
+DECODE_WEIGHTS = ("auto", "int8", "full")
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How an interactive model (``ask``, ``chat``, ``serve``) reads its weights while decoding. Evaluation always
+    decodes with the full weights: it scores the model as trained."""
+
+    decode_weights: str = setting("auto", "weights read per generated token: 'int8' (weight-only int8 for decode "
+                                  "steps of up to 4 sequences, prompts prefilled at full precision; CPU only, 2.5x "
+                                  "the tokens/s of fp32 on 2 cores, docs/inference.md), 'full' (the model's own "
+                                  "precision) or 'auto' (int8 on a CPU, full on CUDA)")
+
+    def __post_init__(self) -> None:
+        if self.decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"invalid decode_weights {self.decode_weights!r}: choose one of {', '.join(DECODE_WEIGHTS)}")
+
+    def int8_on(self, device: str) -> bool:
+        """Whether to decode with int8 weights on ``device`` (an explicit 'int8' off a CPU is an error)."""
+        cpu = device.startswith("cpu")
+        if self.decode_weights == "int8" and not cpu:
+            raise ValueError(f"decode_weights 'int8' runs on a CPU only (the model is on {device}); use 'auto' or 'full'")
+        return cpu and self.decode_weights in ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -70,7 +95,7 @@ class Generated:
 
 
 def load_chat_model(base_dir: str | Path, adapter_dir: str | Path | None = None, device: str | None = None,
-                    merge: bool = False, dtype=None):
+                    merge: bool = False, dtype=None, decode: DecodeSpec | None = None):
     """(model, tokenizer): the unquantized base at the device's inference precision (``runtime.inference_dtype``:
     bf16 where the CPU or GPU computes it natively), with the adapter applied by plain ``PeftModel.from_pretrained``;
     ``merge`` folds it into the weights (``merge_and_unload``: same greedy text, 1.26x the tokens/s on CPU in
@@ -78,6 +103,8 @@ def load_chat_model(base_dir: str | Path, adapter_dir: str | Path | None = None,
 
     The tokenizer comes from the adapter folder when it has one (training saves it there), else the base's.
     ``dtype`` overrides the precision (e.g. fp32 to compare two ways of computing the same answer exactly).
+    ``decode`` (interactive use): int8 decode steps (``finpipe.models.int8_decode``) where it says so; it needs a
+    merged adapter (or none), so it implies ``merge``.
     """
     from finpipe.models.safe_loading import load_causal_lm, load_peft_adapter, load_tokenizer
     from finpipe.runtime import accelerator, claim_cpu_share, inference_dtype
@@ -87,10 +114,16 @@ def load_chat_model(base_dir: str | Path, adapter_dir: str | Path | None = None,
     model = load_causal_lm(base_dir, dtype=dtype or inference_dtype(device), device_map={"": device})
     tokenizer_dir = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").exists() else base_dir
     tokenizer = load_tokenizer(tokenizer_dir)
+    int8 = decode is not None and decode.int8_on(device)
     if adapter_dir is not None:
         model = load_peft_adapter(model, adapter_dir)
-        if merge:
+        if merge or int8:
             model = model.merge_and_unload()
+    if int8:
+        from finpipe.models.int8_decode import enable_int8_decode, supports_int8_decode
+
+        if decode.decode_weights == "int8" or supports_int8_decode(model):  # 'auto' falls back quietly
+            enable_int8_decode(model)
     model.eval()
     return model, tokenizer
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finpipe.evaluation.generation import DecodeSpec
 from finpipe.settings import setting
 
 ON_UNVERIFIED = ("flag", "abstain", "retry")
@@ -22,7 +23,7 @@ ABSTAIN = ("I cannot state this reliably: my answer did not match the market dat
 
 
 @dataclass(frozen=True)
-class ServeSpec:
+class ServeSpec(DecodeSpec):
     host: str = setting("127.0.0.1", "interface to listen on (the API has no authentication: keep it on loopback)")
     port: int = setting(8000, "port to listen on")
     on_unverified: str = setting("flag", "an answer that does not match the market data: 'flag' (answer, with the "
@@ -39,6 +40,7 @@ class ServeSpec:
     reload_every_s: float = setting(2.0, "how often the champion pointer is checked for a new champion")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         problems = []
         if self.on_unverified not in ON_UNVERIFIED:
             problems.append(f"on_unverified must be one of {ON_UNVERIFIED}, got {self.on_unverified!r}")
@@ -70,7 +72,7 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
     from finpipe.serving.models import ModelStore
     from finpipe.serving.verify import VERIFIED, verify
 
-    store = ModelStore(lake_dir, capacity=spec.models_in_memory, log=log)
+    store = ModelStore(lake_dir, capacity=spec.models_in_memory, log=log, decode=spec)
     snapshot = LakeSnapshot(Path(lake_dir) / "finpipe.duckdb", log=log)
     engine = Engine(batch_size=spec.batch_size, queue_limit=spec.queue_limit, log=log)
     started_at = time.time()

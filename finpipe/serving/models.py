@@ -37,8 +37,9 @@ class LoadedModel:
 
 
 class ModelStore:
-    def __init__(self, lake_dir: Path, capacity: int = 2, log=print):
+    def __init__(self, lake_dir: Path, capacity: int = 2, log=print, decode=None):
         self.lake_dir, self.capacity, self.log = Path(lake_dir), capacity, log
+        self.decode = decode  # a DecodeSpec: int8 decode steps on a CPU
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
@@ -151,8 +152,12 @@ class ModelStore:
         if not Path(base["path"]).is_dir():
             raise ApiError(503, f"the base model folder {base['path']} is missing: run `finpipe run`",
                            type_="server_error", code="model_unavailable")
-        model, tokenizer = load_chat_model(base["path"], adapter, merge=adapter is not None)
-        self.log(f"loaded {model_id} in {time.perf_counter() - started:.1f} s")
+        from finpipe.models.int8_decode import uses_int8_decode
+
+        model, tokenizer = load_chat_model(base["path"], adapter, merge=adapter is not None, decode=self.decode)
+        weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.log(f"loaded {model_id} in {time.perf_counter() - started:.1f} s ({weights} weights"
+                 + (", int8 decode steps)" if uses_int8_decode(model) else ")"))
         label = f"adapter {model_id} on {base['name']}" if adapter else f"base {base['name']}"
         return LoadedModel(model_id, label, model, tokenizer, base, adapter)
 
