@@ -208,6 +208,9 @@ def served_rows(requests: int, max_new_tokens: int, decode_weights: str = "auto"
 
     import httpx
 
+    from finpipe.runtime import release_cpu_share
+
+    release_cpu_share()  # this process only waits on the server: its claim would halve the server's threads
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

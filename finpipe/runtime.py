@@ -197,6 +197,13 @@ def claim_cpu_share() -> int:
     return rebalance(force=True)
 
 
+def release_cpu_share() -> None:
+    """Give this process's share back while it computes nothing (e.g. it waits on a server it started), so the
+    others take the cores."""
+    (SHARE_DIR / f"{os.getpid()}.pid").unlink(missing_ok=True)
+    _state["claimed"] = False
+
+
 def rebalance(force: bool = False) -> int:
     """Re-count the finpipe processes (at most every few seconds) and set this one's torch threads."""
     import time

@@ -310,10 +310,14 @@ def test_processes_share_the_cores(monkeypatch, tmp_path):
         assert not (tmp_path / "999999999.pid").exists()
         monkeypatch.setenv("FINPIPE_THREADS", "1")
         assert runtime.rebalance(force=True) == 1
+        monkeypatch.delenv("FINPIPE_THREADS")
+        runtime.release_cpu_share()  # this process steps aside: the other one's claim is all that counts
+        assert not (tmp_path / f"{os.getpid()}.pid").exists() and runtime._live_claims() == 1
+        assert runtime.claim_cpu_share() == 2 and (tmp_path / f"{os.getpid()}.pid").exists()
     finally:
         other.kill()
         runtime._state.update(checked=0.0)
-        monkeypatch.delenv("FINPIPE_THREADS")
+        monkeypatch.delenv("FINPIPE_THREADS", raising=False)
         runtime.rebalance(force=True)
 
 
