@@ -162,6 +162,34 @@ def test_a_damaged_lake_is_detected_and_restored_from_its_snapshot(capsys, champ
     assert list(isolated_lake.glob(f"{LAKE_DB_NAME}.broken-*"))  # the damaged file is kept, not deleted
 
 
+def test_a_run_launched_outside_the_cli_leaves_a_snapshot_once(lake_resources, isolated_lake):
+    """The UI's runs (and the schedule's) get the snapshot the CLI takes after its own: the run-status sensor, on a
+    real successful run; a second taker after the same run adds no copy."""
+    import dagster as dg
+
+    from finpipe.definitions import in_groups
+    from finpipe.defs.automation import snapshot_lake_after_success
+    from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
+    from finpipe.market.snapshots import list_snapshots
+
+    instance = dg.DagsterInstance.ephemeral()
+    resources = lake_resources()
+    done = dg.materialize(in_groups("market_data"), resources=resources, instance=instance,
+                          tags={PARTITION_RANGE_START_TAG: "2013-02-25", PARTITION_RANGE_END_TAG: "2013-03-01"})
+    db = isolated_lake / LAKE_DB_NAME
+    assert done.success and list_snapshots(db) == []
+
+    def on_success():
+        return snapshot_lake_after_success(dg.build_run_status_sensor_context(
+            sensor_name="snapshot_lake_after_success", dagster_instance=instance, dagster_run=done.dagster_run,
+            dagster_event=done.get_run_success_event(), resources={"lake": resources["lake"]}))
+
+    assert on_success() is None
+    [taken] = list_snapshots(db)
+    assert taken.read_bytes() == db.read_bytes()
+    assert on_success() is None and list_snapshots(db) == [taken]  # the same lake: no second copy
+
+
 def test_bad_schedule_settings_are_one_line(monkeypatch, tmp_path):
     env = os.environ | {"FINPIPE_NIGHTLY_CRON": "every day", "FINPIPE_LAKE_DIR": str(tmp_path / "lake")}
     done = subprocess.run([sys.executable, "-m", "finpipe.cli", "run", "--only-lake"], env=env, capture_output=True,

@@ -39,7 +39,7 @@ def test_the_code_location_holds_exactly_the_documented_definitions():
     assert {k.name for k in graph.asset_check_keys if graph.get_check_spec(k).blocking} == BLOCKING
     assert {j.name for j in defs.jobs} == {"nightly_retrain"}
     assert {s.name for s in defs.schedules} == {"nightly_schedule"}
-    assert {s.name for s in defs.sensors} == {"refresh_on_new_prices"}
+    assert {s.name for s in defs.sensors} == {"refresh_on_new_prices", "snapshot_lake_after_success"}
     assert set(defs.resources) == {"lake", "market_data", "huggingface"}
     assert defs.executor.name == "multiprocess_lake_safe"
     repository = defs.get_repository_def()  # binds resources and jobs: fails on any missing resource

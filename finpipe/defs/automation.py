@@ -7,6 +7,9 @@
   ``0 18 * * 1-5`` / ``Asia/Kolkata`` for the India universe, close 15:30 IST). Off until switched on in the UI.
 - ``refresh_on_new_prices``: an automation-condition sensor; statistics and datasets are ``eager``, so any new
   price partition (a manual backfill, a late day) refreshes them without retraining.
+- ``snapshot_lake_after_success``: a run-status sensor; after every successful run of this code location (launched
+  from the UI, the schedule or a sensor) it keeps a snapshot of the lake file, as the ``finpipe`` CLI does after
+  its own runs, so a damaged lake loses at most one run however it was launched.
 """
 
 import datetime as dt
@@ -19,6 +22,7 @@ from finpipe.defs.datasets import dataset_split, instruction_samples
 from finpipe.defs.evaluation import adapter_evaluation, champion_adapter, evaluation_report
 from finpipe.defs.market_data import daily_prices
 from finpipe.defs.models import base_model, qlora_adapter
+from finpipe.defs.resources import LakeResource
 from finpipe.defs.statistics import price_statistics
 
 NIGHTLY_CRON = os.environ.get("FINPIPE_NIGHTLY_CRON", "30 18 * * 1-5")
@@ -75,3 +79,25 @@ refresh_on_new_prices = dg.AutomationConditionSensorDefinition(
     minimum_interval_seconds=60,
     description="Refreshes statistics and datasets when new price partitions land (eager automation conditions).",
 )
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="After each successful run: a snapshot of the lake file (the newest 3 kept, `finpipe lake restore` "
+    "brings one back); a lake identical to the newest snapshot is not copied again.",
+)
+def snapshot_lake_after_success(context: dg.RunStatusSensorContext, lake: LakeResource) -> dg.SkipReason | None:
+    from finpipe.market.lake import LakeLockedError
+    from finpipe.market.snapshots import snapshot
+
+    try:
+        taken = snapshot(lake.db_path)
+    except LakeLockedError:  # a writer holds the lake: the next successful run takes the snapshot
+        return dg.SkipReason(f"the lake is held by another process; no snapshot after run {context.dagster_run.run_id}")
+    if taken is None:
+        return dg.SkipReason(f"no lake file at {lake.db_path}")
+    context.log.info(f"lake snapshot after run {context.dagster_run.run_id}: {taken}")
+    return None
+

@@ -28,7 +28,11 @@ def list_snapshots(db_path: Path) -> list[Path]:
 
 
 def snapshot(db_path: Path, keep: int = KEEP, lock_timeout_s: float = 10.0) -> Path | None:
-    """Copy the lake (only after it passes ``check``) and drop the oldest snapshots beyond ``keep``."""
+    """Copy the lake (only after it passes ``check``) and drop the oldest snapshots beyond ``keep``; the path of
+    the snapshot holding the lake as it is now (None without a lake). A lake byte-identical to the newest snapshot
+    is not copied again, so two takers after the same run (the CLI and the UI's sensor) keep one copy."""
+    import filecmp
+
     from finpipe.market.lake import PriceLake
 
     db_path = Path(db_path)
@@ -42,6 +46,10 @@ def snapshot(db_path: Path, keep: int = KEEP, lock_timeout_s: float = 10.0) -> P
     with PriceLake(db_path, lock_timeout_s=lock_timeout_s).connect(read_only=True) as con:
         con.execute("SELECT count(*) FROM information_schema.tables").fetchall()  # readable, and held
         shutil.copyfile(db_path, tmp)
+    newest = next(iter(list_snapshots(db_path)), None)
+    if newest is not None and filecmp.cmp(tmp, newest, shallow=False):
+        tmp.unlink()
+        return newest
     tmp.replace(target)
     for old in list_snapshots(db_path)[keep:]:
         old.unlink(missing_ok=True)
