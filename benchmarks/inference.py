@@ -142,17 +142,21 @@ def llama_cpp_row(base: Path, adapter: Path, chats, sampling, workdir: Path) -> 
                 "from source: see docs/shipping.md)"}
     from finpipe.inference.export import export_gguf
     from finpipe.models.safe_loading import load_tokenizer
+    from finpipe.runtime import claim_cpu_share
 
     export = export_gguf(base, adapter, workdir / "gguf", "bench", ("q8_0",), log=lambda *_: None)
     started = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(export.files[0].path), n_ctx=1024, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(export.files[0].path), n_ctx=1024, n_threads=claim_cpu_share(),
+                          verbose=False)
     load_s = time.perf_counter() - started
     tokenizer = load_tokenizer(adapter)
     texts, tokens, seconds = [], 0, 0.0
-    for chat in chats:
-        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    for chat in chats:  # the prompt's token ids from finpipe's tokenizer: both engines read the very same prompt
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
         started = time.perf_counter()
-        out = llm(prompt, max_tokens=sampling.max_new_tokens, temperature=0.0, stop=["<|im_end|>"])
+        out = llm.create_completion(list(prompt), max_tokens=sampling.max_new_tokens, temperature=0.0,
+                                    stop=["<|im_end|>"])
         seconds += time.perf_counter() - started
         texts.append(out["choices"][0]["text"].strip())
         tokens += out["usage"]["completion_tokens"]

@@ -578,7 +578,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"gguf: {f.path} ({f.outtype}, {f.size_bytes / 2**20:.1f} MiB)")
     print(f"modelfile: {result.folder / 'Modelfile'}\nmodel card: {result.folder / 'README.md'}")
     for p in result.parity:
-        print(f"parity: {p.file}: {p.identical}/{p.answers} answers identical to the merged model at its precision, "
+        print(f"parity: {p.file} ({p.reader}): {p.identical}/{p.answers} answers identical to the merged model at its "
+              "precision, "
               f"number correctness {p.number_correctness} vs {p.reference_number_correctness}, label correctness "
               f"{p.label_correctness} vs {p.reference_label_correctness} -> "
               f"{'pass' if p.passed else 'FAIL'} ({p.rule})")

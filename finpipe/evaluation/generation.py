@@ -22,8 +22,8 @@ class DecodeSpec:
     decodes with the full weights: it scores the model as trained."""
 
     decode_weights: str = setting("auto", "weights read per generated token: 'int8' (weight-only int8 for decode "
-                                  "steps of up to 4 sequences, prompts prefilled at full precision; CPU only, 2.5x "
-                                  "the tokens/s of fp32 on 2 cores, docs/inference.md), 'full' (the model's own "
+                                  "steps of up to 4 sequences, prompts prefilled at full precision; CPU only, 2.2x "
+                                  "the tokens/s of merged fp32 on 2 cores, docs/shipping.md), 'full' (the model's own "
                                   "precision) or 'auto' (int8 on a CPU, full on CUDA)")
 
     def __post_init__(self) -> None:

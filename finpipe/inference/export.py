@@ -120,7 +120,7 @@ def export_gguf(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
     from finpipe.inference.gguf_export import OUTTYPES, write_gguf
     from finpipe.inference.model_card import model_card
     from finpipe.inference.ollama import modelfile
-    from finpipe.inference.parity import check_gguf
+    from finpipe.inference.parity import check_gguf, check_gguf_with_llama_cpp, llama_cpp_installed
 
     unknown = [t for t in outtypes if t not in OUTTYPES]
     if unknown or not outtypes:
@@ -149,6 +149,11 @@ def export_gguf(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
                 parity.append(check_gguf(tmp / written.path.name, outtype, merged, golden, reference_answers=references,
                                          log=log))
                 seconds[f"parity_{outtype}"] = round(time.perf_counter() - started, 1)
+                if llama_cpp_installed():  # the engine Ollama and llama.cpp users run the file with
+                    started = time.perf_counter()
+                    parity.append(check_gguf_with_llama_cpp(tmp / written.path.name, outtype, merged, golden,
+                                                            reference_answers=references, log=log))
+                    seconds[f"parity_{outtype}_llama_cpp"] = round(time.perf_counter() - started, 1)
         shipped = next((f for f in files if f.outtype == "q8_0"), files[0])
         (tmp / "Modelfile").write_text(modelfile(shipped.path.name))
         rows = [{"file": f.path.name, "outtype": f.outtype, "size_bytes": f.size_bytes} for f in files]

@@ -58,14 +58,14 @@ def _token_types(tokenizer_json: dict, vocab_size: int) -> list[int]:
 
 def _pre_tokenizer(model_dir: Path) -> str:
     """llama.cpp's pre-tokenizer name: recorded in the base folder when it came from a GGUF (the embedded SmolLM2
-    says 'smollm'); 'gpt2' (byte-level BPE with GPT-2's split) otherwise."""
+    says 'smollm'); 'gpt-2' (byte-level BPE with GPT-2's split; llama.cpp's name for it) otherwise."""
     for name in ("finpipe_source.json", "finpipe_export.json"):
         path = model_dir / name
         if path.exists():
             pre = json.loads(path.read_text()).get("gguf_pre_tokenizer")
             if pre:
                 return pre
-    return "gpt2"
+    return "gpt-2"
 
 
 def write_gguf(model_dir: str | Path, out_path: str | Path, outtype: str, name: str, chat_template: str | None = None,

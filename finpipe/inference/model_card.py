@@ -88,8 +88,9 @@ def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], 
         "",
         "## Export check",
         "",
-        "Each file was loaded back by a reader that did not write it (transformers' GGUF loader) and answered the "
-        "golden questions greedily; its answers are compared with the merged model's at the same precision.",
+        "Each file was loaded back by a reader that did not write it (transformers' GGUF loader, and llama.cpp where "
+        "llama-cpp-python is installed) and answered the golden questions greedily; its answers are compared with "
+        "the merged model's at the same precision.",
         "",
         "| file | reader | answers identical | strict number correctness (file / reference) | "
         "strict label correctness (file / reference) | verdict |",

@@ -6,6 +6,10 @@ The reference is the merged model with its weights rounded to the file's precisi
 float32, like the GGUF reader's dequantized weights: an f16/bf16 export must answer **identically**. q8_0 changes
 the weights (8-bit blocks): its answers may differ, within a stated tolerance: at least ``Q8_MIN_IDENTICAL`` of the
 answers identical and strict number correctness at most ``Q8_MAX_NUMBER_DROP`` below the reference's.
+
+Where llama-cpp-python is installed, each file is also run by llama.cpp itself (``check_gguf_with_llama_cpp``): the
+engine Ollama and llama.cpp users run it with. Its kernels round differently from PyTorch's, so for every type the
+rule is the tolerance rule, with the identical share reported.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from finpipe.instructions.samples import Sample
 
 Q8_MAX_DROP = 0.03  # about 2 of 70 golden numbers/labels
 READER = "transformers GGUF loader"
+LLAMA_CPP_READER = "llama.cpp (llama-cpp-python)"
 
 
 @dataclass
@@ -95,10 +100,16 @@ def check_gguf(gguf_path: Path, outtype: str, merged_dir: Path, samples: Sequenc
     answers = _answers(model, tokenizer, samples, max_new_tokens)
     del model
     release_memory()
-    reference = cache[key]
+    return _verdict(gguf_path.name, outtype, READER, samples, answers, cache[key],
+                    exact=outtype in ("f16", "bf16", "f32"))
+
+
+def _verdict(file: str, outtype: str, reader: str, samples: Sequence[Sample], answers: list[str],
+             reference: list[str], exact: bool) -> Parity:
+    """``exact``: every answer must be identical; else the tolerance rule on strict number and label correctness."""
     identical = sum(a == b for a, b in zip(answers, reference))
     (numbers, labels), (reference_numbers, reference_labels) = _strict(samples, answers), _strict(samples, reference)
-    if outtype in ("f16", "bf16", "f32"):
+    if exact:
         rule = "identical answers"
         passed = identical == len(samples)
     else:
@@ -107,5 +118,39 @@ def check_gguf(gguf_path: Path, outtype: str, merged_dir: Path, samples: Sequenc
                      for mine, theirs in ((numbers, reference_numbers), (labels, reference_labels)))
     differing = [{"question": s.text_of("user").rsplit("Question:", 1)[-1].strip(), "reference": b, "file": a}
                  for s, a, b in zip(samples, answers, reference) if a != b][:5]
-    return Parity(gguf_path.name, outtype, READER, len(samples), identical, numbers, reference_numbers, labels,
+    return Parity(file, outtype, reader, len(samples), identical, numbers, reference_numbers, labels,
                   reference_labels, passed, rule, differing)
+
+
+def llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def check_gguf_with_llama_cpp(gguf_path: Path, outtype: str, merged_dir: Path, samples: Sequence[Sample],
+                              max_new_tokens: int = 96, reference_answers: dict[str, list[str]] | None = None,
+                              log: Callable[[str], None] = print) -> Parity:
+    """Answer ``samples`` with the GGUF file run by llama.cpp (greedy, the prompt's token ids from finpipe's
+    tokenizer, so both engines read the very same prompt) and compare with the merged model's answers at the file's
+    precision (``check_gguf`` computes and caches those first)."""
+    import llama_cpp
+
+    from finpipe.models.chat_template import IM_END
+    from finpipe.models.safe_loading import load_tokenizer
+    from finpipe.runtime import claim_cpu_share
+
+    key = outtype if outtype in ("f16", "bf16") else "f32"
+    if reference_answers is None or key not in reference_answers:
+        raise ValueError(f"no reference answers at {key}: run check_gguf on a file of that precision first")
+    log(f"parity: {gguf_path.name} run by {LLAMA_CPP_READER}")
+    tokenizer = load_tokenizer(merged_dir)
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=claim_cpu_share(), verbose=False)
+    answers = []
+    for sample in samples:
+        prompt = tokenizer.apply_chat_template(sample.messages[:-1], add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        out = llm.create_completion(list(prompt), max_tokens=max_new_tokens, temperature=0.0, stop=[IM_END])
+        answers.append(out["choices"][0]["text"].strip())
+    del llm
+    return _verdict(gguf_path.name, outtype, LLAMA_CPP_READER, samples, answers, reference_answers[key], exact=False)
