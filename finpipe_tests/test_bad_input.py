@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -122,29 +123,50 @@ def test_a_copied_lake_uses_its_own_models_and_never_the_original(capsys, champi
 # ------------------------------------------------------------------------------------------ the lake
 
 
+def _write_protect(path: Path) -> None:
+    """No write access for this user: mode bits for a normal user; for root, which ignores them, the immutable
+    attribute (``chattr +i``), which binds root too (skipped where the file system or the tools lack it)."""
+    if os.geteuid() != 0:
+        path.chmod(0o500 if path.is_dir() else 0o444)
+        return
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True) \
+        if shutil.which("chattr") else None
+    if done is None or done.returncode != 0:
+        pytest.skip(f"root here cannot write-protect {path}: no chattr +i ({done.stderr.strip() if done else 'absent'})")
+
+
+def _unprotect(path: Path) -> None:
+    if os.geteuid() == 0 and shutil.which("chattr"):
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    path.chmod(0o700 if path.is_dir() else 0o644)
+
+
 def test_a_lake_dir_that_is_a_file_or_read_only_is_one_line(capsys, monkeypatch, tmp_path):
     blocker = tmp_path / "lake_file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("FINPIPE_LAKE_DIR", str(blocker))
     code, _, err = cli(capsys, "run", "--only-lake")
     assert code == EXIT_BAD_INPUT and "is a file, not a folder" in one_error_line(err)
-    if os.geteuid() != 0:  # root writes anywhere: the permission check cannot fail for it
-        locked = tmp_path / "locked"
-        locked.mkdir()
-        locked.chmod(0o500)
+
+    from finpipe.market.lake import PriceLake
+
+    locked, readable = tmp_path / "locked", tmp_path / "readable"
+    locked.mkdir()
+    readable.mkdir()
+    with PriceLake(readable / LAKE_DB_NAME).connect():
+        pass
+    try:
+        _write_protect(locked)
         monkeypatch.setenv("FINPIPE_LAKE_DIR", str(locked))
         code, _, err = cli(capsys, "run", "--only-lake")
         assert code == EXIT_BAD_INPUT and "not writable" in one_error_line(err)
-        from finpipe.market.lake import PriceLake
-
-        readable = tmp_path / "readable"
-        readable.mkdir()
-        with PriceLake(readable / LAKE_DB_NAME).connect():
-            pass
-        (readable / LAKE_DB_NAME).chmod(0o444)  # the folder is writable, the lake file is not
+        _write_protect(readable / LAKE_DB_NAME)  # the folder is writable, the lake file is not
         with pytest.raises(PermissionError, match="permission denied; give this user write access"):
             with PriceLake(readable / LAKE_DB_NAME).connect():
                 pass
+    finally:
+        _unprotect(locked)
+        _unprotect(readable / LAKE_DB_NAME)
 
 
 def test_a_damaged_lake_is_detected_and_restored_from_its_snapshot(capsys, champion, isolated_lake):

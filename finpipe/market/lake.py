@@ -139,7 +139,8 @@ class PriceLake:
                 con = duckdb.connect(str(self.path), read_only=read_only, config=config)
                 break
             except duckdb.IOException as exc:
-                if "permission denied" in str(exc).lower():  # a read-only lake file is not a damaged one
+                # a read-only (or immutable: EPERM) lake file is not a damaged one
+                if any(m in str(exc).lower() for m in ("permission denied", "operation not permitted")):
                     raise PermissionError(
                         f"cannot open the lake {self.path}{' for writing' if not read_only else ''}: permission "
                         f"denied; give this user write access to it, or point FINPIPE_LAKE_DIR at a lake of its "
