@@ -17,22 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from finpipe import runtime
 from finpipe.runtime import ML_PACKAGES
 
 RESULTS_DIR = Path(__file__).parent / "results"
 PACKAGES = (*ML_PACKAGES, "polars", "duckdb", "numpy", "pyarrow")  # the versions a result records
 
 
-def cpu_model() -> str:
-    from finpipe.runtime import cpu_model as model
-
-    return model()
-
-
 def runtime_versions() -> dict[str, str | None]:
-    from finpipe.runtime import package_versions
-
-    return package_versions(PACKAGES)
+    return runtime.package_versions(PACKAGES)
 
 
 def _git() -> str | None:
@@ -50,7 +43,7 @@ def _git() -> str | None:
 def machine(torch_needed: bool = True) -> dict[str, Any]:
     """CPU model, cores, threads, accelerator, versions and the load average now (call again at the end)."""
     info: dict[str, Any] = {
-        "cpu": cpu_model(),
+        "cpu": runtime.cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "platform": platform.platform(),
@@ -58,8 +51,6 @@ def machine(torch_needed: bool = True) -> dict[str, Any]:
         "versions": runtime_versions(),
         "load_avg_before": [round(x, 2) for x in os.getloadavg()],
     }
-    from finpipe import runtime
-
     info["cpu_features"] = runtime.cpu_flags()
     info["cpu_bf16"] = runtime.cpu_supports_bf16()
     if info["cpu_bf16"] and torch_needed:
@@ -108,12 +99,6 @@ def format_table(rows: Iterable[dict[str, Any]], columns: list[str]) -> str:
     lines += ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
               for row in cells]
     return "\n".join(lines)
-
-
-def release_memory() -> None:
-    from finpipe.runtime import release_memory as release
-
-    release()
 
 
 class Timer:
@@ -168,12 +153,6 @@ def builtin_split(date_stride: int = 1):
 
     split = temporal_split(offline_samples(date_stride=date_stride), SplitSpec(val_fraction=0.2))
     return split.train, split.val
-
-
-def tiny_llama(folder: Path, train_texts: list[str], num_layers: int = 2, vocab_size: int = 600) -> Path:
-    from finpipe.models.tiny import tiny_llama as build
-
-    return build(folder, train_texts, num_layers=num_layers, vocab_size=vocab_size)
 
 
 def sample_texts(samples) -> list[str]:
@@ -242,7 +221,7 @@ class MemoryWindow:
         self.cuda = cuda
 
     def __enter__(self) -> "MemoryWindow":
-        release_memory()
+        runtime.release_memory()
         if self.cuda:
             import torch
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common
+from finpipe.models.tiny import tiny_llama
 
 NAME = "concurrency"
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         note = f"lake base {base.name}" if base else "tiny random Llama (2 layers, hidden 64)"
         if base is None:
             train, _ = _common.builtin_split(date_stride=9)
-            base = _common.tiny_llama(workdir / "tiny", _common.sample_texts(train))
+            base = tiny_llama(workdir / "tiny", _common.sample_texts(train))
         rows = [_run(base, args, workdir, "one_process", 1, None),
                 _run(base, args, workdir, "two_shared", 2, None),
                 _run(base, args, workdir, "two_each_all_cores", 2, cores)]

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common
+from finpipe import runtime
+from finpipe.models.tiny import tiny_llama
 
 NAME = "inference"
 
@@ -94,7 +96,7 @@ def resolve_models(args, workdir: Path, train_texts) -> tuple[Path, Path, str]:
             "init_lora_weights=False)")
     note = ("no converted SmolLM2 in the lake: " if args.model == "smollm2" else "") + \
         "tiny random Llama (2 layers, hidden 64, BPE vocab 600) + random LoRA (r 16), built in-process"
-    base = _common.tiny_llama(workdir / "tiny_base", train_texts)
+    base = tiny_llama(workdir / "tiny_base", train_texts)
     return base, random_lora(base, workdir / "random_lora"), note
 
 
@@ -189,7 +191,7 @@ def golden_parity(base: Path, adapter: Path, dtype, seed: int) -> dict[str, Any]
                        "metrics": {k: summary["overall"][k] for k in HEADLINE_METRICS},
                        "ci": summary["ci"], "texts": [a.text for a in answers]}
         del model
-        _common.release_memory()
+        runtime.release_memory()
     identical = sum(a == b for a, b in zip(sides["full"]["texts"], sides["int8_decode"]["texts"]))
     lines = [f"golden set, {len(golden)} answers in batches of {DEFAULT_MAX_ROWS}: {identical} identical with and "
              "without int8 decode steps"]
@@ -274,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from finpipe.training.sft import load_adapter
 
     machine = _common.machine()
-    cuda = torch.cuda.is_available()
+    cuda = runtime.accelerator() == "cuda"
     device = "cuda" if cuda else "cpu"
     fast = inference_dtype(device)
     short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -318,12 +320,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             variants.append(("nf4_adapter", "nf4", nf4))
         print("warm-up (not reported) ...", flush=True)
         run_variant("warmup", "fp32", variants[0][2], chats[:1], Sampling(max_new_tokens=4), cuda)
-        _common.release_memory()
+        runtime.release_memory()
         rows = []
         for name, dtype, load in variants:
             print(f"running {name} ...", flush=True)
             rows.append(run_variant(name, dtype, load, chats, sampling, cuda))
-            _common.release_memory()
+            runtime.release_memory()
         if not args.quick:
             print("running llama_cpp_q8_0 ...", flush=True)
             rows.append(llama_cpp_row(base, adapter, chats, sampling, Path(tmp)))

@@ -40,6 +40,7 @@ import numpy as np
 import polars as pl
 
 from benchmarks import _common
+from finpipe import runtime
 from finpipe.statistics.compute import INCREMENTAL_TAIL_SESSIONS as RSI_EXACT_TAIL  # 513, derived there
 
 NAME = "nightly_increment"
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in sorted(args.sessions):
             print(f"lake with {n} sessions x {args.tickers} tickers ...", flush=True)
             rows.append(run_size(n, args, Path(tmp)))
-            _common.release_memory()
+            runtime.release_memory()
     small, large = rows[0], rows[-1]
     growth = {f"{s}_ratio_Nmax_over_Nmin": round(large[f"{s}_s"] / small[f"{s}_s"], 2) for s in STEPS}
     size_ratio = large["lake_rows"] / small["lake_rows"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common
+from finpipe import runtime
 
 NAME = "sweep_training"
 #: name -> AdapterSpec overrides (on top of the spec's defaults and --minutes)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["rows"].append(row)
             print(f"sweep: {name}: numbers {row['number_correctness']}, labels {row['label_correctness']}, "
                   f"exact {row['exact_match']}, {row['steps']} steps", flush=True)
-            _common.release_memory()
+            runtime.release_memory()
     table = markdown(result)
     if args.markdown:
         Path(args.markdown).write_text(table)

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common
+from finpipe import runtime
+from finpipe.models.tiny import tiny_llama
 
 NAME = "training_throughput"
 VARIANTS = ("finpipe", "trl_default", "trl_pad_to_max", "finpipe_packed", "finpipe_checkpointing")
@@ -176,7 +178,7 @@ def resolve_model(args, train, workdir: Path) -> tuple[Path, str]:
     else:
         note = "tiny random Llama (requested)"
     layers = 2 if args.quick else 4
-    folder = _common.tiny_llama(workdir / "tiny_base", _common.sample_texts(train), num_layers=layers)
+    folder = tiny_llama(workdir / "tiny_base", _common.sample_texts(train), num_layers=layers)
     return folder, f"{note}: {layers} layers, hidden 64, BPE vocab 600, built in-process"
 
 
@@ -296,13 +298,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     from finpipe.training.spec import AdapterSpec
 
     _preimport()
     machine = _common.machine()
-    cuda = torch.cuda.is_available()
+    cuda = runtime.accelerator() == "cuda"
     train, val, data_note = resolve_data(args)
     with tempfile.TemporaryDirectory(prefix="finpipe-bench-train-") as tmp:
         workdir = Path(tmp)
@@ -323,9 +323,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             one = dataclasses.replace(spec, max_steps=1, max_val_samples=1)
             with _common.captured_stdout(args.verbose):
                 run_finpipe("warmup_finpipe", base, train, val, one, workdir, cuda)
-                _common.release_memory()
+                runtime.release_memory()
                 run_trl("warmup_trl", base, train, one, workdir, cuda, False)
-            _common.release_memory()
+            runtime.release_memory()
         rows = []
         for name in args.variants:
             print(f"running {name} ...", flush=True)
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     raw = run_trl(name, base, train, spec, workdir, cuda, pad_to_max=name == "trl_pad_to_max")
             rows.append(summarize(raw, args.warmup_steps))
-            _common.release_memory()
+            runtime.release_memory()
 
     checks = check(rows, args.steps)
     by = {r["variant"]: r for r in rows}

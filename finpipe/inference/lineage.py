@@ -27,7 +27,7 @@ def adapter_lineage(lake_dir: Path, pointer: dict) -> dict:
     (``{run_id, path, base}``, as in champion.json)."""
     from finpipe.market.lake import PriceLake
     from finpipe.models.registry import RunRegistry
-    from finpipe.paths import DatasetFiles
+    from finpipe.paths import LAKE_DB_NAME, DatasetFiles
 
     adapter = Path(pointer["path"])
     datasets = DatasetFiles.of(lake_dir)
@@ -36,7 +36,7 @@ def adapter_lineage(lake_dir: Path, pointer: dict) -> dict:
            "evaluation": _read(adapter / "evaluation" / "evaluation.json"),
            "gates": passed_gates(_read(datasets.gate_report)),
            "val_cutoff": _read(datasets.split_manifest).get("cutoff")}
-    db = lake_dir / "finpipe.duckdb"
+    db = lake_dir / LAKE_DB_NAME
     if db.exists():
         lake = PriceLake(db)
         sources = lake.query("SELECT DISTINCT source FROM prices ORDER BY source")["source"].to_list()

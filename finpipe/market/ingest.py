@@ -54,9 +54,6 @@ class IngestBatch:
     rejects: pl.DataFrame
     outcomes: list[TickerOutcome] = field(default_factory=list)
 
-    def tickers_with(self, *statuses: str) -> list[str]:
-        return [o.ticker for o in self.outcomes if o.status in statuses]
-
     @property
     def failures(self) -> dict[str, str]:
         return {o.ticker: o.reason for o in self.outcomes if o.status == FAILED}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finpipe.evaluation.generation import DecodeSpec
+from finpipe.paths import LAKE_DB_NAME
 from finpipe.settings import setting
 
 ON_UNVERIFIED = ("flag", "abstain", "retry")
@@ -73,7 +74,7 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
     from finpipe.serving.verify import VERIFIED, verify
 
     store = ModelStore(lake_dir, capacity=spec.models_in_memory, log=log, decode=spec)
-    snapshot = LakeSnapshot(Path(lake_dir) / "finpipe.duckdb", log=log)
+    snapshot = LakeSnapshot(Path(lake_dir) / LAKE_DB_NAME, log=log)
     engine = Engine(batch_size=spec.batch_size, queue_limit=spec.queue_limit, log=log)
     started_at = time.time()
     app = FastAPI(title="finpipe", version="1", docs_url=None, redoc_url=None)

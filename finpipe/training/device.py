@@ -71,10 +71,10 @@ def plan_device(quantization: str = "auto", gradient_checkpointing: str = "auto"
                 tokens_per_batch: int = 0, seq_len: int = 0, prefer_cpu: bool = False) -> DevicePlan:
     import torch
 
-    cuda = torch.cuda.is_available() and not prefer_cpu
+    cuda = runtime.accelerator() == "cuda" and not prefer_cpu
     facts: dict = {}
     if cuda:
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = runtime.inference_dtype("cuda") == torch.bfloat16  # the same precision choice as inference
         device, dtype, optimizer = "cuda", "bfloat16" if bf16 else "float16", "paged_adamw_8bit"
         facts["gpu"] = torch.cuda.get_device_name(0)
         where = f"CUDA ({facts['gpu']})"
