@@ -184,6 +184,39 @@ def test_a_damaged_lake_is_detected_and_restored_from_its_snapshot(capsys, champ
     assert list(isolated_lake.glob(f"{LAKE_DB_NAME}.broken-*"))  # the damaged file is kept, not deleted
 
 
+def _damage(db: Path, how: str) -> None:
+    """A real lake file damaged the ways files get damaged: cut off (a full disk, a copy interrupted), or a run of
+    bytes overwritten in the middle of its data (a bad sector)."""
+    size = db.stat().st_size
+    if how == "truncated":
+        os.truncate(db, size // 2)
+    else:
+        with db.open("r+b") as f:
+            f.seek(size // 2)
+            f.write(bytes(range(256)) * 64)
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten in the middle"])
+def test_a_truncated_or_bit_damaged_lake_is_corrupt_at_once_not_locked(capsys, champion, isolated_lake, how):
+    """DuckDB's checksum error says "block", which once read as a lock conflict: the damaged lake then waited 30 s
+    and was reported as locked (exit 3). Damage found only when a query reaches the bad block is corrupt too."""
+    import time
+
+    from finpipe.market.snapshots import check
+
+    db = isolated_lake / LAKE_DB_NAME
+    _damage(db, how)
+    started = time.monotonic()
+    code, _, err = cli(capsys, "sql", "select * from prices")
+    assert code == EXIT_LAKE_CORRUPT and "is not a readable DuckDB lake" in one_error_line(err)
+    assert str(db) in err and "finpipe lake restore" in err
+    assert time.monotonic() - started < 10  # no lock wait (30 s)
+    health = check(db)
+    assert not health.ok and "not a readable DuckDB lake" in health.problem
+    code, out, _ = cli(capsys, "lake", "check")
+    assert code == EXIT_LAKE_CORRUPT and "DAMAGED" in out
+
+
 def test_a_run_launched_outside_the_cli_leaves_a_snapshot_once(lake_resources, isolated_lake):
     """The UI's runs (and the schedule's) get the snapshot the CLI takes after its own: the run-status sensor, on a
     real successful run; a second taker after the same run adds no copy."""

@@ -121,6 +121,12 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
         raise
 
 
+def _is_damage(exc: BaseException) -> bool:
+    """DuckDB's words for a damaged file: a checksum mismatch, a block past the end of a cut-off file."""
+    text = str(exc)
+    return "Corrupt database file" in text or "Could not read enough bytes from file" in text
+
+
 class PriceLake:
     def __init__(self, path: Path | str, lock_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
@@ -145,11 +151,11 @@ class PriceLake:
                         f"cannot open the lake {self.path}{' for writing' if not read_only else ''}: permission "
                         f"denied; give this user write access to it, or point FINPIPE_LAKE_DIR at a lake of its "
                         f"own") from exc
-                if "lock" not in str(exc).lower():
+                # only DuckDB's lock conflict waits ("Could not set lock on file"); a damaged block's checksum
+                # error also contains "lock" (in "block") and must not wait 30 s to be called locked
+                if "could not set lock" not in str(exc).lower():
                     if self.path.exists():
-                        raise CorruptLakeError(
-                            f"{self.path} is not a readable DuckDB lake ({exc}); restore the last good copy with "
-                            f"`finpipe lake restore`, or move it aside and run `finpipe run` to rebuild it") from exc
+                        raise self._corrupt(exc) from exc
                     raise
                 if time.monotonic() >= deadline:
                     raise LakeLockedError(
@@ -161,8 +167,18 @@ class PriceLake:
             if not read_only:
                 con.execute(SCHEMA_SQL)
             yield con
+        except duckdb.Error as exc:
+            # damage inside the file (a bad block, a cut-off tail) shows only when that block is read
+            if _is_damage(exc):
+                raise self._corrupt(exc) from exc
+            raise
         finally:
             con.close()
+
+    def _corrupt(self, exc: Exception) -> CorruptLakeError:
+        return CorruptLakeError(
+            f"{self.path} is not a readable DuckDB lake ({str(exc).splitlines()[0]}); restore the last good copy "
+            f"with `finpipe lake restore`, or move it aside and run `finpipe run` to rebuild it")
 
     # ---------------------------------------------------------------- writing
 
