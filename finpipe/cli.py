@@ -19,7 +19,7 @@ from finpipe import paths
 DEFAULT_HISTORY_DAYS = 13 * 365 + 3
 #: exit codes: 1 a run failed (its log says why), 2 bad input or configuration, 3 the lake is held by another
 #: process, 4 the lake file is unreadable, 130 interrupted (Ctrl-C)
-EXIT_BAD_INPUT, EXIT_LAKE_LOCKED, EXIT_LAKE_CORRUPT, EXIT_INTERRUPTED = 2, 3, 4, 130
+EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_LAKE_LOCKED, EXIT_LAKE_CORRUPT, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 
 def _prepare_dagster_home() -> Path:
@@ -98,8 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         in_groups("market_data"), resources=resources, instance=instance, raise_on_error=False,
         tags={PARTITION_RANGE_START_TAG: first_key, PARTITION_RANGE_END_TAG: last_key}, run_config=run_config,
     )
-    if not _report(ingest, "ingestion"):
-        return 1
+    if code := _report(ingest, "ingestion"):
+        return code
     lake = resources["lake"]
     print(lake.prices_lake().query(
         "SELECT ticker, count(*) AS rows, min(date) AS first, max(date) AS last, any_value(source) AS source "
@@ -113,8 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("finpipe: [2/3] statistics, instruction samples (quality gates), train/validation split")
     derived = dg.materialize(in_groups("statistics", "datasets"), resources=resources, instance=instance,
                              raise_on_error=False, run_config=run_config)
-    if not _report(derived, "derived assets"):
-        return 1
+    if code := _report(derived, "derived assets"):
+        return code
     split = derived.asset_materializations_for_node("dataset_split")[0].metadata
     print(f"datasets: {split['train_samples'].value} train / {split['val_samples'].value} val samples, "
           f"cutoff {split['cutoff'].value}")
@@ -126,9 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.base == "scratch":  # finpipe's own GPT is pretrained first, in its own run
         print("finpipe: pretraining finpipe's own GPT (scratch_gpt)")
-        if not _report(dg.materialize(in_groups("scratch"), resources=resources, instance=instance,
-                                      raise_on_error=False, run_config=run_config), "scratch GPT"):
-            return 1
+        if code := _report(dg.materialize(in_groups("scratch"), resources=resources, instance=instance,
+                                          raise_on_error=False, run_config=run_config), "scratch GPT"):
+            return code
     ops = _model_stage_ops(args)
     training = ops["qlora_adapter"]["config"]
     budget = [f"{training['max_minutes']} min" if "max_minutes" in training else None,
@@ -138,8 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     models = dg.materialize(in_groups("models", "evaluation"), resources=resources, instance=instance,
                             raise_on_error=False,
                             run_config=run_config | {"ops": ops})
-    if not _report(models, "model"):
-        return 1
+    if code := _report(models, "model"):
+        return code
     report = _print_model_stage(models)
     _snapshot_after_run()
     print(f"report: {report}")  # the last line: the one a user opens
@@ -220,13 +220,42 @@ def _interrupted(result) -> bool:
     return any(_is_interrupt_event(event) for event in result.all_events)
 
 
+#: errors that explain themselves (a ``dg.Failure`` raised by a step, finpipe's lake errors): their exit codes, as
+#: ``main`` gives them outside Dagster; a ``dg.Failure`` carries its cause's class in its metadata ``error``
+_EXPLAINED_ERRORS = {"CorruptLakeError": EXIT_LAKE_CORRUPT, "LakeLockedError": EXIT_LAKE_LOCKED,
+                     "PermissionError": EXIT_BAD_INPUT, "FileNotFoundError": EXIT_BAD_INPUT,
+                     "IsADirectoryError": EXIT_BAD_INPUT, "NotADirectoryError": EXIT_BAD_INPUT}
+
+
+def _explained_failure(event) -> tuple[int, str] | None:
+    """(exit code, the one line) for a step or run that failed with an error that explains itself; None for any
+    other failure (a bug: its stack trace stays on the console)."""
+    if not (event.is_step_failure or event.is_run_failure):
+        return None
+    data = event.event_specific_data
+    error = getattr(data, "error", None)
+    while error is not None:
+        line = error.message.strip().splitlines()[0] if error.message.strip() else error.cls_name
+        named, _, said = line.partition(": ")  # "finpipe.market.lake.LakeLockedError: lake ... is locked ..."
+        line = said if said and named.rsplit(".", 1)[-1] == error.cls_name else line
+        if error.cls_name == "Failure":
+            failure = getattr(data, "user_failure_data", None)
+            cause = failure.metadata.get("error") if failure else None
+            cause = getattr(cause, "value", cause)
+            return _EXPLAINED_ERRORS.get(str(cause), EXIT_BAD_INPUT), (failure.description if failure else line)
+        if error.cls_name in _EXPLAINED_ERRORS:
+            return _EXPLAINED_ERRORS[error.cls_name], line
+        error = error.cause or error.context
+    return None
+
+
 class _WithoutInterruptStacks(logging.Filter):
     """Drops the console records of a Ctrl-C (Dagster logs the interrupted step and run as failures, each with a
-    stack trace); ``main`` says it in one line instead."""
+    stack trace) and of failures that explain themselves; ``main`` and ``_report`` say them in one line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         event = (getattr(record, "dagster_meta", None) or {}).get("dagster_event")
-        return event is None or not _is_interrupt_event(event)
+        return event is None or not (_is_interrupt_event(event) or _explained_failure(event))
 
 
 class _ConsoleLogger(logging.Logger):
@@ -247,11 +276,16 @@ def _quiet_interrupts():
         logging.setLoggerClass(before)
 
 
-def _report(result, what: str) -> bool:
+def _report(result, what: str) -> int:
+    """0 when the run succeeded and its blocking checks passed; else the exit code, said in one line."""
     import dagster as dg
 
     if not result.success and _interrupted(result):
         raise KeyboardInterrupt  # main() ends it with one line and EXIT_INTERRUPTED
+    explained = next(filter(None, (_explained_failure(e) for e in result.all_events if e.is_step_failure)), None)
+    if not result.success and explained:
+        print(f"error: {explained[1]}", file=sys.stderr)
+        return explained[0]
     evaluations = [c for c in result.get_asset_check_evaluations() if not c.passed]
     failed_checks = [c.check_name for c in evaluations if c.severity != dg.AssetCheckSeverity.WARN]
     warnings = [c.check_name for c in evaluations if c.severity == dg.AssetCheckSeverity.WARN]
@@ -261,7 +295,7 @@ def _report(result, what: str) -> bool:
         print(f"finpipe: {what}: checks failed: {', '.join(failed_checks)}", file=sys.stderr)
     if not result.success:
         print(f"finpipe: the {what} run failed; see the log above (or `finpipe ui`, Runs tab).", file=sys.stderr)
-    return result.success and not failed_checks
+    return 0 if result.success and not failed_checks else 1
 
 
 def _partition_keys(start: dt.date, end: dt.date) -> tuple[str, str]:
@@ -699,12 +733,12 @@ def cmd_study(args: argparse.Namespace) -> int:
             print(f"finpipe: [peft {i}/{len(methods)}] {method}")
             done = dg.materialize([peft_method_run], partition_key=method, resources=resources, instance=instance,
                                   raise_on_error=False, run_config=run_config | peft_ops)
-            if not _report(done, f"{method} study"):
-                return 1
+            if code := _report(done, f"{method} study"):
+                return code
         done = dg.materialize([peft_comparison], resources=resources, instance=instance, raise_on_error=False,
                               run_config=run_config)
-        if not _report(done, "PEFT comparison"):
-            return 1
+        if code := _report(done, "PEFT comparison"):
+            return code
         reports.append(done.asset_materializations_for_node("peft_comparison")[0].metadata["html"].value)
     if not args.skip_compression:
         print("finpipe: [compression] the champion: PTQ variants and successive layer dropping")
@@ -713,8 +747,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         ops = {"ops": {"compression_study": {"config": compression}}}
         done = dg.materialize([compression_study], resources=resources, instance=instance, raise_on_error=False,
                               run_config=run_config | ops)
-        if not _report(done, "compression study"):
-            return 1
+        if code := _report(done, "compression study"):
+            return code
         reports.append(done.asset_materializations_for_node("compression_study")[0].metadata["html"].value)
     for path in reports:
         print(f"report: {path}")
@@ -849,6 +883,13 @@ def main(argv: list[str] | None = None) -> int:
     except CorruptLakeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_LAKE_CORRUPT
+    except Exception as exc:  # not foreseen: still one line, with the way to the traceback a bug report needs
+        if os.environ.get("FINPIPE_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: {type(exc).__name__}: {first} (unexpected; FINPIPE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

@@ -245,6 +245,42 @@ def test_a_run_launched_outside_the_cli_leaves_a_snapshot_once(lake_resources, i
     assert on_success() is None and list_snapshots(db) == [taken]  # the same lake: no second copy
 
 
+def finpipe_run_error(err: str) -> str:
+    """The one line ``finpipe run`` ends a failed run with: Dagster's own log lines aside, there is exactly one,
+    and no stack trace anywhere."""
+    assert "Stack Trace" not in err and "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.strip() and " - dagster - " not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_finpipe_run_on_a_damaged_lake_is_one_line_exit_4_and_the_file_untouched(capsys, isolated_lake):
+    isolated_lake.mkdir(parents=True)
+    db = isolated_lake / LAKE_DB_NAME
+    db.write_bytes(b"this is not a duckdb file" * 100)
+    code, _, err = cli(capsys, "run", "--only-lake", "--start", "2013-02-25", "--end", "2013-03-01")
+    assert code == EXIT_LAKE_CORRUPT
+    line = finpipe_run_error(err)
+    assert "is not a readable DuckDB lake" in line and str(db) in line and "finpipe lake restore" in line
+    assert db.read_bytes() == b"this is not a duckdb file" * 100  # kept for restore or inspection
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--source", "yahoo"], "is unreachable (no network"),
+    (["--start", "1990-01-01", "--end", "1990-02-01"], "cannot ingest 1990-01-01..1990-02-01"),
+])
+def test_finpipe_run_that_cannot_succeed_is_one_line_exit_2(capsys, isolated_lake, monkeypatch, argv, message):
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # the outside world: no network
+    code, _, err = cli(capsys, "run", "--only-lake", "--log-level", "DEBUG", *argv)  # DEBUG shows retries
+    assert code == EXIT_BAD_INPUT and message in finpipe_run_error(err)
+    assert "requested a retry" not in err  # it cannot succeed: not retried
+
+
 def test_bad_schedule_settings_are_one_line(monkeypatch, tmp_path):
     env = os.environ | {"FINPIPE_NIGHTLY_CRON": "every day", "FINPIPE_LAKE_DIR": str(tmp_path / "lake")}
     done = subprocess.run([sys.executable, "-m", "finpipe.cli", "run", "--only-lake"], env=env, capture_output=True,
@@ -268,6 +304,23 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
     monkeypatch.setattr(cli_module, "cmd_runs", interrupted)
     code, _, err = cli(capsys, "runs")
     assert code == EXIT_INTERRUPTED and "interrupted; run the same command again" in one_error_line(err)
+
+
+def test_an_unforeseen_error_is_one_line_and_the_traceback_is_one_setting_away(capsys, monkeypatch, isolated_lake):
+    import finpipe.cli as cli_module
+    from finpipe.cli import EXIT_UNEXPECTED
+
+    def disk_full(args):  # the outside world failing in a way no check foresees
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli_module, "cmd_runs", disk_full)
+    code, _, err = cli(capsys, "runs")
+    assert code == EXIT_UNEXPECTED
+    assert one_error_line(err) == ("error: OSError: [Errno 28] No space left on device (unexpected; FINPIPE_DEBUG=1 "
+                                   "shows the traceback)")
+    monkeypatch.setenv("FINPIPE_DEBUG", "1")
+    with pytest.raises(OSError, match="No space left"):
+        cli(capsys, "runs")
 
 
 @pytest.mark.slow

@@ -57,7 +57,8 @@ def daily_prices(
     try:
         summary = prices_lake.write_batch(batch, run_id=context.run_id)
     except (CorruptLakeError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
-        raise dg.Failure(description=f"cannot write the lake: {exc}", allow_retries=False) from None
+        raise dg.Failure(description=f"cannot write the lake: {exc}", metadata={"error": type(exc).__name__},
+                         allow_retries=False) from None
     by_status = {s: [o.ticker for o in summary.outcomes if o.status == s] for s in (OK, INCOMPLETE, FAILED, NO_SESSIONS)}
     for o in summary.outcomes:
         if o.status == FAILED:
