@@ -47,9 +47,12 @@ def test_sql_is_read_only_and_answers_bad_queries_in_one_line(capsys, champion, 
 
 def test_sql_output_piped_into_head_ends_quietly(champion, isolated_lake):
     env = os.environ | {"FINPIPE_LAKE_DIR": str(isolated_lake)}
-    done = subprocess.run(f"{sys.executable} -m finpipe.cli sql 'select * from prices' --limit 5000 | head -2",
-                          shell=True, env=env, capture_output=True, text=True, timeout=120)
+    # the exit status of finpipe itself (a pipeline's own status is head's)
+    done = subprocess.run(f"{sys.executable} -m finpipe.cli sql 'select * from prices' --limit 5000 | head -2; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", env=env,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+    assert len(done.stdout.splitlines()) == 2
 
 
 # ------------------------------------------------------------------------------------------ questions
@@ -75,11 +78,13 @@ def test_sampling_values_must_be_finite(capsys, champion, option, value):
     assert code == EXIT_BAD_INPUT and "invalid sampling" in line and f"{option[2:].replace('-', '_')}" in line
 
 
-def test_an_invalid_pointer_file_is_named(capsys, champion, isolated_lake):
-    registry.champion_pointer(isolated_lake).write_text("")
+@pytest.mark.parametrize("content", ["", "{}", '{"run_id": "r1"}', "[1, 2]", '{"path": '])
+def test_an_invalid_pointer_file_is_named(capsys, champion, isolated_lake, content):
+    registry.champion_pointer(isolated_lake).write_text(content)
     code, _, err = cli(capsys, "ask", "What is AAPL's trend?")
     line = one_error_line(err)
     assert code == EXIT_BAD_INPUT and "champion.json is not a finpipe pointer" in line
+    assert registry.champion_pointer(isolated_lake).read_text() == content  # left for the user to see
 
 
 def test_a_corrupt_adapter_file_is_named_and_the_champion_pointer_kept(capsys, champion, isolated_lake):
