@@ -286,13 +286,19 @@ def test_finpipe_run_that_cannot_succeed_is_one_line_exit_2(capsys, isolated_lak
     assert "requested a retry" not in err  # it cannot succeed: not retried
 
 
-def test_bad_schedule_settings_are_one_line(monkeypatch, tmp_path):
-    env = os.environ | {"FINPIPE_NIGHTLY_CRON": "every day", "FINPIPE_LAKE_DIR": str(tmp_path / "lake")}
+@pytest.mark.parametrize("setting, value, message", [
+    ("FINPIPE_NIGHTLY_CRON", "every day", "error: FINPIPE_NIGHTLY_CRON='every day' is not a cron schedule "
+                                          "(e.g. '30 18 * * 1-5')"),
+    ("FINPIPE_NIGHTLY_TIMEZONE", "Mars/Olympus_Mons", "error: FINPIPE_NIGHTLY_TIMEZONE='Mars/Olympus_Mons' is not "
+                                                      "a time zone"),
+])
+def test_bad_schedule_settings_are_one_line(tmp_path, setting, value, message):
+    env = os.environ | {setting: value, "FINPIPE_LAKE_DIR": str(tmp_path / "lake")}
     done = subprocess.run([sys.executable, "-m", "finpipe.cli", "run", "--only-lake"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == EXIT_BAD_INPUT
-    assert one_error_line(done.stderr) == ("error: FINPIPE_NIGHTLY_CRON='every day' is not a cron schedule "
-                                           "(e.g. '30 18 * * 1-5')")
+    assert one_error_line(done.stderr).startswith(message)
+    assert not (tmp_path / "lake" / LAKE_DB_NAME).exists()  # refused before anything was written
 
 
 def test_ui_port_out_of_range_is_refused(capsys):

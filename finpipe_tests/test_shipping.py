@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from finpipe.inference import gguf_export
-from finpipe.inference.export import EXPORT_MANIFEST, export_gguf
+from finpipe.inference.export import EXPORT_MANIFEST, export_gguf, export_merged
 from finpipe.inference.ollama import modelfile
 from finpipe.inference.parity import LLAMA_CPP_READER, READER
 from finpipe_tests.helpers import default_samples
@@ -89,9 +89,14 @@ def test_force_replaces_only_a_previous_finpipe_export(tiny, tmp_path):
     unrelated.mkdir()
     (unrelated / "config.json").write_text("{}")  # looks like a model, is not finpipe's
     (unrelated / "NOTES.md").write_text("keep me")
+    (unrelated / "checkpoints").mkdir()
+    (unrelated / "checkpoints" / "step-100").write_text("a checkpoint of mine")
     with pytest.raises(ValueError, match="not a finpipe export"):
         export_gguf(tiny["base"], tiny["adapter"], unrelated, "x", ("f32",), force=True, log=lambda *_: None)
+    with pytest.raises(ValueError, match="not a finpipe export"):  # export --merged DIR --force: the same rule
+        export_merged(tiny["base"], tiny["adapter"], unrelated, force=True)
     assert (unrelated / "NOTES.md").read_text() == "keep me" and (unrelated / "config.json").exists()
+    assert (unrelated / "checkpoints" / "step-100").read_text() == "a checkpoint of mine"
     with pytest.raises(ValueError, match="GGUF types must be among"):
         export_gguf(tiny["base"], tiny["adapter"], tmp_path / "new", "x", ("q2_k",), log=lambda *_: None)
 
