@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from typing import Any, Iterable
 
@@ -33,6 +34,15 @@ def fields_of(spec_cls: type, only: Iterable[str] | None = None) -> list[tuple[s
     hints = typing.get_type_hints(spec_cls)
     by_name = {f.name: (f.name, hints[f.name], f.default, f.metadata.get("help", "")) for f in dataclasses.fields(spec_cls)}
     return [by_name[n] for n in only] if only is not None else list(by_name.values())
+
+
+def non_finite(spec: Any) -> list[str]:
+    """The float settings of a spec instance that are NaN or infinite, as problems. Range checks such as ``x >= 0``
+    let NaN or inf through (every comparison with NaN is false, inf passes any lower bound), and a NaN learning rate
+    or budget only shows minutes later, as a NaN loss or a loop that never ends. The specs call this first; the
+    run-config face of every spec refuses them too (``finpipe.defs.config.config_class``)."""
+    return [f"{f.name} must be a finite number, got {getattr(spec, f.name)}" for f in dataclasses.fields(spec)
+            if isinstance(getattr(spec, f.name), float) and not math.isfinite(getattr(spec, f.name))]
 
 
 def _parse_bool(text: str) -> bool:

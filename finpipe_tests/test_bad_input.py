@@ -78,7 +78,16 @@ def test_sampling_values_must_be_finite(capsys, champion, option, value):
     assert code == EXIT_BAD_INPUT and "invalid sampling" in line and f"{option[2:].replace('-', '_')}" in line
 
 
-@pytest.mark.parametrize("content", ["", "{}", '{"run_id": "r1"}', "[1, 2]", '{"path": '])
+@pytest.mark.parametrize("content", [
+    "", "{}", '{"run_id": "r1"}', "[1, 2]", '{"path": ',
+    # a path leading out of the lake, and shapes that were a KeyError or TypeError further on
+    '{"run_id": "r1", "path": "../../../../../../etc", "base": {"name": "tiny", "path": "/tmp"}}',
+    '{"run_id": "r1", "path": "r1", "base": {"name": "tiny", "path": "../../../../../../etc"}}',
+    '{"run_id": "r1", "path": "r1"}',
+    '{"run_id": "r1", "path": 5, "base": {"name": "tiny", "path": "/tmp"}}',
+    '{"run_id": "r1", "path": "r1", "base": "tiny"}',
+    '{"run_id": ["r1"], "path": "r1", "base": {"name": "tiny", "path": "/tmp"}}',
+])
 def test_an_invalid_pointer_file_is_named(capsys, champion, isolated_lake, content):
     registry.champion_pointer(isolated_lake).write_text(content)
     code, _, err = cli(capsys, "ask", "What is AAPL's trend?")
@@ -174,6 +183,27 @@ def test_a_lake_dir_that_is_a_file_or_read_only_is_one_line(capsys, monkeypatch,
         _unprotect(readable / LAKE_DB_NAME)
 
 
+def test_export_into_a_folder_it_cannot_write_fails_before_the_merge(capsys, champion, tmp_path, monkeypatch):
+    """The merge (and for GGUF the parity check: minutes) ran first, and only writing the result failed."""
+    from finpipe.models import safe_loading
+
+    def merge_started(*args, **kwargs):
+        raise AssertionError("the merge started")
+
+    monkeypatch.setattr(safe_loading, "load_causal_lm", merge_started)
+    protected = tmp_path / "protected"
+    protected.mkdir()
+    try:
+        _write_protect(protected)
+        for argv in (["--merged", str(protected)], ["--gguf", str(protected)], ["--merged", str(protected / "new")]):
+            code, out, err = cli(capsys, "export", *argv)
+            assert code == EXIT_BAD_INPUT and "is not writable by this user" in one_error_line(err), err
+    finally:
+        _unprotect(protected)
+    code, _, err = cli(capsys, "export", "--gguf", str(tmp_path / "out"), "--parity-samples", "-1")
+    assert code == EXIT_BAD_INPUT and "--parity-samples must be >= 0" in one_error_line(err)
+
+
 def test_a_damaged_lake_is_detected_and_restored_from_its_snapshot(capsys, champion, isolated_lake):
     db = isolated_lake / LAKE_DB_NAME
     assert cli(capsys, "lake", "snapshot")[0] == 0
@@ -184,9 +214,42 @@ def test_a_damaged_lake_is_detected_and_restored_from_its_snapshot(capsys, champ
     code, out, _ = cli(capsys, "lake", "check")
     assert code == EXIT_LAKE_CORRUPT and "DAMAGED" in out
     code, out, _ = cli(capsys, "lake", "restore")
-    assert code == 0 and "restored" in out and "kept as" in out
+    assert code == 0 and "restored" in out and "the damaged file is kept as" in out
     assert cli(capsys, "sql", "select count(*) as n from prices")[1] == rows
-    assert list(isolated_lake.glob(f"{LAKE_DB_NAME}.broken-*"))  # the damaged file is kept, not deleted
+    [kept] = isolated_lake.glob(f"{LAKE_DB_NAME}.damaged-*")  # the damaged file is kept, not deleted
+    assert kept.read_bytes() == b"this is not a duckdb file" * 100
+
+
+def test_a_healthy_lake_is_restored_only_with_force_after_saying_what_it_rolls_back(capsys, champion, isolated_lake):
+    """A healthy lake newer than its snapshot was once rolled back without a word and its file labelled broken."""
+    import duckdb
+
+    from finpipe.market.lake import PriceLake
+    from finpipe.models.registry import RunRegistry
+
+    db = isolated_lake / LAKE_DB_NAME
+    assert cli(capsys, "lake", "snapshot")[0] == 0
+    RunRegistry(PriceLake(db)).record({"run_id": "r-after", "created_at": "2026-12-01 10:00:00", "base_model": "tiny",
+                                       "quantization": "none", "config_hash": "x", "adapter_path": "r-after"})
+    con = duckdb.connect(str(db))
+    con.execute("INSERT INTO prices SELECT ticker, DATE '2013-03-04', open, high, low, close, adj_close, volume, "
+                "source, simulated, ingested_at FROM prices WHERE date = DATE '2013-03-01'")
+    con.close()
+    before = db.read_bytes()
+
+    code, out, err = cli(capsys, "lake", "restore")
+    line = one_error_line(err)
+    assert code == EXIT_BAD_INPUT and out == "" and "is healthy" in line and "--force" in line
+    assert "model runs newer than the snapshot: r-after" in line and "prices up to 2013-03-04 -> up to 2013-03-01" in line
+    assert db.read_bytes() == before and not list(isolated_lake.glob(f"{LAKE_DB_NAME}.*-*"))  # nothing touched
+
+    code, out, err = cli(capsys, "lake", "restore", "--force")
+    assert code == 0 and "rolls back" in err and "r-after" in err
+    assert "the replaced file is kept as" in out
+    [kept] = isolated_lake.glob(f"{LAKE_DB_NAME}.replaced-*")
+    assert kept.read_bytes() == before  # what was rolled back is still there, under a name that says what it was
+    assert "r-after" not in cli(capsys, "sql", "select run_id from model_runs")[1]
+    assert not list(isolated_lake.glob(f"{LAKE_DB_NAME}.damaged-*"))
 
 
 def _damage(db: Path, how: str) -> None:
@@ -286,6 +349,31 @@ def test_finpipe_run_that_cannot_succeed_is_one_line_exit_2(capsys, isolated_lak
     assert "requested a retry" not in err  # it cannot succeed: not retried
 
 
+@pytest.mark.parametrize("config, options, message", [
+    ("ops:\n  qlora_adapter:\n    config:\n      max_minuts: 3\n", [],
+     "unknown key 'max_minuts' in ops.qlora_adapter.config (did you mean 'max_minutes'?)"),
+    ("ops:\n  qlora_adapter:\n    config:\n      batch_size: two\n", [],
+     "ops.qlora_adapter.config.batch_size: 'two' is not int"),
+    ("ops:\n  qlora_adapter:\n    max_minutes: 3\n", [], "settings go under ops.qlora_adapter.config"),
+    ("opps:\n  qlora_adapter: {}\n", [], "unknown key 'opps'"),
+    ("ops:\n  adapter_evaluation:\n    config:\n      regression_tolerance: .nan\n", [],
+     "ops.adapter_evaluation.config.regression_tolerance: input should be a finite number"),
+    (None, ["--train-minutes", "-1"], "max_minutes must be >= 0, got -1.0"),
+    (None, ["--train-minutes", "nan"], "ops.qlora_adapter.config.max_minutes: input should be a finite number"),
+    (None, ["--train-minutes", "inf"], "ops.qlora_adapter.config.max_minutes: input should be a finite number"),
+])
+def test_run_config_mistakes_fail_at_once_naming_the_key(capsys, isolated_lake, tmp_path, config, options, message):
+    """Checked before any work, `--only-lake` included: they used to surface after the ingest, minutes later (or,
+    with --only-lake, never)."""
+    config_file = tmp_path / "broken.yaml"
+    if config is not None:
+        config_file.write_text(config)
+    argv = ["--config", str(config_file)] if config is not None else []
+    code, _, err = cli(capsys, "run", "--only-lake", "--start", "2013-02-25", "--end", "2013-03-01", *argv, *options)
+    assert code == EXIT_BAD_INPUT and message in one_error_line(err)
+    assert not (isolated_lake / LAKE_DB_NAME).exists()  # refused before the ingest
+
+
 @pytest.mark.parametrize("setting, value, message", [
     ("FINPIPE_NIGHTLY_CRON", "every day", "error: FINPIPE_NIGHTLY_CRON='every day' is not a cron schedule "
                                           "(e.g. '30 18 * * 1-5')"),
@@ -332,6 +420,22 @@ def test_an_unforeseen_error_is_one_line_and_the_traceback_is_one_setting_away(c
     monkeypatch.setenv("FINPIPE_DEBUG", "1")
     with pytest.raises(OSError, match="No space left"):
         cli(capsys, "runs")
+    for off in ("0", "false", "no", ""):  # FINPIPE_DEBUG=0 once turned debugging on
+        monkeypatch.setenv("FINPIPE_DEBUG", off)
+        code, _, err = cli(capsys, "runs")
+        assert code == EXIT_UNEXPECTED and "unexpected; FINPIPE_DEBUG=1" in one_error_line(err)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sql", "select 1", "--lock-timeout", "nan"], "--lock-timeout must be a finite number of seconds >= 0, got nan"),
+    (["sql", "select 1", "--lock-timeout", "-1"], "--lock-timeout must be a finite number of seconds >= 0, got -1.0"),
+    (["runs", "--limit", "-1"], "--limit must be >= 1, got -1"),
+    (["runs", "--limit", "0"], "--limit must be >= 1, got 0"),
+])
+def test_lock_timeout_and_limit_out_of_range_are_one_line(capsys, champion, argv, message):
+    """``--lock-timeout nan`` waited forever on a locked lake (a NaN deadline is never reached)."""
+    code, out, err = cli(capsys, *argv)
+    assert code == EXIT_BAD_INPUT and out == "" and one_error_line(err) == f"error: {message}"
 
 
 @pytest.mark.slow

@@ -288,6 +288,79 @@ def test_cli_sql_and_runs_on_a_locked_lake_exit_3_with_one_line(isolated_lake, t
     assert capsys.readouterr().out.startswith("no runs yet")
 
 
+def test_lake_check_and_restore_on_a_locked_lake_exit_3_naming_the_holder_and_change_nothing(
+        isolated_lake, tmp_path, children, capsys):
+    """A lake another process holds is not damaged: `lake check` once called it DAMAGED (exit 4) and advised a
+    restore, and `lake restore` replaced it under the holder, whose later commits went into the file put aside."""
+    from finpipe import cli
+
+    db = isolated_lake / LAKE_DB_NAME
+    replay_lake(db)
+    assert cli.main(["lake", "snapshot"]) == 0
+    capsys.readouterr()
+    before = db.read_bytes()
+    holder = hold_lock(children, db, tmp_path, hold_s=-1)
+    for action in ("check", "restore"):
+        code = cli.main(["lake", action])
+        out, err = capsys.readouterr()
+        assert code == cli.EXIT_LAKE_LOCKED, (action, out, err)
+        assert out == "" and len(err.splitlines()) == 1, err
+        assert f"is held by another process (pid {holder.pid})" in err and "DAMAGED" not in err
+        assert "lake restore" not in err  # no advice to restore a lake that is merely busy
+    assert not list(isolated_lake.glob(f"{LAKE_DB_NAME}.*-*"))  # nothing put aside
+    release(holder)
+    assert db.read_bytes() == before
+    assert cli.main(["lake", "check"]) == 0 and "ok (" in capsys.readouterr().out
+
+
+RESTORE_WAITER = r"""
+import sys
+from pathlib import Path
+import polars as pl
+from finpipe.market.lake import PriceLake
+
+db, ready = sys.argv[1:]
+Path(ready).write_text("connecting")
+PriceLake(db, lock_timeout_s=120).replace_table("written_during_restore", pl.DataFrame({"n": [1]}))
+print("written", flush=True)
+"""
+
+
+def test_a_writer_that_arrives_during_a_restore_waits_and_writes_into_the_restored_lake(
+        isolated_lake, tmp_path, children):
+    """``restore`` holds the lake's lock from its check to the swap: a process that wants to write meanwhile waits
+    for the lock and then writes into the restored lake, never into the file put aside."""
+    from finpipe.market import snapshots
+
+    db = isolated_lake / LAKE_DB_NAME
+    rows = replay_lake(db)
+    snapshots.snapshot(db)
+    db.write_bytes(b"this is not a duckdb file" * 100)  # damaged
+    ready, log = tmp_path / "waiter.ready", tmp_path / "waiter.log"
+    put_aside = snapshots._put_aside
+
+    def while_holding_the_lock(*args):
+        waiter = spawn(children, RESTORE_WAITER, db, ready, log=log)
+        wait_for(ready, waiter, log)
+        time.sleep(3)  # the waiter is in its lock wait now (or still importing): either way it has not written
+        assert waiter.poll() is None, tail(log)
+        return put_aside(*args)
+
+    snapshots._put_aside = while_holding_the_lock
+    try:
+        done = snapshots.restore(db, log=lambda line: None)
+    finally:
+        snapshots._put_aside = put_aside
+    assert done.damaged and done.aside.name.startswith(f"{LAKE_DB_NAME}.damaged-")
+    [waiter] = children
+    assert "written" in finish(waiter, log)
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM written_during_restore").fetchall() == [(1,)]
+    assert con.execute("SELECT count(*) FROM prices").fetchall() == [(rows,)]
+    con.close()
+    assert done.aside.read_bytes() == b"this is not a duckdb file" * 100  # the damaged file, as it was
+
+
 # ---------------------------------------------------------------------------------------- network faults end to end
 
 
@@ -423,6 +496,30 @@ def test_an_invalid_adapter_config_fails_the_step_before_any_work(lake_resources
     assert "ValueError: invalid training config: lora_r must be > 0, got 0; learning_rate must be > 0, got 0.0" \
         in message
     assert not (isolated_lake / "models").exists()  # refused before reading the base or creating a job folder
+
+
+def test_float_settings_must_be_finite():
+    """NaN passes every range check (``nan <= 0`` is false) and inf any lower bound: a NaN learning rate or an
+    infinite budget used to start training. Each spec refuses them, and so does every spec's run-config class."""
+    from finpipe.defs.evaluation import EvaluationConfig
+    from finpipe.defs.models import AdapterTrainingConfig
+    from finpipe.models.scratch import ScratchGPTSpec
+    from finpipe.studies.compression import CompressionSpec
+    from finpipe.studies.peft_study import PeftStudySpec
+    from finpipe.training.spec import AdapterSpec
+
+    nan, inf = float("nan"), float("inf")
+    for make, message in [(lambda: AdapterSpec(learning_rate=nan), "learning_rate must be a finite number, got nan"),
+                          (lambda: AdapterSpec(max_minutes=inf), "max_minutes must be a finite number, got inf"),
+                          (lambda: AdapterSpec(warmup_ratio=-inf), "warmup_ratio must be a finite number, got -inf"),
+                          (lambda: ScratchGPTSpec(learning_rate=inf), "learning_rate must be a finite number"),
+                          (lambda: PeftStudySpec(learning_rate=nan), "learning_rate must be a finite number"),
+                          (lambda: CompressionSpec(heal_learning_rate=nan), "heal_learning_rate must be a finite")]:
+        with pytest.raises(ValueError, match=message):
+            make()
+    for make in (lambda: AdapterTrainingConfig(max_minutes=nan), lambda: EvaluationConfig(regression_tolerance=inf)):
+        with pytest.raises(pydantic.ValidationError, match="finite number"):
+            make()
 
 
 # --------------------------------------------------------------------------------------------- SIGKILL mid-training

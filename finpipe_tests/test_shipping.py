@@ -101,6 +101,76 @@ def test_force_replaces_only_a_previous_finpipe_export(tiny, tmp_path):
         export_gguf(tiny["base"], tiny["adapter"], tmp_path / "new", "x", ("q2_k",), log=lambda *_: None)
 
 
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_replaces_exactly_what_the_export_manifest_lists_and_refuses_anything_else(tiny, tmp_path):
+    """`export --gguf DIR --force` once deleted a user's NOTES.md and my-benchmarks/ inside a previous export."""
+    out = tmp_path / "gguf"
+    export_gguf(tiny["base"], tiny["adapter"], out, "x", ("f32",), log=lambda *_: None)
+    manifest = json.loads((out / EXPORT_MANIFEST).read_text())
+    assert manifest["contents"] == sorted(p.name for p in out.iterdir())  # every file written, itself included
+    (out / "NOTES.md").write_text("keep me")
+    (out / "my-benchmarks").mkdir()
+    (out / "my-benchmarks" / "results.csv").write_text("tokens/s\n77.9\n")
+    before = _tree(out)
+    for export in (lambda: export_gguf(tiny["base"], tiny["adapter"], out, "x", ("f32",), force=True,
+                                       log=lambda *_: None),
+                   lambda: export_merged(tiny["base"], tiny["adapter"], out, force=True)):
+        with pytest.raises(ValueError, match=r"holds what its finpipe export did not write \(NOTES\.md, "
+                                             r"my-benchmarks/\).*nothing was deleted"):
+            export()
+        assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf"]  # no temporary folder left either
+
+    (out / "NOTES.md").unlink()
+    (out / "my-benchmarks" / "results.csv").unlink()
+    (out / "my-benchmarks").rmdir()
+    export_merged(tiny["base"], tiny["adapter"], out, force=True)  # a previous export alone: replaced
+    assert "x.f32.gguf" not in {p.name for p in out.iterdir()} and (out / "model.safetensors").exists()
+    assert json.loads((out / EXPORT_MANIFEST).read_text())["contents"] == sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf"]
+
+
+def test_a_refused_run_says_so_in_its_model_card_and_no_absolute_path_is_recorded(champion, isolated_lake, tiny,
+                                                                                  tmp_path):
+    from finpipe.inference.lineage import adapter_lineage
+    from finpipe.market.lake import PriceLake
+    from finpipe.models.registry import RunRegistry
+    from finpipe.paths import LAKE_DB_NAME
+
+    RunRegistry(PriceLake(isolated_lake / LAKE_DB_NAME)).record({
+        "run_id": "r1", "created_at": "2026-12-01 10:00:00", "base_model": "tiny", "quantization": "none",
+        "config_hash": "x", "adapter_path": "r1", "status": "rejected",
+        "reason": "exact match 0.100 below the champion's 0.500"})
+    out = tmp_path / "export"
+    export_gguf(tiny["base"], tiny["adapter"], out, "finpipe-r1", ("f32",), lineage=adapter_lineage(isolated_lake,
+                                                                                                   champion),
+                log=lambda *_: None)
+    card, manifest = (out / "README.md").read_text(), (out / EXPORT_MANIFEST).read_text()
+    assert "**Not promoted: finpipe's promotion refused this run** (exact match 0.100 below the champion's 0.500)" \
+        in card
+    for text in (card, manifest):  # this machine's layout stays on this machine
+        for local in (tiny["base"], tiny["adapter"], isolated_lake, tmp_path):
+            assert str(local) not in text
+    assert json.loads(manifest)["status"] == "rejected"
+
+
+def test_the_ollama_hint_is_shell_quoted(capsys, champion, tmp_path, monkeypatch):
+    from finpipe.cli import main
+    from finpipe.inference import export
+
+    folder = tmp_path / "my exports; rm -rf ~"
+
+    def exported(*args, **kwargs):  # the export itself is tested above; here only what the command prints
+        return export.GgufExport(folder, [], [], {})
+
+    monkeypatch.setattr(export, "export_gguf", exported)
+    assert main(["export", "--gguf", str(folder)]) == 0
+    assert f"run with: cd '{folder}' && ollama create finpipe -f Modelfile" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_cli_export_gguf_prints_files_and_parity(champion, isolated_lake, tmp_path, capsys):
     from finpipe.cli import main

@@ -14,8 +14,10 @@ from finpipe.settings import fields_of
 def config_class(spec_cls: type, name: str, only: Iterable[str] | None = None,
                  extra: dict[str, tuple[type, Any]] | None = None, doc: str = "") -> type[dg.Config]:
     """A ``dg.Config`` subclass with ``spec_cls``'s fields (``only``: a subset) plus ``extra`` (name -> (type, Field))."""
+    # float settings refuse NaN and inf already here (the Launchpad, a run config): see finpipe.settings.non_finite
     fields: dict[str, tuple[type, Any]] = {
-        field_name: (kind, Field(default=default, description=text))
+        field_name: (kind, Field(default=default, description=text, **({"allow_inf_nan": False} if kind is float
+                                                                       else {})))
         for field_name, kind, default, text in fields_of(spec_cls, only)
     }
     fields |= extra or {}

@@ -8,9 +8,12 @@ the base checkpoint's own dtype, so the export is the size of the base.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from finpipe.models.files import atomic_dir, folder_size
 
@@ -25,9 +28,11 @@ class ExportReport:
     parameters: int
 
 
-def check_target(out_dir: Path, force: bool, sources: list[Path]) -> None:
-    """Refuse to clobber: a non-empty folder needs ``force``, and even then only a previous finpipe export (a folder
-    holding finpipe's export manifest), never the model being read, an arbitrary folder or another tool's model."""
+def check_target(out_dir: Path, force: bool, sources: list[Path]) -> frozenset[str]:
+    """Refuse to clobber, before any work: a folder this user cannot write into (or immutable), the model being read,
+    and a non-empty folder without ``force``. Even with ``force`` only a previous finpipe export is replaced, and only
+    when it holds nothing but what its manifest lists: anything else (a user's notes, their benchmarks) is named and
+    nothing is deleted. Returns what the previous export's manifest lists (empty without one)."""
     out = out_dir.resolve()
     for source in sources:
         source = source.resolve()
@@ -35,12 +40,86 @@ def check_target(out_dir: Path, force: bool, sources: list[Path]) -> None:
             raise ValueError(f"refusing to export into {out_dir}: it holds the model being exported ({source})")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out_dir} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ValueError(f"{out_dir} is not empty: pass --force to replace a previous finpipe export there")
-        if not (out / EXPORT_MANIFEST).exists():
-            raise ValueError(f"{out_dir} is not empty and is not a finpipe export (no {EXPORT_MANIFEST}): refusing "
-                             f"to replace it even with --force; choose an empty or new folder")
+    # the export is built beside the folder (its parent, or the first one that exists) and renamed into place; a
+    # replaced export is emptied: both must be writable, checked now rather than after minutes of merging
+    parent = next(p for p in out.parents if p.exists())
+    for folder in [out, parent] if out.exists() else [parent]:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot export into {out_dir}: {folder} is not writable by this user (its "
+                                  "permissions, or the immutable attribute); choose another folder or fix that")
+    if not (out.is_dir() and any(out.iterdir())):
+        return frozenset()
+    if not force:
+        raise ValueError(f"{out_dir} is not empty: pass --force to replace a previous finpipe export there")
+    if not (out / EXPORT_MANIFEST).exists():
+        raise ValueError(f"{out_dir} is not empty and is not a finpipe export (no {EXPORT_MANIFEST}): refusing "
+                         f"to replace it even with --force; choose an empty or new folder")
+    listed = exported_files(out)
+    unexpected = _unlisted(out, listed)
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (f" and {len(unexpected) - 10} more" if len(unexpected) > 10 else "")
+        raise ValueError(f"{out_dir} holds what its finpipe export did not write ({shown}): refusing to replace it "
+                         f"even with --force, nothing was deleted; move those out, or export into another folder")
+    return listed
+
+
+def exported_files(folder: Path) -> frozenset[str]:
+    """The files an export wrote into ``folder``, as its manifest lists them (relative paths; the manifest itself
+    always). A manifest that lists nothing (an older finpipe's) covers only itself; a listed name that is absolute
+    or climbs out with ``..`` is not one finpipe wrote, and is never removed."""
+    try:
+        contents = json.loads((folder / EXPORT_MANIFEST).read_text()).get("contents")
+    except (OSError, ValueError, AttributeError):
+        contents = None
+    listed = {c for c in contents if isinstance(c, str) and c and not Path(c).is_absolute()
+              and ".." not in Path(c).parts} if isinstance(contents, list) else set()
+    return frozenset(listed | {EXPORT_MANIFEST})
+
+
+def _unlisted(folder: Path, listed: frozenset[str]) -> list[str]:
+    """Entries of ``folder`` that ``listed`` does not cover (a folder none of whose files are listed: by its name)."""
+    parents = {p.as_posix() for name in listed for p in Path(name).parents if p != Path(".")}
+    unexpected = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root).relative_to(folder)
+        for d in sorted(dirs):
+            if (here / d).as_posix() not in parents:
+                unexpected.append(f"{(here / d).as_posix()}/")
+        dirs[:] = [d for d in dirs if (here / d).as_posix() in parents]
+        unexpected += sorted((here / f).as_posix() for f in files if (here / f).as_posix() not in listed)
+    return sorted(unexpected)
+
+
+def _written(folder: Path) -> list[str]:
+    """What an export folder holds now, for its manifest (the manifest itself included)."""
+    return sorted({p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()} | {EXPORT_MANIFEST})
+
+
+def _discard(listed: frozenset[str]) -> Callable[[Path], None]:
+    """Removes exactly ``listed`` from the previous export (renamed aside by ``atomic_dir``), then the emptied folders;
+    anything else found there (it appeared after the check) is left in that folder, not deleted."""
+
+    def discard(old: Path) -> None:
+        for name in listed:
+            (old / name).unlink(missing_ok=True)
+        for folder in sorted({old / p for name in listed for p in Path(name).parents}, key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    return discard
+
+
+def portable(path: str | Path, lake_dir: Path | None = None) -> str:
+    """A path as an export records it: relative to the lake when inside it, else the folder's name alone, never
+    the exporting machine's absolute layout (a model card is published, a manifest travels with the files)."""
+    from finpipe import paths
+
+    path = Path(path).resolve()
+    with contextlib.suppress(OSError):
+        lake = Path(lake_dir or paths.lake_dir()).resolve()
+        if path.is_relative_to(lake):
+            return path.relative_to(lake).as_posix()
+    return path.name
 
 
 def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, force: bool = False,
@@ -60,7 +139,7 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
             raise FileNotFoundError(f"{what} folder {folder} does not exist")
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    check_target(out_dir, force, [base_dir, adapter_dir])
+    previous = check_target(out_dir, force, [base_dir, adapter_dir])
 
     # the checkpoint's own dtype, from its config.json (from_pretrained(dtype=float32) overwrites the in-memory one)
     config = json.loads((base_dir / "config.json").read_text()) if (base_dir / "config.json").exists() else {}
@@ -76,15 +155,18 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else base_dir
     tokenizer = load_tokenizer(tokenizer_dir)
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, discard_old=_discard(previous)) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         for weights in tmp.glob("*.safetensors"):  # safetensors writes 0600; an export is meant to be shared
             weights.chmod(0o644)
         tokenizer.save_pretrained(tmp)
-        manifest = {"base": str(base_dir), "adapter": str(adapter_dir), "merged_with": "peft merge_and_unload",
-                    "dtype": str(saved_dtype).removeprefix("torch."),
+        manifest = {"base": portable(base_dir), "adapter": portable(adapter_dir),
+                    "merged_with": "peft merge_and_unload", "dtype": str(saved_dtype).removeprefix("torch."),
                     "gguf_pre_tokenizer": _source_facts(base_dir).get("gguf_pre_tokenizer")} | (provenance or {})
+        manifest["contents"] = _written(tmp)  # what --force may later remove, and nothing else
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        if check_target(out_dir, force, [base_dir, adapter_dir]) != previous:  # changed while the model was merged
+            raise ValueError(f"{out_dir} changed during the export: nothing was replaced; run the export again")
     return ExportReport(path=out_dir, size_bytes=folder_size(out_dir), dtype=manifest["dtype"],
                         parameters=merged.num_parameters())
 
@@ -126,11 +208,11 @@ def export_gguf(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
     if unknown or not outtypes:
         raise ValueError(f"GGUF types must be among {', '.join(OUTTYPES)}, got {', '.join(outtypes) or 'none'}")
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
-    check_target(out_dir, force, [base_dir, adapter_dir])
+    previous = check_target(out_dir, force, [base_dir, adapter_dir])
     seconds: dict[str, float] = {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.merge-") as work, \
-            atomic_dir(out_dir) as tmp:
+            atomic_dir(out_dir, discard_old=_discard(previous)) as tmp:
         started = time.perf_counter()
         merged = Path(work) / "merged"
         export_merged(base_dir, adapter_dir, merged)
@@ -160,10 +242,13 @@ def export_gguf(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
         (tmp / "README.md").write_text(model_card(name, lineage or {}, rows, [p.as_dict() for p in parity],
                                                   (lineage or {}).get("license", LICENSE_NOTE)))
         (tmp / "parity.json").write_text(json.dumps([p.as_dict() for p in parity], indent=2))
-        manifest = {"kind": "gguf", "name": name, "base": str(base_dir), "adapter": str(adapter_dir),
+        manifest = {"kind": "gguf", "name": name, "base": portable(base_dir), "adapter": portable(adapter_dir),
                     "files": rows, "parity_passed": all(p.passed for p in parity) if parity else None,
-                    "seconds": seconds} | {k: v for k, v in (lineage or {}).items() if k in ("run_id", "base_name")}
+                    "seconds": seconds, "contents": _written(tmp)} | {
+            k: v for k, v in (lineage or {}).items() if k in ("run_id", "base_name", "status")}
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        if check_target(out_dir, force, [base_dir, adapter_dir]) != previous:  # changed during merge and parity
+            raise ValueError(f"{out_dir} changed during the export: nothing was replaced; run the export again")
     return GgufExport(out_dir, files, parity, seconds)
 
 

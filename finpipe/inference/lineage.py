@@ -23,15 +23,18 @@ def passed_gates(validation: dict) -> list[str]:
 
 
 def adapter_lineage(lake_dir: Path, pointer: dict) -> dict:
-    """Run id, base, training report, evaluation record, data window and sources, gates, for an adapter pointer
-    (``{run_id, path, base}``, as in champion.json)."""
+    """Run id, base, training report, evaluation record, data window and sources, gates, the registry's status and
+    reason, for an adapter pointer (``{run_id, path, base}``, as in champion.json)."""
+    from finpipe.inference.export import portable
     from finpipe.market.lake import PriceLake
     from finpipe.models.registry import RunRegistry
     from finpipe.paths import LAKE_DB_NAME, DatasetFiles
 
     adapter = Path(pointer["path"])
     datasets = DatasetFiles.of(lake_dir)
-    out = {"run_id": pointer["run_id"], "base_name": pointer["base"]["name"], "base_path": pointer["base"]["path"],
+    # base_path as a model card may publish it: relative to the lake, or the folder's name (never this machine's)
+    out = {"run_id": pointer["run_id"], "base_name": pointer["base"]["name"],
+           "base_path": portable(pointer["base"]["path"], lake_dir),
            "training": _read(adapter / "training_report.json"),
            "evaluation": _read(adapter / "evaluation" / "evaluation.json"),
            "gates": passed_gates(_read(datasets.gate_report)),
@@ -45,4 +48,6 @@ def adapter_lineage(lake_dir: Path, pointer: dict) -> dict:
         if "model_runs" in tables:
             row = RunRegistry(lake).get(pointer["run_id"]) or {}
             out |= {k: str(row[k]) if row.get(k) is not None else None for k in ("train_first", "train_last")}
+            # the registry's verdict: a model card of a run promotion refused says so
+            out |= {k: row.get(k) for k in ("status", "reason")}
     return out

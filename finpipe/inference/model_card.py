@@ -15,6 +15,18 @@ def _metric(scores: dict | None, metric: str) -> str:
     return f"{value:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
+def _verdict(lineage: dict) -> list[str]:
+    """The run registry's decision on this run, first thing after the summary: an export of a run finpipe refused
+    to promote must not read like the champion's."""
+    status, reason = lineage.get("status"), lineage.get("reason")
+    if status == "rejected":
+        return [f"**Not promoted: finpipe's promotion refused this run** ({reason or 'no reason recorded'}): it is "
+                "not finpipe's champion.", ""]
+    if status:
+        return [f"Run registry status: {status}" + (f" ({reason})" if reason else "") + ".", ""]
+    return []
+
+
 def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], license_note: str) -> str:
     """Markdown with a YAML header. ``lineage``: run id, base name, training report fields, the data window and
     sources, gates, the evaluation record; ``files``: the GGUF files; ``parity``: one row per checked file."""
@@ -35,6 +47,7 @@ def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], 
         "builds from its lake), restating the numbers exactly and labelling trend, risk, momentum, range and "
         "relative performance by documented rules. It does not know prices on its own. Not investment advice.",
         "",
+        *_verdict(lineage),
         "## Files",
         "",
         "| file | type | size |",

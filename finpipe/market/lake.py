@@ -93,7 +93,19 @@ class CorruptLakeError(RuntimeError):
 
 
 class LakeLockedError(RuntimeError):
-    """Another process holds the lake file."""
+    """Another process holds the lake file; ``pid``: that process, where known."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+def lock_holder(message: str) -> int | None:
+    """The PID in DuckDB's lock conflict ("... Conflicting lock is held in /usr/bin/python (PID 1234) ...")."""
+    import re
+
+    found = re.search(r"\(PID (\d+)\)", message)
+    return int(found.group(1)) if found else None
 
 
 class SourceConflictError(RuntimeError):
@@ -129,6 +141,11 @@ def _is_damage(exc: BaseException) -> bool:
 
 class PriceLake:
     def __init__(self, path: Path | str, lock_timeout_s: float = 30.0) -> None:
+        import math
+
+        # a NaN deadline is never reached: the wait for a lock would never end
+        if not (isinstance(lock_timeout_s, (int, float)) and math.isfinite(lock_timeout_s) and lock_timeout_s >= 0):
+            raise ValueError(f"the lock timeout must be a finite number of seconds >= 0, got {lock_timeout_s}")
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
 
@@ -159,8 +176,8 @@ class PriceLake:
                     raise
                 if time.monotonic() >= deadline:
                     raise LakeLockedError(
-                        f"lake {self.path} is locked by another process (waited {self.lock_timeout_s:.0f}s): {exc}"
-                    ) from exc
+                        f"lake {self.path} is locked by another process (waited {self.lock_timeout_s:.0f}s): {exc}",
+                        lock_holder(str(exc))) from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
         try:

@@ -7,14 +7,15 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
+def atomic_dir(target: Path, discard_old: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temp folder; on success it replaces ``target`` in one rename, on error it is removed.
 
-    Readers never see a half-written folder, and a failure leaves the previous ``target`` untouched.
+    Readers never see a half-written folder, and a failure leaves the previous ``target`` untouched. The previous
+    ``target``, renamed aside, is then removed whole, or handed to ``discard_old`` (which removes what it knows).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
@@ -25,7 +26,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             old = target.with_name(f".{target.name}.old-{tmp.name[-8:]}")
             target.rename(old)
             tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            if discard_old is None:
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                discard_old(old)
         else:
             tmp.rename(target)
     except BaseException:

@@ -51,7 +51,11 @@ def write_pointer(path: Path, payload: dict) -> None:
 
 
 def read_pointer(path: Path, required: tuple[str, ...] = ("path",)) -> dict:
-    """The pointer's payload with its paths absolute again (resolved from the pointer's own folder)."""
+    """The pointer's payload with its paths absolute again (resolved from the pointer's own folder).
+
+    Anything else is a ``PointerError`` naming the file, never a KeyError or TypeError further on: a payload that is
+    not an object, a missing field, a field of the wrong type, or a relative path that leads out of the lake (a
+    pointer only ever names folders inside it relatively; ``../../etc`` is not one finpipe wrote)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: materialize the asset that writes it first")
     try:
@@ -60,10 +64,44 @@ def read_pointer(path: Path, required: tuple[str, ...] = ("path",)) -> dict:
         raise PointerError(f"{path} is not a finpipe pointer (not valid JSON: {exc}); rerun `finpipe run` to "
                            "rewrite it, or restore it from a lake snapshot") from None
     missing = [k for k in required if not isinstance(payload, dict) or k not in payload]
-    if missing:
-        raise PointerError(f"{path} is not a finpipe pointer (missing {', '.join(missing)}); rerun `finpipe run` to "
-                           "rewrite it, or restore it from a lake snapshot")
+    problem = (f"missing {', '.join(missing)}" if missing
+               else _shape_problem(payload, path.parent, _lake_of(path.parent)))
+    if problem:
+        raise PointerError(f"{path} is not a finpipe pointer ({problem}); rerun `finpipe run` to rewrite it, or "
+                           "restore it from a lake snapshot")
     return _absolute(payload, path.parent)
+
+
+#: pointer fields that, where present, must be strings; ``base`` must be a nested pointer ({name, path})
+_TEXT_FIELDS = ("path", "run_id", "name", "fingerprint")
+
+
+def _lake_of(folder: Path) -> Path:
+    """The lake a pointer's folder belongs to (pointers live in <lake>/models/<kind>/), as ``_to_relative`` sees it."""
+    folder = folder.resolve()
+    return folder.parents[1] if len(folder.parents) > 1 else folder
+
+
+def _shape_problem(payload: dict, folder: Path, lake: Path) -> str | None:
+    for key in _TEXT_FIELDS:
+        if key in payload and not isinstance(payload[key], str):
+            return f"{key} must be a string, got {type(payload[key]).__name__}"
+    if "base" in payload:
+        if not isinstance(payload["base"], dict) or not {"name", "path"} <= set(payload["base"]):
+            return "base must be an object with name and path"
+        if problem := _shape_problem(payload["base"], folder, lake):
+            return f"base: {problem}"
+    path = payload.get("path")
+    if isinstance(path, str) and not Path(path).is_absolute():
+        target = (folder / path).resolve()
+        if target != lake and lake not in target.parents:
+            return f"path {path!r} leads out of the lake {lake}"
+    return None
+
+
+#: what an adapter pointer (champion.json, latest.json) and the base pointer (base/current.json) must hold
+ADAPTER_POINTER_FIELDS = ("run_id", "path", "base")
+BASE_POINTER_FIELDS = ("name", "path")
 
 
 def models_dir(lake_dir: Path) -> Path:
@@ -99,18 +137,19 @@ def resolve_adapter(lake_dir: Path, which: str) -> dict | None:
                 + (" (a run promotes its adapter when it beats the base model and the previous champion)"
                    if which == "champion" else "")
             )
-        return read_pointer(pointer)
+        return read_pointer(pointer, required=ADAPTER_POINTER_FIELDS)
     folder = Path(which).expanduser().resolve()
     if not (folder / "adapter_config.json").exists():
         raise FileNotFoundError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
-    return {"run_id": folder.name, "path": str(folder), "base": read_pointer(base_pointer(lake_dir))}
+    return {"run_id": folder.name, "path": str(folder),
+            "base": read_pointer(base_pointer(lake_dir), required=BASE_POINTER_FIELDS)}
 
 
 def warm_start(lake_dir: Path, base: dict, log=print) -> tuple[str | None, int]:
     """(adapter folder to continue from, the tokens it was trained on) for a nightly warm start: the champion when
     it was trained on the same base, else (None, 0) — a fresh adapter."""
     pointer = champion_pointer(lake_dir)
-    champion = read_pointer(pointer) if pointer.exists() else None
+    champion = read_pointer(pointer, required=ADAPTER_POINTER_FIELDS) if pointer.exists() else None
     if champion is None:
         log("warm start: no champion yet, training a fresh adapter")
         return None, 0

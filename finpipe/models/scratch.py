@@ -15,7 +15,7 @@ from pathlib import Path
 from finpipe import runtime
 from finpipe.models.chat_template import CHATML_WITH_GENERATION, IM_END, IM_START
 from finpipe.models.files import atomic_dir
-from finpipe.settings import setting
+from finpipe.settings import non_finite, setting
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 
@@ -36,6 +36,8 @@ class ScratchGPTSpec:
     seed: int = setting(0, "initialization and data-order seed")
 
     def __post_init__(self) -> None:
+        if problems := non_finite(self):
+            raise ValueError("invalid scratch GPT config: " + "; ".join(problems))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "seq_len",
                      "batch_size", "steps"):
             if getattr(self, name) <= 0:

@@ -33,7 +33,7 @@ from finpipe.evaluation.generation import Sampling, generate
 from finpipe.instructions.samples import Sample
 from finpipe.models.files import atomic_dir
 from finpipe.runtime import accelerator, inference_dtype, package_versions, release_memory
-from finpipe.settings import setting
+from finpipe.settings import non_finite, setting
 from finpipe.studies.pareto import pareto_front, pareto_plot_png
 from finpipe.training.memory import RssPeak
 
@@ -98,7 +98,7 @@ class CompressionSpec:
     heal_val_samples: int = setting(8, "validation samples during healing")
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = non_finite(self)
         ks = list(self.ks) if isinstance(self.ks, (list, tuple)) else None
         if not ks:
             problems.append(f"ks must list at least one number of layers to drop, got {self.ks!r}")

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from finpipe.evaluation.evaluate import quality_score
 from finpipe.instructions.samples import Sample
-from finpipe.settings import setting
+from finpipe.settings import non_finite, setting
 
 STUDY_METHODS = ("lora", "qlora", "adalora", "vblora", "dora", "ia3")
 #: per-method learning rates (peft's examples); the rest use the study's ``learning_rate``
@@ -40,6 +40,8 @@ class PeftStudySpec:
     seed: int = setting(42, "seed")
 
     def __post_init__(self) -> None:
+        if problems := non_finite(self):
+            raise ValueError("invalid PEFT study config: " + "; ".join(problems))
         for name in ("max_steps", "batch_size", "max_seq_len", "lora_r", "vblora_vector_length", "eval_points",
                      "max_val_samples",
                      "loss_samples", "max_new_tokens"):

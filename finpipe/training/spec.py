@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-from finpipe.settings import setting
+from finpipe.settings import non_finite, setting
 
 # "auto": QLoRA (4-bit NF4 base) on CUDA, plain LoRA on CPU, where 4-bit costs time (finpipe.training.device)
 QUANTIZATIONS = ("auto", "nf4", "none")
@@ -84,6 +84,8 @@ class AdapterSpec:
     vblora_topk: int = setting(2, "VB-LoRA: bank vectors mixed per sub-vector")
 
     def __post_init__(self) -> None:
+        if problems := non_finite(self):  # NaN slips through every range check below
+            raise ValueError("invalid training config: " + "; ".join(problems))
         problems = []
         if self.quantization not in QUANTIZATIONS:
             problems.append(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
