@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -80,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from finpipe.defs.resources import build_resources
 
     resources = build_resources()
+    ops = _checked_model_ops(args, resources)  # a mistake in --config or the options: now, not after the ingest
     market = resources["market_data"].process_config_and_initialize()  # resolves EnvVar fields (the proxy)
     source = market.price_source()
     end = args.end or source.available_until() or dt.date.today()
@@ -124,12 +127,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         _snapshot_after_run()
         return 0
 
+    scratch_ops = {"ops": {"scratch_gpt": ops.pop("scratch_gpt")}} if "scratch_gpt" in ops else {}
     if args.base == "scratch":  # finpipe's own GPT is pretrained first, in its own run
         print("finpipe: pretraining finpipe's own GPT (scratch_gpt)")
         if code := _report(dg.materialize(in_groups("scratch"), resources=resources, instance=instance,
-                                          raise_on_error=False, run_config=run_config), "scratch GPT"):
+                                          raise_on_error=False, run_config=run_config | scratch_ops), "scratch GPT"):
             return code
-    ops = _model_stage_ops(args)
     training = ops["qlora_adapter"]["config"]
     budget = [f"{training['max_minutes']} min" if "max_minutes" in training else None,
               f"{training['max_steps']} steps" if training.get("max_steps") else None]
@@ -149,15 +152,81 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _model_stage_ops(args: argparse.Namespace) -> dict:
     """The model stage's op config: the ``--config`` file's, overridden by the command-line options."""
     ops = _config_ops(args.config)
-    training = ops.get("qlora_adapter", {}).get("config", {}) | (
-        {"quantization": args.quantization} if args.quantization else {}) | (
+
+    def section(op: str, options: dict) -> dict:
+        """The op's section with the options laid over its config; other keys stay, for the config check to see."""
+        given = ops.get(op) or {}
+        if not isinstance(given, dict) or not isinstance(given.get("config") or {}, dict):
+            raise ValueError(f"the run config {args.config}: ops.{op} must be `config:` with settings under it")
+        return given | {"config": (given.get("config") or {}) | options}
+
+    training = ({"quantization": args.quantization} if args.quantization else {}) | (
         {"max_minutes": args.train_minutes} if args.train_minutes is not None else {}) | (
         {"max_steps": args.max_steps} if args.max_steps is not None else {}) | (
         {"warm_start": "champion"} if args.warm_start else {})
-    evaluation = ops.get("adapter_evaluation", {}).get("config", {}) | (
-        {"max_new_tokens": args.eval_max_new_tokens} if args.eval_max_new_tokens is not None else {})
-    return ops | {"base_model": {"config": ops.get("base_model", {}).get("config", {}) | {"model": args.base}},
-                  "qlora_adapter": {"config": training}, "adapter_evaluation": {"config": evaluation}}
+    evaluation = {"max_new_tokens": args.eval_max_new_tokens} if args.eval_max_new_tokens is not None else {}
+    return ops | {"base_model": section("base_model", {"model": args.base}),
+                  "qlora_adapter": section("qlora_adapter", training),
+                  "adapter_evaluation": section("adapter_evaluation", evaluation)}
+
+
+def _checked_model_ops(args: argparse.Namespace, resources: dict) -> dict:
+    """The model stage's op config (``_model_stage_ops``), checked before any work as its steps would check it
+    minutes later: Dagster's own config check (unknown keys, wrong types), then each config class (NaN, inf) and
+    domain spec (ranges). Any problem is one ``ValueError`` line naming the key."""
+    import difflib
+    import re
+
+    import dagster as dg
+    import pydantic
+
+    from finpipe.definitions import in_groups
+    from finpipe.defs.evaluation import EvaluationConfig
+    from finpipe.defs.models import AdapterTrainingConfig, BaseModelConfig, ScratchGPTConfig
+    from finpipe.evaluation.evaluate import EvalSpec
+    from finpipe.models.scratch import ScratchGPTSpec
+    from finpipe.training.spec import AdapterSpec
+
+    ops = _model_stage_ops(args)
+    where = f"{args.config} with the command-line options" if args.config else "from the command-line options"
+    classes = {"base_model": (BaseModelConfig, None), "qlora_adapter": (AdapterTrainingConfig, AdapterSpec),
+               "adapter_evaluation": (EvaluationConfig, EvalSpec), "scratch_gpt": (ScratchGPTConfig, ScratchGPTSpec)}
+
+    def said(message: str) -> str:  # Dagster's messages spell out the whole schema: the key and the value suffice
+        if found := re.match(r'Received unexpected config entry "([^"]+)" at path root:([\w:]+)', message):
+            key, path = found.groups()
+            op = path.split(":")[1] if path.count(":") >= 1 else ""
+            known = list(classes[op][0].model_fields) if op in classes else []
+            if path.count(":") == 1 and key in known:  # ops: {qlora_adapter: {max_minutes: 3}}
+                return f"unknown key {key!r} in ops.{op}: settings go under ops.{op}.config"
+            close = difflib.get_close_matches(key, known if path.endswith(":config") else list(classes), n=1)
+            return f"unknown key {key!r} in {path.replace(':', '.')}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        if found := re.match(r'Invalid scalar at path root:([\w:]+)\. Value "([^"]*)" .* expected type "(\w+)"', message):
+            path, value, kind = found.groups()
+            return f"{path.replace(':', '.')}: {value!r} is not {kind.lower()}"
+        return message.split(". Expected")[0]
+
+    job = dg.Definitions(assets=in_groups("models", "evaluation", "scratch"),
+                         resources=resources).resolve_implicit_global_asset_job_def()
+    try:
+        dg.validate_run_config(job, {"ops": ops})
+    except dg.DagsterInvalidConfigError as exc:
+        raise ValueError(f"invalid run config ({where}): " + "; ".join(said(e.message) for e in exc.errors)) from None
+    for op, section in ops.items():
+        config_class, spec_class = classes[op]
+        try:
+            config = config_class(**((section or {}).get("config") or {}))
+            if op == "qlora_adapter" and config.warm_start not in ("none", "champion"):
+                raise ValueError(f"warm_start must be 'none' or 'champion', got {config.warm_start!r}")
+            if spec_class is not None:
+                spec_class(**config.model_dump(include={f.name for f in dataclasses.fields(spec_class)}))
+        except pydantic.ValidationError as exc:
+            problems = [f"ops.{op}.config.{'.'.join(map(str, e['loc']))}: {e['msg'].lower()}, got {e['input']!r}"
+                        for e in exc.errors()]
+            raise ValueError(f"invalid run config ({where}): " + "; ".join(problems)) from None
+        except ValueError as exc:
+            raise ValueError(f"invalid run config ({where}): ops.{op}.config: {exc}") from None
+    return ops
 
 
 def _print_model_stage(models) -> str:
@@ -196,6 +265,9 @@ def _config_ops(path: str | None) -> dict:
         raise FileNotFoundError(f"cannot read the run config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"the run config {path} is not valid YAML: {exc}") from None
+    if isinstance(data, dict) and set(data) - {"ops"}:  # `opps:` (or `resources:`) would be silently ignored
+        raise ValueError(f"the run config {path} may hold only `ops:`; unknown key "
+                         f"{', '.join(map(repr, sorted(map(str, set(data) - {'ops'}))))}")
     ops = data.get("ops", {}) if isinstance(data, dict) else None
     known = {"base_model", "qlora_adapter", "adapter_evaluation", "scratch_gpt"}
     if not isinstance(ops, dict) or set(ops) - known:
@@ -337,6 +409,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
     if not args.query.strip():
         raise ValueError("the query is empty: e.g. finpipe sql \"select * from prices limit 5\"")
+    if not (math.isfinite(args.lock_timeout) and args.lock_timeout >= 0):  # a NaN deadline never comes: it hung
+        raise ValueError(f"--lock-timeout must be a finite number of seconds >= 0, got {args.lock_timeout}")
     import duckdb
 
     db = paths.lake_db_path()
@@ -387,7 +461,7 @@ def _resolve_model(which: str) -> tuple[str, Path, Path | None]:
         raise FileNotFoundError(f"no base model yet ({pointer} is missing): run `finpipe run` first")
     payload = registry.resolve_adapter(lake_dir, which)
     if payload is None:
-        base = registry.read_pointer(pointer)
+        base = registry.read_pointer(pointer, required=registry.BASE_POINTER_FIELDS)
         label, base_dir, adapter_dir = f"base {base['name']}", Path(base["path"]), None
     else:
         base = payload["base"]
@@ -417,12 +491,12 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.|peft\.")
 
 
-def _decode(args: argparse.Namespace):
-    """The ``--decode-weights`` choice, validated before anything is loaded."""
-    from finpipe.evaluation.generation import DecodeSpec
+def _answer_spec(args: argparse.Namespace):
+    """The ``--decode-weights`` and ``--on-unverified`` choices, validated before anything is loaded."""
+    from finpipe.inference.answering import AnswerSpec
     from finpipe.settings import chosen
 
-    return DecodeSpec(**chosen(args, DecodeSpec))
+    return AnswerSpec(**chosen(args, AnswerSpec))
 
 
 def _load(choice: tuple[str, Path, Path | None], merge: bool = True, decode=None):
@@ -440,62 +514,69 @@ def _load(choice: tuple[str, Path, Path | None], merge: bool = True, decode=None
     return label, model, tokenizer
 
 
-def _answer(question: str, facts, model, tokenizer, sampling, label: str, show_prompt: bool,
-            allow_ungrounded: bool = False) -> bool:
-    """Ground, generate, print: the answer on stdout (pipeable), notes and speed on stderr. A question the lake has
-    no market data for is refused without calling the model (unless ``allow_ungrounded``); returns False then."""
-    from finpipe.evaluation.generation import generate
-    from finpipe.inference.context import check_question, ground, refusal
-
-    grounding = ground(check_question(question), facts)
-    refused = None if allow_ungrounded else refusal(grounding, facts.tickers())
-    if refused:
-        print(f"finpipe: {refused}", file=sys.stderr)
-        return False
-    for note in grounding.notes:
-        print(f"finpipe: {note}", file=sys.stderr)
-    messages = grounding.messages()
-    prompt_tokens = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+def _in_context(prepared, tokenizer, model, sampling) -> int:
+    """The prompt's token count, after checking that it and the answer fit the model's context."""
+    prompt_tokens = len(tokenizer.apply_chat_template(prepared.messages, add_generation_prompt=True, tokenize=True,
                                                       return_dict=True)["input_ids"])
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     if prompt_tokens + sampling.max_new_tokens > context:
         raise ValueError(f"the question is too long: {prompt_tokens} prompt tokens + {sampling.max_new_tokens} "
                          f"answer tokens exceed the model's context of {context}")
+    return prompt_tokens
+
+
+def _answer(prepared, model, tokenizer, sampling, label: str, show_prompt: bool, spec) -> bool:
+    """Generate and verify through the answering path (``finpipe.inference.answering``), print: the answer on
+    stdout (pipeable); notes, and the verdict with the data's date and the speed in one line, on stderr. A refused
+    question prints its refusal on stderr without calling the model; returns False then."""
+    from finpipe.evaluation.generation import generate
+    from finpipe.inference.answering import answer
+
+    if prepared.refusal is not None:
+        print(f"finpipe: {prepared.refusal}", file=sys.stderr)
+        return False
+    for note in prepared.grounding.notes:
+        print(f"finpipe: {note}", file=sys.stderr)
+    _in_context(prepared, tokenizer, model, sampling)
     if show_prompt:
         print("--- prompt ---")
-        print(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), end="")
+        print(tokenizer.apply_chat_template(prepared.messages, add_generation_prompt=True, tokenize=False), end="")
         print("\n--- answer ---")
-    out = generate(model, tokenizer, messages, sampling)
-    print(out.text)
-    print(f"finpipe: [{label}: {out.new_tokens} tokens in {out.seconds:.1f} s, {out.tokens_per_s:.1f} tokens/s]",
-          file=sys.stderr)
+    result = answer(prepared, lambda messages, s: generate(model, tokenizer, messages, s), sampling,
+                    spec.on_unverified)
+    print(result.text)
+    out = result.generated
+    tries = f", {result.attempts} attempts" if result.attempts > 1 else ""
+    print(f"finpipe: {result.status_line()} [{label}: {out.new_tokens} tokens in {out.seconds:.1f} s, "
+          f"{out.tokens_per_s:.1f} tokens/s{tries}]", file=sys.stderr)
     return True
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    """Answer one question, grounded in the lake's latest facts for the tickers it names."""
-    sampling, decode = _sampling(args), _decode(args)
+    """Answer one question, grounded in the lake's latest facts for the tickers it names, and verified."""
+    from finpipe.inference.answering import prepare
+
+    sampling, spec = _sampling(args), _answer_spec(args)
     choice = _resolve_model(args.adapter)  # cheap checks first: pointers, lake, then the model
     facts = _facts()
     facts.tickers()
-    from finpipe.inference.context import check_question, ground, refusal
-
-    question = check_question(args.question)  # cheap checks before the model loads
-    refused = None if args.allow_ungrounded else refusal(ground(question, facts), facts.tickers())
-    if refused:
-        raise ValueError(refused)
-    label, model, tokenizer = _load(choice, decode=decode)
-    _answer(question, facts, model, tokenizer, sampling, label, args.show_prompt, args.allow_ungrounded)
+    prepared = prepare(args.question, facts, args.allow_ungrounded)  # refused before the model loads
+    if prepared.refusal is not None:
+        raise ValueError(prepared.refusal)
+    label, model, tokenizer = _load(choice, decode=spec)
+    _answer(prepared, model, tokenizer, sampling, label, args.show_prompt, spec)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Answer questions read line by line from stdin until EOF, `exit` or `quit` (model loaded once)."""
-    sampling, decode = _sampling(args), _decode(args)
+    from finpipe.inference.answering import prepare
+
+    sampling, spec = _sampling(args), _answer_spec(args)
     choice = _resolve_model(args.adapter)
     facts = _facts()
     known = facts.tickers()
-    label, model, tokenizer = _load(choice, decode=decode)
+    label, model, tokenizer = _load(choice, decode=spec)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"finpipe chat with {label}; tickers: {', '.join(known)}. `exit` or Ctrl-D ends.")
@@ -517,7 +598,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not question:
                 continue
             try:
-                _answer(question, facts, model, tokenizer, sampling, label, args.show_prompt, args.allow_ungrounded)
+                _answer(prepare(question, facts, args.allow_ungrounded), model, tokenizer, sampling, label,
+                        args.show_prompt, spec)
             except ValueError as exc:  # one bad question does not end the chat
                 print(f"finpipe: {exc}", file=sys.stderr)
     except KeyboardInterrupt:  # Ctrl-C ends the chat, not with a traceback
@@ -540,7 +622,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
 
     from finpipe.evaluation.generation import generate
-    from finpipe.inference.context import demo_questions, ground
+    from finpipe.inference.answering import answer, prepare
+    from finpipe.inference.context import demo_questions
 
     if args.adapter == "none":
         raise ValueError("demo compares the base model with an adapter: --adapter none leaves nothing to compare")
@@ -550,12 +633,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     questions = demo_questions(facts.tickers())
     label, model, tokenizer = _load(choice, merge=False)  # disable_adapter() gives the base model
     width = min(shutil.get_terminal_size((120, 24)).columns, 160)
-    for i, (family, question) in enumerate(questions, 1):
-        grounding = ground(question, facts)
-        messages = grounding.messages()
-        tuned = generate(model, tokenizer, messages, sampling)
+
+    def with_base(messages, s):
         with model.disable_adapter():  # the same weights without the adapter: the base model
-            base = generate(model, tokenizer, messages, sampling)
+            return generate(model, tokenizer, messages, s)
+
+    for i, (family, question) in enumerate(questions, 1):
+        prepared = prepare(question, facts)
+        tuned = answer(prepared, lambda messages, s: generate(model, tokenizer, messages, s), sampling)
+        base = answer(prepared, with_base, sampling)
+        grounding = prepared.grounding
         print("=" * width)
         print(f"[{i}/{len(questions)}] {family}: {', '.join(grounding.tickers)} as of {grounding.as_of}")
         print(f"Q: {question}")
@@ -563,7 +650,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("-" * width)
         print(_columns("base model", label, width))
         print(_columns(base.text or "(empty)", tuned.text or "(empty)", width))
-    print("=" * width)
+        print(_columns(f"[{base.status_line()}]", f"[{tuned.status_line()}]", width))
     print("reference = the rule-based answer from the lake's facts (what the training samples teach)")
     return 0
 
@@ -575,7 +662,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ValueError("export merges an adapter: --adapter none has nothing to merge")
     if bool(args.merged) == bool(args.gguf):
         raise ValueError("choose one: --merged DIR (a Hugging Face folder) or --gguf DIR (GGUF + Modelfile)")
+    if args.parity_samples < 0:
+        raise ValueError(f"--parity-samples must be >= 0 (0 = every golden question), got {args.parity_samples}")
     label, base_dir, adapter_dir = _resolve_model(args.adapter)
+    from finpipe.inference.export import check_target
+
+    # an unwritable folder, or one holding more than a previous export, is refused before minutes of merging
+    check_target(Path(args.merged or args.gguf), args.force, [base_dir, adapter_dir])
     _quiet_transformers()
     if args.merged:
         from finpipe.inference.export import export_merged
@@ -588,6 +681,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"load with: AutoModelForCausalLM.from_pretrained({str(report.path)!r})")
         return 0
 
+    import shlex
     import time
 
     from finpipe.inference.export import export_gguf
@@ -618,7 +712,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{p.label_correctness} vs {p.reference_label_correctness} -> "
               f"{'pass' if p.passed else 'FAIL'} ({p.rule})")
     print(f"export took {time.perf_counter() - started:.0f} s ({', '.join(f'{k} {v} s' for k, v in result.seconds.items())})")
-    print(f"run with: cd {result.folder} && ollama create finpipe -f Modelfile && ollama run finpipe")
+    print(f"run with: cd {shlex.quote(str(result.folder))} && ollama create finpipe -f Modelfile && ollama run finpipe")
     return 0 if result.passed else 1
 
 
@@ -650,9 +744,11 @@ def cmd_lake(args: argparse.Namespace) -> int:
         print(f"lake {db}: ok (" + ", ".join(f"{t} {n:,}" for t, n in health.tables.items()) + ")")
     elif args.action == "snapshot":
         print(f"snapshot: {snapshots.snapshot(db)}")
-    elif args.action == "restore":
-        chosen, aside = snapshots.restore(db, Path(args.snapshot) if args.snapshot else None)
-        print(f"restored {db} from {chosen}" + (f"; the damaged file is kept as {aside}" if aside else ""))
+    elif args.action == "restore":  # only a damaged lake, unless forced; never while another process holds it
+        done = snapshots.restore(db, Path(args.snapshot) if args.snapshot else None, force=args.force,
+                                 log=lambda line: print(f"finpipe: {line}", file=sys.stderr))
+        kept = f"; the {'damaged' if done.damaged else 'replaced'} file is kept as {done.aside}" if done.aside else ""
+        print(f"restored {db} from {done.snapshot}{kept}")
     for path in snapshots.list_snapshots(db) if args.action in ("check", "list") else []:
         print(f"snapshot: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
@@ -672,8 +768,49 @@ def _snapshot_after_run() -> None:
         print(f"lake snapshot: {taken}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a model on the lake's golden set twice: with each sample's ideal context, and end to end (the question
+    alone through the answering path `ask` and `serve` use), plus the wild part; print the parts side by side."""
+    import json
+
+    from finpipe.evaluation.end_to_end import E2E_METRICS, UNANSWERABLE, UNANSWERABLE_METRICS, build_set
+    from finpipe.evaluation.evaluate import HEADLINE_METRICS, EvalSpec, evaluate_model
+    from finpipe.instructions.samples import read_jsonl
+    from finpipe.market.lake import PriceLake
+
+    choice = _resolve_model(args.adapter)
+    golden_file = paths.DatasetFiles.of(paths.lake_dir()).golden
+    if not golden_file.exists():
+        raise FileNotFoundError(f"no golden set at {golden_file}: run `finpipe run` first")
+    golden = read_jsonl(golden_file)
+    questions = build_set(golden, PriceLake(paths.lake_db_path()))
+    label, base_dir, adapter_dir = choice
+    _quiet_transformers()
+    scores = evaluate_model(label, str(base_dir), str(adapter_dir) if adapter_dir else None, [], golden, EvalSpec(),
+                            log=lambda line: print(f"finpipe: {line}", file=sys.stderr), with_val=False,
+                            with_forgetting=False, end_to_end=questions)
+    shown = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    ideal = scores.golden.overall
+    print(f"{label}: golden set, ideal context (n={len(golden)}): "
+          + ", ".join(f"{k} {shown(ideal.get(k))}" for k in HEADLINE_METRICS))
+    summary = scores.end_to_end["summary"]
+    for part, got in summary["parts"].items():
+        metrics = UNANSWERABLE_METRICS if part == UNANSWERABLE else E2E_METRICS
+        print(f"{label}: end to end, {part} (n={got['n']}): " + ", ".join(
+            f"{k} {shown(got['means'].get(k))} [{', '.join(shown(x) for x in got['ci'].get(k) or [])}]"
+            for k in metrics))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": label, "golden": scores.golden.as_dict()
+                                               | {"rows": scores.golden.rows}, "end_to_end": scores.end_to_end},
+                                              indent=1))
+        print(f"answers and scores: {args.json}")
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     """Print the run registry: every evaluated adapter, its metrics and promotion status."""
+    if args.limit < 1:  # polars reads a negative row count as "all rows", and 0 prints an empty table
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     db = paths.lake_db_path()
     if not db.exists():  # do not create a lake just to report it is empty
         print(f"no runs yet (no lake at {db}): `finpipe run` trains and registers one")
@@ -757,7 +894,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from finpipe.evaluation.evaluate import EvalSpec
-    from finpipe.evaluation.generation import DecodeSpec
+    from finpipe.inference.answering import AnswerSpec
     from finpipe.settings import add_options
     from finpipe.settings import help_with_default as _spec_help
     from finpipe.studies.compression import CompressionSpec
@@ -804,13 +941,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", help='e.g. "What is AAPL\'s trend?" (tickers named get their latest facts)')
     _inference_options(ask)
     ask.add_argument("--show-prompt", action="store_true", help="print the prompt the model sees")
-    add_options(ask, DecodeSpec)
+    add_options(ask, AnswerSpec)
     ask.set_defaults(func=cmd_ask)
 
     chat = sub.add_parser("chat", help="interactive questions from stdin (exit, quit or EOF ends)")
     _inference_options(chat)
     chat.add_argument("--show-prompt", action="store_true", help="print each prompt the model sees")
-    add_options(chat, DecodeSpec)
+    add_options(chat, AnswerSpec)
     chat.set_defaults(func=cmd_chat)
 
     demo = sub.add_parser("demo", help="preset questions: base model vs adapter side by side")
@@ -839,7 +976,16 @@ def build_parser() -> argparse.ArgumentParser:
     lake = sub.add_parser("lake", help="check the lake file, list, take or restore its snapshots")
     lake.add_argument("action", choices=["check", "list", "snapshot", "restore"])
     lake.add_argument("--snapshot", help="with restore: this snapshot file (default: the newest readable one)")
+    lake.add_argument("--force", action="store_true", help="with restore: replace the lake even though `lake check` "
+                      "finds it healthy (what it rolls back is printed first; the replaced file is kept)")
     lake.set_defaults(func=cmd_lake)
+
+    evaluate = sub.add_parser("evaluate", help="score a model on the golden set with the ideal context and end to end "
+                              "(questions alone through the answering path, plus the wild part)")
+    evaluate.add_argument("--adapter", default="champion",
+                          help="champion (default), latest, none (base model only) or an adapter folder")
+    evaluate.add_argument("--json", metavar="FILE", help="also write every answer with its scores to FILE")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     runs = sub.add_parser("runs", help="print the run registry (evaluated adapters, metrics, status)")
     runs.add_argument("--limit", type=int, default=50, help="rows to print")
@@ -884,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_LAKE_CORRUPT
     except Exception as exc:  # not foreseen: still one line, with the way to the traceback a bug report needs
-        if os.environ.get("FINPIPE_DEBUG"):
+        if os.environ.get("FINPIPE_DEBUG", "").strip().lower() in ("1", "true", "yes"):  # not "0", not "false"
             raise
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"error: {type(exc).__name__}: {first} (unexpected; FINPIPE_DEBUG=1 shows the traceback)",

@@ -245,22 +245,35 @@ class ModelScores:
     val: SetScores | None
     golden: SetScores | None
     forgetting: dict | None = None  # {"score", "rows"}
+    #: the golden and wild questions through the answering path (``finpipe.evaluation.end_to_end``):
+    #: {"summary", "rows", "digest"}
+    end_to_end: dict | None = None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "val": self.val.as_dict() | {"rows": self.val.rows} if self.val else None,
                 "golden": self.golden.as_dict() | {"rows": self.golden.rows} if self.golden else None,
-                "forgetting": self.forgetting}
+                "forgetting": self.forgetting, "end_to_end": self.end_to_end}
 
 
 def evaluate_variant(name: str, model, tokenizer, val_loss_samples: Sequence[Sample], val_answers: Sequence[Sample],
                      golden: Sequence[Sample], spec: EvalSpec, log: Callable[[str], None] = print,
-                     with_forgetting: bool = True) -> ModelScores:
-    """Score one loaded model on whichever of the sets are given (an empty set is skipped)."""
+                     with_forgetting: bool = True, end_to_end=None) -> ModelScores:
+    """Score one loaded model on whichever of the sets are given (an empty set is skipped); ``end_to_end``: an
+    ``EndToEndSet`` to answer through the answering path as well."""
+    from finpipe.evaluation.end_to_end import evaluate_end_to_end, prompt_key
+
     sampling = Sampling(max_new_tokens=spec.max_new_tokens)
-    golden_scores = val_scores = forgetting = None
+    golden_scores = val_scores = forgetting = e2e = None
     if golden:
         log(f"evaluating {name}: golden set ({len(golden)} answers)")
         golden_scores = score_set(model, tokenizer, golden, golden, sampling, log, spec.batch_size, spec.seed)
+    if end_to_end is not None:
+        log(f"evaluating {name}: end to end ({len(end_to_end.questions)} questions, as `finpipe ask` answers them)")
+        known = {prompt_key(s.messages[:-1]): row["answer"]
+                 for s, row in zip(golden, golden_scores.rows)} if golden_scores else {}
+        e2e = evaluate_end_to_end(end_to_end, lambda chats: generate_batch(model, tokenizer, chats, sampling,
+                                                                           spec.batch_size, progress=log),
+                                  known, spec.seed)
     if val_answers or val_loss_samples:
         log(f"evaluating {name}: validation ({len(val_loss_samples)} for loss, {len(val_answers)} answers)")
         val_scores = score_set(model, tokenizer, val_loss_samples, val_answers, sampling, log, spec.batch_size,
@@ -268,12 +281,12 @@ def evaluate_variant(name: str, model, tokenizer, val_loss_samples: Sequence[Sam
     if with_forgetting:
         log(f"evaluating {name}: forgetting probe")
         forgetting = forgetting_probe(model, tokenizer)
-    return ModelScores(name=name, val=val_scores, golden=golden_scores, forgetting=forgetting)
+    return ModelScores(name=name, val=val_scores, golden=golden_scores, forgetting=forgetting, end_to_end=e2e)
 
 
 def evaluate_model(name: str, base_dir: str, adapter_dir: str | None, val: Sequence[Sample], golden: Sequence[Sample],
                    spec: EvalSpec, log: Callable[[str], None] = print, with_val: bool = True,
-                   with_golden: bool = True, with_forgetting: bool = True) -> ModelScores:
+                   with_golden: bool = True, with_forgetting: bool = True, end_to_end=None) -> ModelScores:
     """Load one model (the base, or the base with an adapter merged in, at the device's inference precision) and
     score it; the weights are freed afterwards."""
     from finpipe.evaluation.generation import load_chat_model
@@ -285,7 +298,7 @@ def evaluate_model(name: str, base_dir: str, adapter_dir: str | None, val: Seque
             if with_val and val and spec.val_answers_per_family else []
         val_loss = loss_subset(val, spec.loss_samples, spec.seed) if with_val and val else []
         return evaluate_variant(name, model, tokenizer, val_loss, val_answers, golden if with_golden else [], spec,
-                                log, with_forgetting)
+                                log, with_forgetting, end_to_end)
     finally:
         del model
         release_memory()

@@ -9,7 +9,6 @@ names none). Two tickers: the comparison context, on their latest common date.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -26,24 +25,42 @@ WINDOWS: tuple[int, ...] = tuple(RETURN_WINDOWS[1:])
 DEFAULT_WINDOW = 30
 
 # Which single-ticker families a question asks about. Every phrasing the training samples use maps to
-# exactly its own family (tested), so a training question gets its training context back.
+# exactly its own family (tested), so a training question gets its training context back; the everyday words
+# people type ("is X in a slump", "aapl px", "overheated") map to the family whose facts answer them.
 FAMILY_PATTERNS: dict[str, re.Pattern[str]] = {
-    "price": re.compile(r"\bprices?\b|\bclos(?:e|ed|ing)\b|\bopen(?:ed|ing)?\b|\bvolume\b|\bsession\b|\btraded\b"
-                        r"|\bintraday\b", re.I),
-    "performance": re.compile(r"\bperform|\breturns?\b|\bgain|\bup or down\b|\d+\s+(?:trading\s+)?(?:days|sessions)\b",
+    "price": re.compile(r"\bprices?\b|(?<!how )\bclos(?:e|ed|ing)\b(?! to\b)|\bopen(?:ed|ing)?\b|\bvolume\b"
+                        r"|\bsession\b|\btraded\b|\bintraday\b|\bpx\b|\bquote\b|\btrading day\b|\bday'?s range\b", re.I),
+    "performance": re.compile(r"\bperform|\breturns?\b|\bgain|\bup or down\b|\bfare[ds]?\b"
+                              r"|\brising\b|\bfalling\b|\brall(?:y|ied)\b|\b(?:this|past|last) (?:week|month)\b"
+                              r"|\bweekly\b|\bmonthly\b|\b(?:two|2) weeks\b|\bfortnight\b"
+                              r"|\d+\s+(?:trading\s+)?(?:days|sessions)\b|\b\d+\s?d\b|\b\d+-day (?:return|move|change)",
                               re.I),
-    "volatility": re.compile(r"\bvolatil|\brisk", re.I),
-    "trend": re.compile(r"\btrend|\bmoving averages?\b|\bsmas?\b", re.I),
-    "momentum": re.compile(r"\brsi\b|\bmomentum\b|\boverbought\b|\boversold\b", re.I),
-    "range": re.compile(r"\b52[- ]?(?:week|wk|w)\b|\bdrawdown\b|\byear(?:ly)? (?:high|low)\b", re.I),
+    "volatility": re.compile(r"\bvolatil|\brisk|\bvol\b|\bswings?\b|\bturbulen|\bchoppy\b|\bjumpy\b|\bcalm\b"
+                             r"|\bstable\b", re.I),
+    "trend": re.compile(r"\b(?:up|down)?trend|\bmoving averages?\b|\bsmas?\b|\bmas\b|\b\d+\s*-?\s*d(?:ay)? ma\b"
+                        r"|\bdirection\b|\bheading\b|\baverages\b|\bsideways\b", re.I),
+    "momentum": re.compile(r"\brsi\b|\bmomentum\b|\boverbought\b|\boversold\b|\boverheat|\bover-?extended\b"
+                           r"|\bstretched\b|\bbuying pressure\b|\bselling pressure\b", re.I),
+    "range": re.compile(r"\b52[- ]?(?:week|wk|w)\b|\bdrawdown\b|\byear(?:ly)? (?:high|low|peak)\b|\bcorrection\b"
+                        r"|\bbear market\b|\bslump|\bpeak\b|\bone-year\b|\b1-year\b|\b12-month\b"
+                        r"|\bfrom (?:its|the) (?:high|top|low)s?\b|\boff (?:its|the) (?:high|highs|top)\b"
+                        r"|\bhigh of the (?:past|last) year\b|\byearly\b", re.I),
 }
-# "over the last 14 trading days", "past 7 sessions", "Over 30 days", "the 5-day return"
-_WINDOW_RE = re.compile(r"\b(\d{1,3})[- ]?(?:trading[- ])?(?:days?|sessions?)\b", re.I)
+#: what a question that names no family gets: the latest session's summary, the one context every ticker has
+DEFAULT_FAMILY = "price"
+# "over the last 14 trading days", "past 7 sessions", "Over 30 days", "the 5-day return", "7d"
+_WINDOW_RE = re.compile(r"\b(\d{1,3})[- ]?(?:trading[- ])?(?:days?|sessions?|d)\b", re.I)
+#: everyday spans, as the return window the statistics have that matches them
+_WINDOW_WORDS: tuple[tuple[re.Pattern[str], int], ...] = (
+    (re.compile(r"\b(?:two|2) weeks\b|\bfortnight\b", re.I), 14),
+    (re.compile(r"\b(?:this|past|last|the) week\b|\bweekly\b", re.I), 5),
+    (re.compile(r"\b(?:this|past|last|the) month\b|\bmonthly\b", re.I), 30),
+)
 # tickers this short are common words ("A", "T", "GE"...): they must be written in capitals
 _CASE_SENSITIVE_MAX_LEN = 2
 
 
-class _PinnedWindow(random.Random):
+class PinnedWindow(random.Random):
     """A generator that picks ``window`` whenever a renderer draws the return window.
 
     The performance and comparison renderers draw N with ``rng.choice(RETURN_WINDOWS[1:])``; pinning that
@@ -78,48 +95,117 @@ def _aliases(known: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def find_tickers(question: str, known: Iterable[str]) -> list[str]:
-    """Known tickers named in ``question`` as whole words, case-insensitively, in order of first mention.
+class AmbiguousNameError(ValueError):
+    """A company name in the question that fits several of the lake's tickers ("Alphabet": GOOG or GOOGL)."""
 
-    "$AAPL" and "AAPL's" count; "AAPLX" and "AAPL.NS" do not name AAPL. Tickers of one or two letters
-    must be written in capitals, or every "a" would name Agilent.
-    """
-    aliases = _aliases(known)
-    if not aliases:
-        return []
-    alternation = "|".join(re.escape(a) for a in sorted(aliases, key=len, reverse=True))
-    # not glued to a word, a caret or a dotted suffix on either side
-    pattern = re.compile(rf"(?<![\w^.])(?:{alternation})(?![\w^]|\.\w)", re.I)
-    found: list[str] = []
-    for match in pattern.finditer(question):
-        text = match.group(0)
-        alias = text.upper()
-        if len(alias) <= _CASE_SENSITIVE_MAX_LEN and text != alias:
+
+#: everyday names people type for companies and indices, beside the names in the lake's ``instruments`` table;
+#: an alias counts only for the tickers the lake holds
+COMMON_ALIASES: dict[str, tuple[str, ...]] = {
+    "google": ("GOOG", "GOOGL"), "alphabet": ("GOOG", "GOOGL"), "big blue": ("IBM",), "microsoft": ("MSFT",),
+    "apple": ("AAPL",), "facebook": ("META", "FB"), "meta": ("META", "FB"), "amazon": ("AMZN",),
+    "nvidia": ("NVDA",), "jpmorgan": ("JPM",), "jp morgan": ("JPM",), "nifty": ("^NSEI",), "nifty 50": ("^NSEI",),
+    "sensex": ("^BSESN",), "bank nifty": ("^NSEBANK",), "reliance": ("RELIANCE.NS",), "infosys": ("INFY.NS",),
+}
+# legal-form words at the end of a company name: "Apple Inc." is "apple", "Alphabet Inc. class C" is "alphabet"
+_LEGAL_SUFFIX = re.compile(r"[,\s]+(?:inc|incorporated|corp|corporation|co|company|ltd|limited|plc|ag|sa|nv"
+                           r"|holdings|group|class [a-z]|& co)\.?$", re.I)
+
+
+def name_aliases(names: dict[str, str], known: Iterable[str]) -> dict[str, set[str]]:
+    """Lower-case company names -> the known tickers they name: each instrument's name as the lake holds it,
+    without its legal form ("apple inc." and "apple"), a parenthesised other name ("(Google)"), and
+    ``COMMON_ALIASES``. A name that fits two tickers stays in, with both: naming it is ambiguous."""
+    known = set(known)
+    out: dict[str, set[str]] = {}
+    for ticker, name in names.items():
+        if ticker not in known or not name or name.upper() == ticker.upper():
             continue
-        ticker = aliases[alias]
+        lowered = " ".join(name.lower().split())
+        forms = {m.strip() for m in re.findall(r"\(([^)]+)\)", lowered)}
+        bare = " ".join(re.sub(r"\([^)]*\)", " ", lowered).split())
+        forms.add(bare)
+        while (shorter := _LEGAL_SUFFIX.sub("", bare).strip(" ,.")) != bare:
+            bare = shorter
+            forms.add(bare)
+        for form in forms:
+            if len(form) >= 3 and form.upper() != ticker.upper():
+                out.setdefault(form, set()).add(ticker)
+    for alias, targets in COMMON_ALIASES.items():
+        present = {t for t in targets if t in known}
+        if present:
+            out.setdefault(alias, set()).update(present)
+    return out
+
+
+def common_name(ticker: str, names: dict[str, str]) -> str:
+    """What a person calls the instrument: a parenthesised other name ("Google"), else the name without its legal
+    form ("Apple"), else the ticker."""
+    name = names.get(ticker) or ticker
+    other = re.findall(r"\(([^)]+)\)", name)
+    if other:
+        return other[0].strip()
+    bare = " ".join(re.sub(r"\([^)]*\)", " ", name).split())
+    while (shorter := _LEGAL_SUFFIX.sub("", bare).strip(" ,.")) != bare:
+        bare = shorter
+    return bare or ticker
+
+
+def find_tickers(question: str, known: Iterable[str], names: dict[str, str] | None = None) -> list[str]:
+    """Known tickers named in ``question`` as whole words, case-insensitively, in order of first mention: by
+    symbol ("$AAPL", "AAPL's", "aapl") or by company name ("Apple", "apple inc", "Google": ``name_aliases``).
+
+    "AAPLX" and "AAPL.NS" do not name AAPL. Tickers of one or two letters must be written in capitals, or every
+    "a" would name Agilent. A name that fits several tickers raises ``AmbiguousNameError``.
+    """
+    known = list(known)
+    aliases = _aliases(known)
+    mentions: list[tuple[int, str]] = []
+    if aliases:
+        alternation = "|".join(re.escape(a) for a in sorted(aliases, key=len, reverse=True))
+        # not glued to a word, a caret or a dotted suffix on either side
+        pattern = re.compile(rf"(?<![\w^.])(?:{alternation})(?![\w^]|\.\w)", re.I)
+        for match in pattern.finditer(question):
+            text = match.group(0)
+            alias = text.upper()
+            if len(alias) <= _CASE_SENSITIVE_MAX_LEN and text != alias:
+                continue
+            mentions.append((match.start(), aliases[alias]))
+    by_name = name_aliases(names or {}, known)
+    if by_name:
+        alternation = "|".join(re.escape(a) for a in sorted(by_name, key=len, reverse=True))
+        for match in re.finditer(rf"(?<![\w.&-])(?:{alternation})(?![\w&-])", question, re.I):
+            targets = by_name[" ".join(match.group(0).lower().split())]
+            if len(targets) > 1:
+                raise AmbiguousNameError(f"{match.group(0)!r} could mean {' or '.join(sorted(targets))}: "
+                                         "name the ticker")
+            mentions.append((match.start(), next(iter(targets))))
+    found: list[str] = []
+    for _, ticker in sorted(mentions, key=lambda m: m[0]):
         if ticker not in found:
             found.append(ticker)
     return found
 
 
 def detect_families(question: str) -> tuple[str, ...]:
-    """The single-ticker families the question asks about, in the canonical order; all when it names none."""
+    """The single-ticker families the question asks about, in the canonical order. A question that names none
+    ("what's up with IBM?") gets ``DEFAULT_FAMILY``: one family's block, the layout the model was trained on, and
+    a short prompt (measured in docs/evaluation.md: the union of every family is slower and answers worse)."""
     named = tuple(f for f, pattern in FAMILY_PATTERNS.items() if pattern.search(question))
-    return named or tuple(fam.SINGLE_TICKER_FAMILIES)
+    return named or (DEFAULT_FAMILY,)
 
 
 def detect_window(question: str, default: int = DEFAULT_WINDOW) -> int:
-    """The return window the question names ("over the last 14 trading days" -> 14), snapped to the
-    nearest window the statistics have (ties -> the shorter); ``default`` when it names none."""
+    """The return window the question names ("over the last 14 trading days" -> 14, "this week" -> 5), snapped
+    to the nearest window the statistics have (ties -> the shorter); ``default`` when it names none."""
     match = _WINDOW_RE.search(question)
     if not match:
+        for pattern, window in _WINDOW_WORDS:
+            if pattern.search(question):
+                return window
         return default
     n = int(match.group(1))
     return min(WINDOWS, key=lambda w: (abs(w - n), w))
-
-
-def _complete(row: dict, needs: Iterable[str]) -> bool:
-    return all(row.get(k) is not None and math.isfinite(row[k]) for k in needs)
 
 
 def context_lines(row: dict, families: Iterable[str], window: int = DEFAULT_WINDOW
@@ -132,10 +218,10 @@ def context_lines(row: dict, families: Iterable[str], window: int = DEFAULT_WIND
     used: list[str] = []
     for family in families:
         render, needs = fam.SINGLE_TICKER_FAMILIES[family]
-        if not _complete(row, needs):  # e.g. no 52-week range in a ticker's first year
+        if not fam.has_statistics(row, needs):  # e.g. no 52-week range in a ticker's first year
             continue
         used.append(family)
-        for label, value in render(row, _PinnedWindow(window)).context:
+        for label, value in render(row, PinnedWindow(window)).context:
             if label not in seen:
                 seen.add(label)
                 lines.append((label, value))
@@ -143,22 +229,42 @@ def context_lines(row: dict, families: Iterable[str], window: int = DEFAULT_WIND
 
 
 class LakeFacts:
-    """Read-only access to the latest statistics rows in the lake (a ``finpipe.market.lake.PriceLake``)."""
+    """Read-only access to the newest statistics rows in the lake (a ``finpipe.market.lake.PriceLake``).
 
-    def __init__(self, lake) -> None:
+    ``as_of``: answer as the lake stood on that date (rows after it are invisible): what the end-to-end evaluation
+    asks a golden question with, so a question about a past date goes through exactly the path a user's takes.
+    """
+
+    def __init__(self, lake, as_of: str | None = None) -> None:
         self.lake = lake
+        self.as_of = as_of
         self._tickers: list[str] | None = None
+        self._names: dict[str, str] | None = None
+
+    def _tables(self) -> list[str]:
+        return self.lake.query("SELECT table_name FROM information_schema.tables")["table_name"].to_list()
 
     def tickers(self) -> list[str]:
         """Tickers that have statistics, sorted."""
         if self._tickers is None:
-            tables = self.lake.query("SELECT table_name FROM information_schema.tables")["table_name"].to_list()
-            if STATISTICS_TABLE not in tables:
+            if STATISTICS_TABLE not in self._tables():
                 raise FileNotFoundError(
                     f"the lake {self.lake.path} has no {STATISTICS_TABLE} table: run `finpipe run --only-data` first")
             frame = self.lake.query(f"SELECT DISTINCT ticker FROM {STATISTICS_TABLE} ORDER BY ticker")
             self._tickers = frame["ticker"].to_list()
         return self._tickers
+
+    def names(self) -> dict[str, str]:
+        """Ticker -> the instrument's name ("Apple Inc."), for the tickers the lake describes."""
+        if self._names is None:
+            self._names = {}
+            if "instruments" in self._tables():
+                frame = self.lake.query("SELECT ticker, name FROM instruments WHERE name IS NOT NULL")
+                self._names = dict(zip(frame["ticker"].to_list(), frame["name"].to_list()))
+        return self._names
+
+    def _cutoff(self) -> tuple[str, list]:
+        return ("AND date <= CAST(? AS DATE)", [self.as_of]) if self.as_of else ("", [])
 
     def _rows(self, where: str, params: list) -> dict[str, dict]:
         # open/high/low live in `prices` (the price family needs them), names in `instruments`,
@@ -177,17 +283,19 @@ class LakeFacts:
 
     def latest(self, ticker: str) -> dict | None:
         """The ticker's newest statistics row (with open/high/low, name and ``as_of``), None if it has none."""
-        rows = self._rows(f"s.ticker = ? AND s.date = (SELECT max(date) FROM {STATISTICS_TABLE} WHERE ticker = ?)",
-                          [ticker, ticker])
+        cut, extra = self._cutoff()
+        rows = self._rows(f"s.ticker = ? AND s.date = (SELECT max(date) FROM {STATISTICS_TABLE} WHERE ticker = ? {cut})",
+                          [ticker, ticker, *extra])
         return rows.get(ticker)
 
     def latest_pair(self, a: str, b: str) -> tuple[dict, dict] | None:
         """Both tickers' rows on their newest common date (a comparison states one as-of date)."""
+        cut, extra = self._cutoff()
         rows = self._rows(
             f"""s.ticker IN (?, ?) AND s.date = (
-                SELECT max(date) FROM (SELECT date FROM {STATISTICS_TABLE} WHERE ticker IN (?, ?)
+                SELECT max(date) FROM (SELECT date FROM {STATISTICS_TABLE} WHERE ticker IN (?, ?) {cut}
                                        GROUP BY date HAVING count(DISTINCT ticker) = 2))""",
-            [a, b, a, b],
+            [a, b, a, b, *extra],
         )
         return (rows[a], rows[b]) if a in rows and b in rows else None
 
@@ -204,8 +312,15 @@ class Grounding:
     context: str | None = None  # the context block; None when the question names no known ticker
     reference: str | None = None  # the rule-based answer when the question maps to exactly one family
     notes: list[str] = field(default_factory=list)  # why the context is partial or missing, for stderr
+    #: what the question asks that the lake does not hold ("P/E ratios", "news"): refused, never answered
+    out_of_scope: str | None = None
+    ambiguous: str | None = None  # a company name that fits several tickers: refused with the candidates
     #: family -> (facts, labels) of the context: what an answer is verified against (finpipe.serving.verify)
     checks: dict[str, tuple[dict[str, str], dict[str, str]]] = field(default_factory=dict)
+    #: the lake rows the context was rendered from (ticker -> statistics row): the only ground truth a verifier
+    #: reads, never text from the user's turn
+    rows: dict[str, dict] = field(default_factory=dict)
+    window: int = DEFAULT_WINDOW  # the return window the question asks about
 
     @property
     def user(self) -> str:
@@ -224,7 +339,15 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
     question = question.strip()
     grounding = Grounding(question=question)
     known = facts.tickers()
-    tickers = find_tickers(question, known)
+    try:
+        tickers = find_tickers(question, known, facts.names())
+    except AmbiguousNameError as exc:
+        grounding.ambiguous = str(exc)
+        return grounding
+    grounding.out_of_scope = out_of_scope(question)
+    if grounding.out_of_scope:
+        grounding.tickers = tickers[:2]
+        return grounding
     if not tickers:
         shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
         grounding.notes.append(f"no known ticker in the question (the lake has: {shown}): asking without market data")
@@ -238,12 +361,13 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
     if len(tickers) == 2:
         a, b = tickers
         pair = facts.latest_pair(a, b)
-        if pair is None or not all(_complete(row, fam.COMPARISON_NEEDS) for row in pair):
+        if pair is None or not all(fam.has_statistics(row, fam.COMPARISON_NEEDS) for row in pair):
             grounding.notes.append(f"{a} and {b} have no common date with complete statistics: "
                                    "asking without market data")
             return grounding
         window = detect_window(question)
-        rendered = fam.comparison(pair[0], pair[1], _PinnedWindow(window))
+        rendered = fam.comparison(pair[0], pair[1], PinnedWindow(window))
+        grounding.rows, grounding.window = {a: pair[0], b: pair[1]}, window
         grounding.family, grounding.families = "comparison", ("comparison",)
         grounding.as_of = pair[0]["as_of"]
         grounding.context = fam.context_block(f"{a} and {b}", grounding.as_of, rendered.context)
@@ -265,9 +389,10 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
     grounding.families, grounding.as_of = used, row["as_of"]
     grounding.context = fam.context_block(fam.display_name(row), row["as_of"], lines)
     window = detect_window(question)
+    grounding.rows, grounding.window = {ticker: row}, window
     for family in used:
         render, _ = fam.SINGLE_TICKER_FAMILIES[family]
-        rendered = render(row, _PinnedWindow(window))
+        rendered = render(row, PinnedWindow(window))
         grounding.checks[family] = (rendered.facts, rendered.labels)
         if len(used) == 1:
             grounding.family, grounding.reference = family, rendered.answer
@@ -329,9 +454,49 @@ def check_question(question: str) -> str:
 
 def refusal(grounding: Grounding, known: Sequence[str]) -> str | None:
     """What to say instead of answering a question the lake has no market data for (None: it has some)."""
+    if grounding.ambiguous:
+        return f"I can only answer about one instrument at a time by name, and {grounding.ambiguous}."
+    if grounding.out_of_scope:
+        about = f" for {' and '.join(grounding.tickers)}" if grounding.tickers else ""
+        return (f"finpipe's market data does not cover {grounding.out_of_scope}, so I cannot answer that. It "
+                f"holds daily prices{about}: the latest session, returns over 1 to 30 days, volatility and drawdown, "
+                "moving averages, RSI and the 52-week range.")
     if grounding.context:
         return None
     missing = unknown_tickers(grounding.question, known)
     shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
     what = f"no market data for {', '.join(missing)}" if missing else "no ticker of the lake in the question"
     return f"I can only answer from finpipe's market data, and there is {what}. The lake has: {shown}."
+
+
+# --------------------------------------------------------------------------- questions the lake cannot answer
+
+#: what the lake does not hold, and the words that ask for it; a question asking for one is refused, never
+#: guessed at (a 135M model asked for a P/E invents one)
+OUT_OF_SCOPE: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("valuation ratios such as P/E", re.compile(r"\bp\s*/\s*e\b|\bpe ratio|\bprice[- ]to[- ]\w+|\bvaluation"
+                                                 r"|\bmultiple\b|\bp/b\b|\bpeg\b|\bev/ebitda", re.I)),
+    ("earnings and fundamentals", re.compile(r"\bearnings\b|\beps\b|\brevenue|\bsales\b|\bprofit|\bmargins?\b"
+                                             r"|\bguidance\b|\bbalance sheet|\bcash flow|\bdebt\b|\bfundamental",
+                                             re.I)),
+    ("dividends", re.compile(r"\bdividend|\byield\b|\bbuybacks?\b", re.I)),
+    ("market capitalisation", re.compile(r"\bmarket ?cap|\bshares outstanding\b|\bfloat\b", re.I)),
+    ("news and events", re.compile(r"\bnews\b|\bheadlines?\b|\bannounce|\brumou?rs?\b|\bceo\b|\blawsuit"
+                                   r"|\bwhy did\b|\bwhy is\b|\bwhat happened\b", re.I)),
+    ("analyst opinions", re.compile(r"\banalysts?\b|\bratings?\b|\bupgrade|\bdowngrade|\bconsensus\b", re.I)),
+    ("recommendations or forecasts", re.compile(
+        r"\bshould (?:i|we|you)\b|\b(?:a|good|worth a) (?:buy|sell|hold)\b|\bbuy or sell\b|\b(?:buy|sell|hold)\?"
+        r"|\bworth (?:buying|it)\b|\brecommend|\b(?:price )?target\b|\bforecast|\bpredict|\bprojection"
+        r"|\btomorrow\b|\bnext (?:week|month|quarter|year)\b|\bwill (?:it|\w+) (?:go|rise|fall|drop|climb|recover|"
+        r"bounce|crash)|\bgood investment\b|\binvest in\b", re.I)),
+    ("options and derivatives", re.compile(r"\boptions? (?:chain|price|premium)|\bimplied vol|\bshort interest\b"
+                                           r"|\bputs?\b|\bcalls?\b|\bgreeks\b", re.I)),
+)
+
+
+def out_of_scope(question: str) -> str | None:
+    """What the question asks for that the lake does not hold (``OUT_OF_SCOPE``), or None."""
+    for topic, pattern in OUT_OF_SCOPE:
+        if pattern.search(question):
+            return topic
+    return None

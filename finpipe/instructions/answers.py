@@ -50,6 +50,8 @@ class SlotMatch:
     text: str
     span: tuple[int, int]
     companions: dict[str, str] = field(default_factory=dict)
+    #: read with its form's words on both sides (the most specific windows; one-sided ones are weaker evidence)
+    both_sides: bool = False
 
 
 @dataclass
@@ -173,7 +175,7 @@ def parse(family: str, answer: str) -> ParsedAnswer:
                 if both:
                     if span not in matches:
                         matches[span] = SlotMatch(window.slot, text, span,
-                                                  {k: v for k, (v, _) in groups.items() if k != window.slot})
+                                                  {k: v for k, (v, _) in groups.items() if k != window.slot}, True)
                 elif span not in matches:
                     claimed.setdefault(span, set()).add(window.slot)
                     if len(claimed[span]) == 1:

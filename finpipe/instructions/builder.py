@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from dataclasses import dataclass, field
 
 import polars as pl
 
 from finpipe.instructions import families as fam
+from finpipe.instructions.phrasings import user_question
 from finpipe.instructions.samples import SYSTEM_PROMPT, Sample, sample_id
 from finpipe.settings import setting
 
@@ -20,6 +20,8 @@ class DatasetSpec:
     date_stride: int = setting(3, "every Nth session (counted back from the newest) is an as-of date")
     families: tuple[str, ...] = setting(fam.ALL_FAMILIES, "question families to render")
     comparisons_per_date: int = setting(2, "ticker pairs compared per as-of date (at most all pairs)")
+    user_phrasing_share: float = setting(0.4, "share of samples asked the way users type (terse, lower case, company "
+                                         "names, typos: finpipe.instructions.phrasings) instead of a full sentence")
     system_prompt: str = setting(SYSTEM_PROMPT, "the system turn of every sample")
 
     def __post_init__(self) -> None:
@@ -30,6 +32,8 @@ class DatasetSpec:
             raise ValueError("families must not be empty")
         if self.date_stride < 1:
             raise ValueError(f"date_stride must be >= 1, got {self.date_stride}")
+        if not 0 <= self.user_phrasing_share <= 1:
+            raise ValueError(f"user_phrasing_share must be in [0, 1], got {self.user_phrasing_share}")
         if self.comparisons_per_date < 0:
             raise ValueError(f"comparisons_per_date must be >= 0, got {self.comparisons_per_date}")
 
@@ -39,12 +43,13 @@ def _rng(spec: DatasetSpec, *key: object) -> random.Random:
     return random.Random("|".join(map(str, (spec.seed, *key))))
 
 
-def _complete(row: dict, needs: tuple[str, ...]) -> bool:
-    return all(row.get(k) is not None and math.isfinite(row[k]) for k in needs)
-
-
-def _sample(spec: DatasetSpec, family: str, tickers: list[str], as_of: str, title: str, rendered: fam.Rendered) -> Sample:
-    user = f"{fam.context_block(title, as_of, rendered.context)}\n\nQuestion: {rendered.question}"
+def _sample(spec: DatasetSpec, family: str, tickers: list[str], as_of: str, title: str, rendered: fam.Rendered,
+            names: dict[str, str]) -> Sample:
+    question = rendered.question
+    phrasing = _rng(spec, "phrasing", family, *tickers, as_of)  # its own generator: the facts stay as rendered
+    if phrasing.random() < spec.user_phrasing_share:
+        question = user_question(family, rendered.facts, names, phrasing)
+    user = f"{fam.context_block(title, as_of, rendered.context)}\n\nQuestion: {question}"
     messages = [
         {"role": "system", "content": spec.system_prompt},
         {"role": "user", "content": user},
@@ -75,18 +80,19 @@ def build_samples(stats: pl.DataFrame, prices: pl.DataFrame, names: dict[str, st
                 if family == "comparison":
                     continue
                 render, needs = fam.SINGLE_TICKER_FAMILIES[family]
-                if _complete(row, needs):
+                if fam.has_statistics(row, needs):
                     rendered = render(row, _rng(spec, family, row["ticker"], as_of_text))
-                    samples.append(_sample(spec, family, [row["ticker"]], as_of_text, fam.display_name(row), rendered))
+                    samples.append(_sample(spec, family, [row["ticker"]], as_of_text, fam.display_name(row), rendered,
+                                           names))
         if "comparison" in spec.families and spec.comparisons_per_date:
-            eligible = sorted(t for t, row in records.items() if _complete(row, fam.COMPARISON_NEEDS))
+            eligible = sorted(t for t, row in records.items() if fam.has_statistics(row, fam.COMPARISON_NEEDS))
             pairs = list(itertools.combinations(eligible, 2))
             picker = _rng(spec, "comparison-pairs", as_of_text)
             for a, b in sorted(picker.sample(pairs, min(spec.comparisons_per_date, len(pairs)))):
                 if picker.random() < 0.5:  # either ticker may be named first
                     a, b = b, a
                 rendered = fam.comparison(records[a], records[b], _rng(spec, "comparison", a, b, as_of_text))
-                samples.append(_sample(spec, "comparison", [a, b], as_of_text, f"{a} and {b}", rendered))
+                samples.append(_sample(spec, "comparison", [a, b], as_of_text, f"{a} and {b}", rendered, names))
     return samples
 
 

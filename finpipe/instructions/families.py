@@ -21,11 +21,12 @@ answers (the parser and the scorer read them) but training teaches one, so the t
 
 from __future__ import annotations
 
+import math
 import random
 import string
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Callable
+from typing import Callable, Iterable
 
 from finpipe.instructions import rules as r
 from finpipe.instructions.samples import CONTEXT_HEADER
@@ -157,17 +158,23 @@ def signed_decimal(slot: Slot, text: str, side: str | None) -> Decimal | None:
     return -abs(value) if side.lower() == "below" else abs(value)
 
 
-def fact_values(forms: AnswerForms, facts: dict[str, str]) -> dict[FactKey, Decimal | str]:
-    """Every fact the sample's slots hold: numbers (signed, in displayed units), dates and windows as text."""
-    out: dict[FactKey, Decimal | str] = {}
+def typed_fact_values(forms: AnswerForms, facts: dict[str, str]) -> dict[FactKey, tuple[Decimal | str, Slot]]:
+    """Every fact the sample's slots hold, with the slot that states it: numbers (signed, in displayed units),
+    dates and windows as text."""
+    out: dict[FactKey, tuple[Decimal | str, Slot]] = {}
     for name, text in facts.items():
         slot = forms.slots.get(name)
         if slot is None or slot.kind in ("ticker", "side", "label"):
             continue
         value = signed_decimal(slot, text, facts.get(slot.sign)) if slot.numeric else text
         for who in slot_entities(slot, facts, forms.single):
-            out[(who, slot_field(slot, facts.get("n", "")))] = value
+            out[(who, slot_field(slot, facts.get("n", "")))] = (value, slot)
     return out
+
+
+def fact_values(forms: AnswerForms, facts: dict[str, str]) -> dict[FactKey, Decimal | str]:
+    """Every fact the sample's slots hold: numbers (signed, in displayed units), dates and windows as text."""
+    return {key: value for key, (value, _) in typed_fact_values(forms, facts).items()}
 
 
 def required_keys(forms: AnswerForms, facts: dict[str, str]) -> list[FactKey]:
@@ -396,14 +403,14 @@ def comparison(a: dict, b: dict, rng: random.Random) -> Rendered:
     # what the answer states, in its order (both returns, the gap, the result), then the rest as context
     ctx = [(f"{ta} {n}-day return", ra), (f"{tb} {n}-day return", rb),
            (f"{n}-day return gap", f"{gap} percentage points")]
-    facts = {"a": ta, "b": tb, "n": str(n)}
+    facts = {"a": ta, "b": tb, "n": str(n), "gap": gap}  # a tie's gap (0.00) is a fact too, if no form states it
     if shown_a == shown_b:
         label = TIE
         facts["r"] = ra  # the tie form states the one return both share
         ctx.append(("result", "neither outperformed"))
     else:
         winner, loser = (ta, tb) if shown_a > shown_b else (tb, ta)
-        facts |= {"ra": ra, "rb": rb, "w": winner, "l": loser, "gap": gap}
+        facts |= {"ra": ra, "rb": rb, "w": winner, "l": loser}
         label = winner
         ctx.append(("result", f"{winner} outperformed {loser}"))
     for row in (a, b):
@@ -421,6 +428,11 @@ def _render(forms: AnswerForms, questions: tuple[str, ...], ctx: list[tuple[str,
 
 
 SingleFamily = Callable[[dict, random.Random], Rendered]
+
+
+def has_statistics(row: dict, needs: Iterable[str]) -> bool:
+    """Whether the row holds every statistic a family needs, finite (a ticker's first year has no 52-week range)."""
+    return all(row.get(k) is not None and math.isfinite(row[k]) for k in needs)
 
 #: family -> (renderer, statistics it needs non-null)
 SINGLE_TICKER_FAMILIES: dict[str, tuple[SingleFamily, tuple[str, ...]]] = {

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP server (FastAPI on uvicorn): ``GET /v1/models``, ``POST /v1/chat/completions``
 (plain and streamed as server-sent events), ``GET /health``.
 
-A chat request is grounded as ``finpipe ask`` grounds a question (the tickers the last user message names get
-their latest lake facts, in the trained format), answered by the requested model, and the answer is verified
-against those facts (``finpipe.serving.verify``). The verdict travels with the response: a ``finpipe`` field in
+A chat request's last user message takes the one answering path ``finpipe ask`` and the end-to-end evaluation
+take (``finpipe.inference.answering``): grounded in the lake's latest facts, refused when the lake cannot answer
+it (before any model is loaded), answered by the requested model, and verified against the lake facts
+(``finpipe.serving.verify``). The verdict travels with the response: a ``finpipe`` field in
 the body (the last chunk when streamed) and an ``X-Finpipe-Verdict`` header (plain responses). What happens to an
 unverified answer is the server's choice (``on_unverified``): flag it, abstain, or retry with sampling.
 """
@@ -11,24 +12,18 @@ unverified answer is the server's choice (``on_unverified``): flag it, abstain, 
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from finpipe.evaluation.generation import DecodeSpec
+from finpipe.inference.answering import AnswerSpec
 from finpipe.paths import LAKE_DB_NAME
 from finpipe.settings import setting
 
-ON_UNVERIFIED = ("flag", "abstain", "retry")
-ABSTAIN = ("I cannot state this reliably: my answer did not match the market data ({problems}). "
-           "Please check the figures in the lake directly.")
-
 
 @dataclass(frozen=True)
-class ServeSpec(DecodeSpec):
+class ServeSpec(AnswerSpec):
     host: str = setting("127.0.0.1", "interface to listen on (the API has no authentication: keep it on loopback)")
     port: int = setting(8000, "port to listen on")
-    on_unverified: str = setting("flag", "an answer that does not match the market data: 'flag' (answer, with the "
-                                 "verdict), 'abstain' (say so instead), or 'retry' (sample again, twice, then flag)")
     allow_ungrounded: bool = setting(False, "answer questions that name no ticker of the lake (no market data, "
                                      "nothing to verify) instead of refusing them")
     default_max_tokens: int = setting(128, "answer length when the request sets no max_tokens")
@@ -43,8 +38,6 @@ class ServeSpec(DecodeSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         problems = []
-        if self.on_unverified not in ON_UNVERIFIED:
-            problems.append(f"on_unverified must be one of {ON_UNVERIFIED}, got {self.on_unverified!r}")
         if not 0 < self.port < 65536:
             problems.append(f"port must be in 1..65535, got {self.port}")
         for name in ("default_max_tokens", "max_tokens_limit", "max_body_bytes", "batch_size", "queue_limit",
@@ -65,13 +58,13 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import ValidationError
 
-    from finpipe.inference.context import Grounding, LakeFacts, check_question, ground, refusal
-    from finpipe.instructions.samples import CONTEXT_HEADER, SYSTEM_PROMPT
+    from finpipe.inference.answering import REFUSED, Answer, answer, prepare
+    from finpipe.inference.answering import finish as finish_answer
+    from finpipe.inference.context import LakeFacts
     from finpipe.serving import protocol as p
     from finpipe.serving.engine import Engine, Job
     from finpipe.serving.facts import LakeSnapshot
     from finpipe.serving.models import ModelStore
-    from finpipe.serving.verify import VERIFIED, verify
 
     store = ModelStore(lake_dir, capacity=spec.models_in_memory, log=log, decode=spec)
     snapshot = LakeSnapshot(Path(lake_dir) / LAKE_DB_NAME, log=log)
@@ -127,29 +120,20 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
             raise p.ApiError(400, f"{param or 'body'}: {first.get('msg')}", param=param or None,
                              code="invalid_value") from None
 
-    def grounded_messages(req: p.ChatRequest) -> tuple[list[dict], Grounding]:
+    def prepared_for(req: p.ChatRequest):
+        """The request's last user message through the answering path's first steps (ground, refuse): only lake
+        facts are ground truth; a "Market data for ..." block the client wrote stays question text."""
         messages = [m.model_dump() for m in req.messages]
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if not users or not messages[users[-1]]["content"].strip():
             raise p.ApiError(400, "the messages need a non-empty user message", param="messages", code="invalid_value")
         last = users[-1]
+        snapshot.refresh()
         try:
-            question = check_question(messages[last]["content"])
+            return prepare(messages[last]["content"], LakeFacts(snapshot), spec.allow_ungrounded,
+                           conversation=messages[:last])
         except ValueError as exc:
             raise p.ApiError(400, str(exc), param="messages", code="invalid_value") from None
-        if CONTEXT_HEADER + " for " in question:  # the client brought its own market-data block: check against it
-            grounding = Grounding(question=question.rsplit("Question:", 1)[-1].strip(),
-                                  context=question.rsplit("\n\nQuestion:", 1)[0])
-        else:
-            snapshot.refresh()
-            grounding = ground(question, LakeFacts(snapshot))
-            messages[last]["content"] = grounding.user
-        if messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
-        return messages, grounding
-
-    def refused(grounding: Grounding) -> str | None:
-        return None if spec.allow_ungrounded else refusal(grounding, LakeFacts(snapshot).tickers())
 
     def sampling_for(req: p.ChatRequest, loaded, prompt_tokens: int):
         from finpipe.evaluation.generation import Sampling
@@ -165,68 +149,58 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
         return Sampling(max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p,
                         max_time_s=spec.generation_timeout_s)
 
-    def finpipe_field(verdict, grounding: Grounding, loaded, attempts: int = 1) -> dict:
-        return verdict.as_dict() | {
-            "model": loaded.id, "champion": loaded.id == store.champion_id, "attempts": attempts,
+    def finpipe_field(result, model_id: str) -> dict:
+        verdict = result.verdict.as_dict() if result.verdict else {"verdict": REFUSED, "problems": [], "relevant": None}
+        grounding = result.grounding
+        return verdict | {
+            "model": model_id, "champion": model_id == store.champion_id, "attempts": result.attempts,
+            "status_line": result.status_line(),
             "grounding": {"tickers": grounding.tickers, "family": grounding.family,
                           "families": list(grounding.families), "as_of": grounding.as_of, "notes": grounding.notes}}
 
-    async def answer(loaded, messages, sampling, grounding):
-        """(text, tokens, verdict, attempts, finish reason) with the on_unverified policy applied."""
-        from dataclasses import replace
-
-        result = await asyncio.wrap_future(engine.submit(Job(loaded, messages, sampling)))
-        verdict, attempts = verify(result.text, grounding), 1
-        while spec.on_unverified == "retry" and verdict.status not in (VERIFIED, "ungrounded") and attempts < 3:
-            attempts += 1
-            retry = replace(sampling, temperature=max(sampling.temperature, 0.7))
-            candidate = await asyncio.wrap_future(engine.submit(Job(loaded, messages, retry)))
-            candidate_verdict = verify(candidate.text, grounding)
-            if candidate_verdict.status == VERIFIED:
-                result, verdict = candidate, candidate_verdict
-        text = result.text
-        if spec.on_unverified == "abstain" and verdict.status not in (VERIFIED, "ungrounded"):
-            text = ABSTAIN.format(problems="; ".join(verdict.problems[:3]))
-        finish = "length" if result.new_tokens >= sampling.max_new_tokens else "stop"
-        return text, result.new_tokens, verdict, attempts, finish
+    def queued(loaded):
+        """The answering path's ``Generate`` over the server's queue (called from a worker thread)."""
+        return lambda messages, sampling: engine.submit(Job(loaded, messages, sampling)).result()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await read_request(request)
-        loaded = await asyncio.to_thread(store.get, req.model)
-        messages, grounding = await asyncio.to_thread(grounded_messages, req)
+        prepared = await asyncio.to_thread(prepared_for, req)
         request_id, created = p.new_id(), int(time.time())
-        refused_text = refused(grounding)
-        if refused_text is not None:
-            body = p.completion(request_id, loaded.id, refused_text, "stop", 0, 0, {
-                "verdict": "refused", "problems": [], "model": loaded.id, "grounding": {"tickers": []}})
+        if prepared.refusal is not None:  # answered without a model: none is loaded for it
+            model_id = await asyncio.to_thread(lambda: store.resolve(req.model)[0])
+            result = Answer(prepared.refusal, prepared, None)
+            body = p.completion(request_id, model_id, result.text, "stop", 0, 0, finpipe_field(result, model_id))
             if req.stream:
                 return StreamingResponse(_events([
-                    p.chunk(request_id, loaded.id, created, {"role": "assistant", "content": refused_text}),
-                    p.chunk(request_id, loaded.id, created, {}, "stop", body["finpipe"])]),
+                    p.chunk(request_id, model_id, created, {"role": "assistant", "content": result.text}),
+                    p.chunk(request_id, model_id, created, {}, "stop", body["finpipe"])]),
                     media_type="text/event-stream")
-            return JSONResponse(body, headers={"X-Finpipe-Verdict": "refused"})
-        prompt_tokens = len(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+            return JSONResponse(body, headers={"X-Finpipe-Verdict": REFUSED})
+        loaded = await asyncio.to_thread(store.get, req.model)
+        prompt_tokens = len(loaded.tokenizer.apply_chat_template(prepared.messages, add_generation_prompt=True,
                                                                  tokenize=True, return_dict=True)["input_ids"])
         sampling = sampling_for(req, loaded, prompt_tokens)
 
         if req.stream and spec.on_unverified == "flag":
-            return StreamingResponse(_stream(loaded, messages, sampling, grounding, request_id, created),
+            return StreamingResponse(_stream(loaded, prepared, sampling, request_id, created),
                                      media_type="text/event-stream")
-        text, tokens, verdict, attempts, finish = await answer(loaded, messages, sampling, grounding)
-        extra = finpipe_field(verdict, grounding, loaded, attempts)
+        result = await asyncio.to_thread(answer, prepared, queued(loaded), sampling, spec.on_unverified)
+        tokens = result.generated.new_tokens
+        finish = "length" if tokens >= sampling.max_new_tokens else "stop"
+        extra = finpipe_field(result, loaded.id)
         if req.stream:  # abstain/retry decide after the whole answer: it is sent as one chunk
             return StreamingResponse(_events([
-                p.chunk(request_id, loaded.id, created, {"role": "assistant", "content": text}),
+                p.chunk(request_id, loaded.id, created, {"role": "assistant", "content": result.text}),
                 p.chunk(request_id, loaded.id, created, {}, finish, extra)]), media_type="text/event-stream")
-        return JSONResponse(p.completion(request_id, loaded.id, text, finish, prompt_tokens, tokens, extra),
-                            headers={"X-Finpipe-Verdict": verdict.status})
+        return JSONResponse(p.completion(request_id, loaded.id, result.text, finish, prompt_tokens, tokens, extra),
+                            headers={"X-Finpipe-Verdict": result.status})
 
-    async def _stream(loaded, messages, sampling, grounding, request_id, created):
+    async def _stream(loaded, prepared, sampling, request_id, created):
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
-        future = engine.submit(Job(loaded, messages, sampling, streamer=streamer))
+        future = engine.submit(Job(loaded, prepared.messages, sampling, streamer=streamer))
         yield _event(p.chunk(request_id, loaded.id, created, {"role": "assistant", "content": ""}))
         parts = []
         iterator = iter(streamer)
@@ -238,16 +212,15 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
                 parts.append(piece)
                 yield _event(p.chunk(request_id, loaded.id, created, {"content": piece}))
         try:
-            result = await asyncio.wrap_future(future)
+            generated = await asyncio.wrap_future(future)
         except Exception as exc:
             yield _event({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
                                     "code": "generation_failed"}})
             yield "data: [DONE]\n\n"
             return
-        text = "".join(parts).strip()
-        verdict = verify(text, grounding)
-        finish = "length" if result.new_tokens >= sampling.max_new_tokens else "stop"
-        yield _event(p.chunk(request_id, loaded.id, created, {}, finish, finpipe_field(verdict, grounding, loaded)))
+        result = finish_answer(prepared, replace(generated, text="".join(parts).strip()))
+        finish = "length" if generated.new_tokens >= sampling.max_new_tokens else "stop"
+        yield _event(p.chunk(request_id, loaded.id, created, {}, finish, finpipe_field(result, loaded.id)))
         yield "data: [DONE]\n\n"
 
     def _event(body: dict) -> str:

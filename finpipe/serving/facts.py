@@ -20,10 +20,12 @@ REFRESH_EVERY_S = 5.0
 class LakeSnapshot:
     """``query``/``path`` like ``PriceLake``, answered from memory."""
 
-    def __init__(self, lake_path: Path, log=print):
+    def __init__(self, lake_path: Path, log=print, sessions: int | None = SESSIONS):
+        """``sessions``: the newest sessions kept per ticker (None: all of them, for answering as of past dates)."""
         import duckdb
 
         self.path = Path(lake_path)
+        self.sessions = sessions
         self.log = log
         self._con = duckdb.connect(":memory:")
         self._lock = threading.Lock()
@@ -58,10 +60,10 @@ class LakeSnapshot:
                 tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
                 if "price_statistics" not in tables:
                     raise FileNotFoundError(f"the lake {self.path} has no statistics yet: run `finpipe run` first")
-                stats = con.sql(f"""SELECT * FROM price_statistics QUALIFY row_number() OVER
-                                    (PARTITION BY ticker ORDER BY date DESC) <= {SESSIONS}""").to_arrow_table()
-                prices = con.sql(f"""SELECT * FROM prices QUALIFY row_number() OVER
-                                     (PARTITION BY ticker ORDER BY date DESC) <= {SESSIONS}""").to_arrow_table()
+                newest = "" if self.sessions is None else \
+                    f"QUALIFY row_number() OVER (PARTITION BY ticker ORDER BY date DESC) <= {int(self.sessions)}"
+                stats = con.sql(f"SELECT * FROM price_statistics {newest}").to_arrow_table()
+                prices = con.sql(f"SELECT * FROM prices {newest}").to_arrow_table()
                 instruments = con.sql("SELECT * FROM instruments").to_arrow_table()
         except LakeLockedError:
             if self.loaded_at is None:

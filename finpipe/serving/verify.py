@@ -1,6 +1,19 @@
-"""Check a generated answer against the facts its question was grounded in, with the rules the dataset gate and the
-strict evaluation use: every number must appear in the market data or derive from it (the gate's fact check), a
-number stated in a field must be that field's value for that ticker, and a label must be the one the rules give.
+"""Check a generated answer against the lake facts its question was grounded in, slot by slot.
+
+Ground truth is the lake rows ``ground()`` read (``Grounding.rows``), rendered by the same family renderers the
+training samples use, for every family and every return window: never text from the user's turn, so a client
+that pastes its own "Market data for ..." block only adds question text. An answer is read back with every
+family's answer forms (``finpipe.instructions.answers``) and checked like strict scoring checks it:
+
+- a number stated in a slot ("closed at {close}", "{t}'s 14-day RSI is {rsi}") must be that field's value for
+  that ticker, sign included ("2.48%" where the fact is -2.48% is wrong);
+- a number no slot explains must still be one of the facts: the same value, the same sign when it carries one or
+  follows a direction word ("fell 27.69%" is wrong when the only 27.69% is a volatility), the same unit
+  (percent or not); numbers that are part of a horizon ("20-day", "252 days") must be horizons the data shows;
+- a label must be the one the rules give ("risk level low"); the outperformer must be the winner;
+- **relevance**: the answer must speak about what was asked. Each family's answer forms claim the facts they
+  state; the family asked about must be among those an answer states most of (a correct price summary given
+  for a 52-week-range question fails).
 
 Omissions are not errors here (an answer may state fewer facts than a reference); false statements are, and so
 is an answer that states no fact of the market data at all (nothing in it could be verified).
@@ -8,40 +21,207 @@ is an answer that states no fact of the market data at all (nothing in it could 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 
-from finpipe.evaluation.strict import strict_score
-from finpipe.inference.context import Grounding
-from finpipe.instructions.answers import parse
-from finpipe.instructions.factcheck import numbers_in, unsupported_numbers
+from finpipe.inference.context import Grounding, PinnedWindow
+from finpipe.instructions import families as fam
+from finpipe.instructions.answers import ParsedAnswer, claims, parse
+from finpipe.instructions.families import FORMS, TIE, FactKey, value_of
 
 VERIFIED, UNVERIFIED, UNGROUNDED = "verified", "unverified", "ungrounded"
+PERCENT_KINDS = ("signed_pct", "pct")
+_DOWN = re.compile(r"\b(?:fell|fall(?:en|s)?|lost|los(?:es|ing)|drop(?:ped|s)?|declin(?:ed|es)|down|slid|sank|shed"
+                   r"|decreas(?:ed|es)|negative|minus|off)\W*$", re.I)
+_UP = re.compile(r"\b(?:rose|ris(?:en|es)|gain(?:ed|s)?|climb(?:ed|s)?|up|add(?:ed|s)|rall(?:ied|ies)|advanc(?:ed|es)"
+                 r"|jump(?:ed|s)?|increas(?:ed|es)|positive|plus)\W*$", re.I)
+# a number that is part of a horizon or an indicator's name, not a value: "20-day", "252 days", "RSI (14)"
+_HORIZON_AFTER = re.compile(r"^(?:-|\s)?(?:trading[- ])?(?:day|days|week|weeks|sessions?|month|months|year)\b", re.I)
+NUMBER = re.compile(r"(?<![\w.,\-])[+-]?\d(?:[\d,]*\d)?(?:\.\d+)?%?")
+DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass
 class Verdict:
     status: str  # verified | unverified | ungrounded (no market data to check against)
     problems: list[str] = field(default_factory=list)
+    #: whether the answer speaks about what was asked (None: nothing to judge against)
+    relevant: bool | None = None
 
     def as_dict(self) -> dict:
-        return {"verdict": self.status, "problems": self.problems}
+        return {"verdict": self.status, "problems": self.problems, "relevant": self.relevant}
+
+    def line(self) -> str:
+        """One line for a terminal: 'verified', 'unverified: <what>' or 'ungrounded'."""
+        if self.status == UNVERIFIED:
+            return f"unverified: {'; '.join(self.problems[:3])}" + (" ..." if len(self.problems) > 3 else "")
+        return self.status
+
+
+@dataclass
+class LakeTruth:
+    """Every fact the lake rows behind a grounding hold, as the answer forms state them."""
+
+    values: dict[FactKey, tuple[Decimal | str, str]] = field(default_factory=dict)  # key -> (value, slot kind)
+    labels: dict[str, str] = field(default_factory=dict)  # label slot -> the rules' label (at the asked window)
+    horizons: set[str] = field(default_factory=set)  # numbers that name horizons in the context ("20", "252")
+
+    def numbers(self, percent: bool) -> list[Decimal]:
+        return [v for v, kind in self.values.values() if isinstance(v, Decimal) and (kind in PERCENT_KINDS) == percent]
+
+
+def lake_truth(grounding: Grounding) -> LakeTruth:
+    """The facts of ``grounding.rows``: each single-ticker family for each ticker (performance at every window),
+    and the comparison of a pair at every window."""
+    truth = LakeTruth(horizons=set(re.findall(r"\d+", re.sub(r":[^\n]*", "", grounding.context or ""))))
+    rows = list(grounding.rows.values())
+    for row in rows:
+        for family, (render, needs) in fam.SINGLE_TICKER_FAMILIES.items():
+            if not fam.has_statistics(row, needs):
+                continue
+            for window in fam.WINDOWS if family == "performance" else (grounding.window,):
+                rendered = render(row, PinnedWindow(window))
+                _add(truth, family, rendered.facts, window == grounding.window)
+                if len(rows) == 1 and window == grounding.window:
+                    truth.labels.update(rendered.labels)
+    if len(rows) == 2 and all(fam.has_statistics(r, fam.COMPARISON_NEEDS) for r in rows):
+        for window in fam.WINDOWS:
+            rendered = fam.comparison(rows[0], rows[1], PinnedWindow(window))
+            _add(truth, "comparison", rendered.facts, window == grounding.window)
+            if window == grounding.window:
+                truth.labels.update(rendered.labels)
+    return truth
+
+
+#: facts of a rendering that hold for its window alone without naming it (the gap, the window itself)
+_WINDOW_BOUND = ("window", "gap_pp")
+
+
+def _add(truth: LakeTruth, family: str, facts: dict[str, str], asked_window: bool) -> None:
+    """Add a rendering's facts; one at another window than the question's adds only the facts whose field names
+    their window ("ret_7d_pct")."""
+    for key, (value, slot) in fam.typed_fact_values(FORMS[family], facts).items():
+        if asked_window or key[1] not in _WINDOW_BOUND:
+            truth.values[key] = (value, slot.kind)
+
+
+def _text(value) -> str:
+    return str(value)
+
+
+def _slot_problems(parsed: ParsedAnswer, defaults: dict[str, str], truth: LakeTruth, tickers: list[str]
+                   ) -> tuple[list[str], set[tuple[int, int]]]:
+    """What the answer's slot claims get wrong, and the spans they explain."""
+    problems: list[str] = []
+    said = claims(parsed, defaults)
+    for (who, field_name), values in said.stated.items():
+        name = f"{who} {field_name}" if who else field_name
+        if who and who not in tickers:
+            problems.append(f"{name}: a number for {who}, which the question is not about")
+        elif (who, field_name) not in truth.values:
+            problems.append(f"{name}: stated {', '.join(sorted(map(_text, values)))}, which the market data does "
+                            "not show")
+        elif values != {truth.values[(who, field_name)][0]}:
+            problems.append(f"{name}: stated {', '.join(sorted(map(_text, values)))}, fact "
+                            f"{_text(truth.values[(who, field_name)][0])}")
+    return problems, {m.span for m in parsed.matches}
+
+
+def _loose_problem(answer: str, match: re.Match, truth: LakeTruth, as_of: str | None) -> str | None:
+    """Why a number no slot explains is not a fact of the market data (None: it is one)."""
+    text = match.group(0)
+    after = answer[match.end():match.end() + 24]
+    before = answer[max(0, match.start() - 24):match.start()]
+    bare = text.lstrip("+-").rstrip("%")
+    if not text.endswith("%") and (_HORIZON_AFTER.match(after) or before.rstrip().endswith("(")):
+        return None if bare in truth.horizons else f"{text}: a horizon the market data does not show"
+    value = value_of(bare)
+    if value is None:
+        return f"{text}: not a number of the market data"
+    candidates = truth.numbers(percent=text.endswith("%"))
+    if text.startswith(("+", "-")):
+        signed = -value if text.startswith("-") else value
+        return None if signed in candidates else f"{text}: no fact of the market data has this value and sign"
+    if _DOWN.search(before):
+        ok = any(c == -value for c in candidates)
+        return None if ok else f"{text}: stated as a fall, but no falling fact of the market data has this value"
+    if _UP.search(before):
+        ok = any(c == value and c > 0 for c in candidates)
+        return None if ok else f"{text}: stated as a rise, but no rising fact of the market data has this value"
+    return None if any(abs(c) == value for c in candidates) else \
+        f"{text}: not in the market data (no fact has this value)"
+
+
+def _family_weight(parsed: ParsedAnswer) -> int:
+    """How much of an answer a family's forms claim: its slot values and its labels."""
+    return len({m.name for m in parsed.matches}) + sum(1 for v in parsed.labels.values() if v)
 
 
 def verify(answer: str, grounding: Grounding) -> Verdict:
-    if not grounding.context:
+    """The verdict on ``answer`` given the facts ``grounding`` was built from."""
+    if not grounding.context or not grounding.rows:
         return Verdict(UNGROUNDED, ["no market data in the prompt: nothing to check the answer against"])
-    problems = [f"{n}: not in the market data and not derivable from it"
-                for n in unsupported_numbers(answer, grounding.context)]
-    several = len(grounding.checks) > 1
-    for family, (facts, labels) in grounding.checks.items():
-        if several and not parse(family, answer).matches:
-            continue  # a context of several families: check the families the answer speaks about
-        score = strict_score(family, facts, labels, grounding.user, answer)
-        problems += [p for p in score.problems
-                     if "not stated" not in p and "names no label" not in p and "neither shows" not in p]
-    stated_numbers, _ = numbers_in(answer)
-    stated_labels = [label for family in grounding.checks for label_list in parse(family, answer).labels.values()
-                     for label in label_list]
-    if not stated_numbers and not stated_labels:
+    truth = lake_truth(grounding)
+    tickers = list(grounding.rows)
+    problems: list[str] = []
+    explained: set[tuple[int, int]] = set()
+    weights: dict[str, int] = {}
+    parsed_by_family: dict[str, ParsedAnswer] = {}
+    for family in FORMS:
+        if family == "comparison" and len(tickers) < 2:
+            continue
+        parsed = parse(family, answer)
+        if family not in grounding.checks:
+            # another family's forms read only what their words pin down on both sides: their one-sided windows
+            # ("{close}, so it") would claim the asked family's numbers for their own fields
+            parsed.matches = [m for m in parsed.matches if m.both_sides]
+        parsed_by_family[family] = parsed
+        weights[family] = _family_weight(parsed)
+        defaults = grounding.checks.get(family, ({"t": tickers[0], "n": str(grounding.window)}, {}))[0]
+        found, spans = _slot_problems(parsed, defaults, truth, tickers)
+        problems += found
+        explained |= spans
+
+    # labels: of the families asked about and of the family the answer speaks about
+    asked = [f for f in grounding.families if f in parsed_by_family]
+    strongest = max(weights.values(), default=0)
+    speaking = [f for f, w in weights.items() if w == strongest and w > 0]
+    for family in dict.fromkeys(asked + speaking):
+        parsed = parsed_by_family[family]
+        for slot, named in parsed.labels.items():
+            if not named:
+                continue
+            expected = truth.labels.get(slot)
+            if slot == "outperformer":
+                expected = truth.labels.get("outperformer")
+            if expected is None:
+                continue
+            if [n.lower() for n in named] != [expected.lower()]:
+                shown = " and ".join(repr(n) for n in named)
+                problems.append(f"{slot}: names {shown}, the rules say {expected!r}" if expected != TIE or
+                                slot != "outperformer" else f"{slot}: names {shown}, but neither outperformed")
+
+    # numbers no slot explains: each must still be a fact (value, sign, unit); dates must be the data's
+    dates = [d.span() for d in DATE.finditer(answer)]
+    for d in DATE.finditer(answer):
+        if d.group(0) != grounding.as_of:
+            problems.append(f"{d.group(0)}: not the date of the market data ({grounding.as_of})")
+    for match in NUMBER.finditer(answer):
+        span = match.span()
+        if any(s <= span[0] and span[1] <= e for s, e in [*explained, *dates]):
+            continue
+        problem = _loose_problem(answer, match, truth, grounding.as_of)
+        if problem:
+            problems.append(problem)
+
+    relevant = None
+    if grounding.families:
+        relevant = strongest > 0 and any(weights.get(f, 0) == strongest for f in grounding.families)
+        if not relevant and strongest > 0:
+            problems.append(f"off the question: it asks about {' / '.join(grounding.families)}, the answer speaks "
+                            f"about {' / '.join(speaking)}")
+    if strongest == 0 and not any(NUMBER.finditer(answer)):
         problems.append("the answer states none of the market data's facts")
-    return Verdict(UNVERIFIED if problems else VERIFIED, list(dict.fromkeys(problems)))
+        relevant = False
+    return Verdict(UNVERIFIED if problems else VERIFIED, list(dict.fromkeys(problems)), relevant)
