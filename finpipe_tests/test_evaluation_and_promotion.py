@@ -53,6 +53,21 @@ def test_a_better_mean_does_not_excuse_a_strict_regression_beyond_the_tolerance(
     assert golden_regressions(challenger, champion, tolerance=0.15) == {}
 
 
+def test_a_challenger_worse_on_the_wild_questions_is_not_promoted():
+    def wild(numbers, labels, relevance):
+        means = {"number_correctness": numbers, "label_correctness": labels, "relevance": relevance}
+        return {"summary": {"parts": {"wild": {"n": 70, "means": means}}}}
+
+    champion = scores(numbers=0.80, labels=0.70, exact=0.30) | {"end_to_end": wild(0.95, 0.90, 1.0)}
+    better_golden = scores(numbers=0.90, labels=0.80, exact=0.40)
+    d = decide(better_golden | {"end_to_end": wild(0.95, 0.80, 1.0)}, scores(val_loss=2.0), champion, tolerance=0.05)
+    assert not d.promote and d.regressions == {"wild label_correctness": {"champion": 0.90, "challenger": 0.80}}
+    assert decide(better_golden | {"end_to_end": wild(0.94, 0.88, 0.98)}, scores(val_loss=2.0), champion, 0.05).promote
+    # a champion evaluated before the wild part existed: the golden rule alone decides
+    assert decide(better_golden | {"end_to_end": wild(0.1, 0.1, 0.1)}, scores(val_loss=2.0),
+                  scores(numbers=0.80, labels=0.70, exact=0.30), 0.05).promote
+
+
 def test_promotion_refuses_an_adapter_that_clearly_forgot_general_skills():
     base = scores(val_loss=2.0, probe=[True] * 20 + [False] * 3)
     forgot = decide(scores(val_loss=1.0, probe=[True] * 8 + [False] * 15), base, None, tolerance=0.05)
@@ -262,13 +277,21 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
                                                            "exact_match", "format_validity"}
     golden = isolated_lake / "datasets/golden.jsonl"
     assert golden.exists() and len(golden.read_text().splitlines()) == 14
+    # the end-to-end evaluation: the golden questions alone and the wild part through the answering path
+    e2e = saved["variants"]["adapter"]["end_to_end"]["summary"]["parts"]
+    assert set(e2e) == {"seen", "paraphrase", "wild", "unanswerable"} and e2e["wild"]["n"] == 14
+    assert e2e["unanswerable"]["means"]["refusal_correctness"] == 1.0  # refused before the model, by rule
+    assert len(saved["end_to_end_answers"]["adapter"]) == sum(p["n"] for p in e2e.values())
+    wild = e2e["wild"]["means"]["number_correctness"]
+    assert f"{wild:.3f} [" in html and "End to end: the questions alone" in markdown
+    assert evaluation["adapter_end_to_end_wild_number_correctness"] == wild
 
     champion_pointer = registry.champion_pointer(isolated_lake)
     champion_bytes = champion_pointer.read_bytes()
     champion = registry.read_pointer(champion_pointer)  # paths resolved against the lake
 
     # a weaker challenger (2 small steps): evaluated, reported, refused; the champion stays
-    worse_ops = ops | {"qlora_adapter": {"config": TRAIN | {"learning_rate": 1e-3, "max_steps": 2, "eval_points": 1}}}
+    worse_ops = ops | {"qlora_adapter": {"config": TRAIN | {"learning_rate": 3e-3, "max_steps": 2, "eval_points": 1}}}
     second = materialize(lineage, resources, worse_ops)
     assert second.success
     refused = meta(second, "champion_adapter")

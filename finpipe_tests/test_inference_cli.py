@@ -65,12 +65,15 @@ def test_question_naming_two_tickers_gets_their_latest_facts(lake):
     trend = rules.trend_label(row["close"], row["sma_20"], row["sma_50"])
     assert re.search(rf"\b(trending {trend}|{trend} trend|trend is {trend})\b", one.reference), one.reference
 
-    # no family named: the union of every family's lines, each label once
+    # no family named: the latest session (the trained layout of one family, a short prompt)
     general = ground("Tell me about IBM", facts)
-    labels = [line.split(":")[0] for line in general.context.splitlines()[1:]]
-    assert general.families == tuple(f for f in ALL_FAMILIES if f != "comparison")
+    assert general.families == ("price",) and general.family == "price"
+    # several families named: the union of their lines, each label once
+    several = ground("Is IBM overbought, how volatile is it, and how far is it from its 52-week high?", facts)
+    labels = [line.split(":")[0] for line in several.context.splitlines()[1:]]
+    assert several.families == ("volatility", "momentum", "range") and several.family is None
     assert len(labels) == len(set(labels))
-    assert {"- open", "- RSI (14)", "- 52-week high", "- 30-day return"} <= set(labels)
+    assert {"- RSI (14)", "- 52-week high", "- annualized 20-day volatility"} <= set(labels)
 
     none = ground("What is a stock split?", facts)
     assert none.tickers == [] and none.context is None and none.user == "What is a stock split?"

@@ -84,7 +84,7 @@ def test_the_verifier_passes_true_answers_and_names_every_false_statement(lake):
     assert mislabelled.status == "unverified" and any("risk" in p for p in mislabelled.problems)
     assert verify("I like turtles.", grounding).problems == ["the answer states none of the market data's facts"]
     assert verify("anything", ground("What is the weather?", LakeFacts(lake))).status == "ungrounded"
-    union = ground("Tell me about AAPL", LakeFacts(lake))  # several families: each family's facts are checked
+    union = ground("How volatile is AAPL, and is it overbought?", LakeFacts(lake))  # each family's facts are checked
     assert len(union.checks) > 1 and verify(grounding.reference, union).status == "verified"
 
 

@@ -29,6 +29,12 @@ def read_evaluation(lake: LakeResource) -> dict:
     return json.loads(path.read_text())
 
 
+def _e2e_means(scores: dict) -> dict[str, dict]:
+    """Part -> metric means of a variant's end-to-end evaluation ({} when it had none)."""
+    parts = ((scores.get("end_to_end") or {}).get("summary") or {}).get("parts") or {}
+    return {part: got["means"] for part, got in parts.items()}
+
+
 def _window(samples) -> tuple[str | None, str | None]:
     dates = [s.as_of for s in samples if s.as_of]
     return (min(dates), max(dates)) if dates else (None, None)
@@ -57,8 +63,12 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluationConf
         context.log.info(f"froze the golden set: {len(golden)} samples at {dataset_files(lake).golden}")
     champion_pointer = registry.champion_pointer(lake.directory)
     champion = registry.read_pointer(champion_pointer) if champion_pointer.exists() else None
+    from finpipe.evaluation.end_to_end import build_set
+
+    end_to_end = build_set(golden, lake.prices_lake(), spec.seed)
     evaluation = evaluate_challenger(latest, champion, val, golden, spec,
-                                     registry.models_dir(lake.directory) / "evaluation_cache", log=context.log.info)
+                                     registry.models_dir(lake.directory) / "evaluation_cache", log=context.log.info,
+                                     end_to_end=end_to_end)
     out = write_evaluation(evaluation)
     report = json.loads((Path(latest["path"]) / "training_report.json").read_text())
     cutoff = json.loads(dataset_files(lake).split_manifest.read_text())["cutoff"]
@@ -75,6 +85,10 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluationConf
         "adapter_val_loss": variants["adapter"]["val"]["loss"],
         **{f"{name}_{metric}": golden_scores(name).get("overall", {}).get(metric)
            for name in ("base", "adapter") for metric in HEADLINE_METRICS},
+        **{f"adapter_end_to_end_{part}_{metric}": means.get(metric)
+           for part, means in _e2e_means(variants["adapter"]).items()
+           for metric in ("number_correctness", "label_correctness", "relevance", "refusal_correctness")
+           if metric in means},
         "adapter_forgetting_probe": (variants["adapter"].get("forgetting") or {}).get("score"),
         "base_forgetting_probe": (variants["base"].get("forgetting") or {}).get("score"),
         "golden_hash": evaluation["golden_hash"],

@@ -37,9 +37,10 @@ def _base_cache_path(cache_dir: Path, base_dir: str, golden: Sequence[Sample], s
     return cache_dir / f"base-{hashlib.sha256('|'.join(stamp).encode()).hexdigest()[:16]}.json"
 
 
-def _reusable_champion_scores(champion: dict | None, golden: Sequence[Sample], spec: EvalSpec) -> dict | None:
+def _reusable_champion_scores(champion: dict | None, golden: Sequence[Sample], spec: EvalSpec,
+                              end_to_end=None) -> dict | None:
     """The champion's golden and forgetting scores from its own evaluation, if made on this golden set with these
-    settings."""
+    settings (and, with ``end_to_end``, on the same end-to-end questions)."""
     if not champion:
         return None
     path = evaluation_dir(champion["path"]) / EVALUATION_FILE
@@ -53,14 +54,22 @@ def _reusable_champion_scores(champion: dict | None, golden: Sequence[Sample], s
     rows = own.get("golden_answers", {}).get("adapter")  # the record keeps the answers once, beside the scores
     if rows is None:
         return None
+    e2e = None
+    if end_to_end is not None:
+        e2e_rows = (own.get("end_to_end_answers") or {}).get("adapter")
+        if e2e_rows is None or (scores.get("end_to_end") or {}).get("digest") != end_to_end.digest:
+            return None
+        e2e = scores["end_to_end"] | {"rows": e2e_rows}
     return {"name": "champion", "val": None, "golden": scores["golden"] | {"rows": rows},
-            "forgetting": scores.get("forgetting")}
+            "forgetting": scores.get("forgetting"), "end_to_end": e2e}
 
 
 def evaluate_challenger(latest: dict, champion: dict | None, val: Sequence[Sample], golden: Sequence[Sample],
-                        spec: EvalSpec, cache_dir: Path, log: Callable[[str], None] = print) -> dict:
+                        spec: EvalSpec, cache_dir: Path, log: Callable[[str], None] = print, end_to_end=None) -> dict:
     """Score base, challenger (and champion, unless it is the challenger) and return the evaluation record
-    (what ``evaluation.json`` holds); rows of every generated answer included."""
+    (what ``evaluation.json`` holds); rows of every generated answer included. ``end_to_end``: an
+    ``finpipe.evaluation.end_to_end.EndToEndSet`` the challenger and the champion also answer through the
+    answering path (the base model is not asked: it answers the ideal context poorly already)."""
     from finpipe.evaluation.evaluate import evaluate_model
 
     base_dir = latest["base"]["path"]
@@ -73,18 +82,20 @@ def evaluate_challenger(latest: dict, champion: dict | None, val: Sequence[Sampl
     else:
         base = evaluate_model("base", base_dir, None, val, golden, spec, log).as_dict()
         atomic_write_text(cache, json.dumps(base | {"val": None}))
-    adapter = evaluate_model("adapter", base_dir, latest["path"], val, golden, spec, log).as_dict()
+    adapter = evaluate_model("adapter", base_dir, latest["path"], val, golden, spec, log,
+                             end_to_end=end_to_end).as_dict()
 
     champion_scores = None
     if champion and champion["run_id"] != latest["run_id"]:
-        champion_scores = _reusable_champion_scores(champion, golden, spec)
+        champion_scores = _reusable_champion_scores(champion, golden, spec, end_to_end)
         if champion_scores:
             log(f"champion {champion['run_id']}: golden-set scores from its own evaluation")
         else:
             champion_scores = evaluate_model("champion", champion["base"]["path"], champion["path"], [], golden, spec,
-                                             log, with_val=False).as_dict()
+                                             log, with_val=False, end_to_end=end_to_end).as_dict()
     variants = {"base": base, "adapter": adapter, "champion": champion_scores}
     golden_rows = {k: v["golden"]["rows"] for k, v in variants.items() if v}
+    e2e_rows = {k: v["end_to_end"]["rows"] for k, v in variants.items() if v and v.get("end_to_end")}
     return {
         "run_id": latest["run_id"], "adapter_path": latest["path"], "base": latest["base"],
         "champion": champion, "same_base_as_champion": bool(champion) and champion["base"]["path"] == base_dir,
@@ -93,6 +104,7 @@ def evaluate_challenger(latest: dict, champion: dict | None, val: Sequence[Sampl
         "variants": {k: _without_rows(v) for k, v in variants.items()},
         "answers": {k: v["val"]["rows"] for k, v in variants.items() if v and v.get("val")},
         "golden_answers": golden_rows,
+        "end_to_end_answers": e2e_rows,
         "differences": paired_differences(golden_rows, spec.seed),
         "evaluated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -124,7 +136,7 @@ def _without_rows(scores: dict | None) -> dict | None:
     if scores is None:
         return None
     out = dict(scores)
-    for part in ("val", "golden"):
+    for part in ("val", "golden", "end_to_end"):
         if out.get(part):
             out[part] = {k: v for k, v in out[part].items() if k != "rows"}
     return out

@@ -8,7 +8,9 @@ A challenger is promoted only if all hold:
    ``forgetting_tolerance`` below the base **and** significantly below it (the paired 95% bootstrap interval
    of challenger - base lies below zero);
 3. no strict golden metric (number correctness, label correctness, exact match) drops more than ``tolerance``
-   below the champion's;
+   below the champion's, and, where both were asked the wild questions end to end (what users type, through
+   the answering path: ``finpipe.evaluation.end_to_end``), neither does their number or label correctness or
+   relevance there;
 4. it improves on the champion on the golden set's strict quality (the mean of the strict metrics); at equal
    quality, a lower golden loss decides when both share a base (same tokenizer, comparable losses).
 With no champion yet, rules 1 and 2 decide.
@@ -42,11 +44,20 @@ def quality(scores: dict) -> float:
 
 
 def golden_regressions(challenger: dict, champion: dict, tolerance: float) -> dict[str, dict[str, float]]:
+    """Strict golden metrics (and the wild part's, as ``wild <metric>``) more than ``tolerance`` below the
+    champion's."""
+    from finpipe.evaluation.end_to_end import wild_quality
+
     out = {}
     for metric in GUARDED_METRICS:
         new, old = challenger["golden"]["overall"].get(metric), champion["golden"]["overall"].get(metric)
         if new is not None and old is not None and new < old - tolerance:
             out[metric] = {"champion": old, "challenger": new}
+    new_wild, old_wild = wild_quality(challenger.get("end_to_end")), wild_quality(champion.get("end_to_end"))
+    for metric, new in new_wild.items():
+        old = old_wild.get(metric)
+        if new is not None and old is not None and new < old - tolerance:
+            out[f"wild {metric}"] = {"champion": old, "challenger": new}
     return out
 
 

@@ -2,7 +2,8 @@
 numbers as ``evaluation.json``.
 
 Sections: the decision and what trained; the strict golden-set metrics with 95% intervals, base vs adapter vs
-champion; the seen and held-out-wording parts; the paired differences (established or not); the forgetting
+champion; the seen and held-out-wording parts; the end-to-end evaluation (golden and wild questions through the
+answering path) with its wrong wild answers; the paired differences (established or not); the forgetting
 probe; the learning curve (strict metrics vs training tokens); validation; loss curves; per-family bars;
 sample golden answers with what was wrong in each.
 """
@@ -80,6 +81,44 @@ def parts_rows(variants: dict[str, dict | None]) -> list[dict]:
             rows.append({"model": name, "part": "held-out wording" if part == "paraphrase" else "training wording"}
                         | {LABELS[m]: _fmt(means.get(m)) for m in HEADLINE_METRICS})
     return rows
+
+
+E2E_LABELS = LABELS | {"relevance": "relevance", "verified": "verified", "refusal_correctness": "refusal correct",
+                       "invented_numbers": "invented numbers"}
+E2E_PART_NAMES = {"seen": "golden, training wording", "paraphrase": "golden, held-out wording",
+                  "wild": "wild (as people type)", "unanswerable": "unanswerable"}
+
+
+def end_to_end_rows(variants: dict[str, dict | None]) -> list[dict]:
+    """Per model and part of the end-to-end evaluation: n and each metric as 'value [low, high]'."""
+    rows = []
+    for name, s in variants.items():
+        parts = (((s or {}).get("end_to_end") or {}).get("summary") or {}).get("parts") or {}
+        for part, got in parts.items():
+            rows.append({"model": name, "part": E2E_PART_NAMES.get(part, part), "n": got["n"]} | {
+                E2E_LABELS[k]: _with_ci(v, (got.get("ci") or {}).get(k)) for k, v in got["means"].items()})
+    return rows
+
+
+def wild_family_rows(variants: dict[str, dict | None]) -> list[dict]:
+    rows = []
+    for name, s in variants.items():
+        per_family = (((s or {}).get("end_to_end") or {}).get("summary") or {}).get("wild_per_family") or {}
+        for family, means in per_family.items():
+            rows.append({"model": name, "family": family} | {E2E_LABELS[k]: _fmt(v) for k, v in means.items()})
+    return rows
+
+
+def wild_misses(e2e_answers: dict[str, list[dict]], limit: int = 8) -> list[dict]:
+    """The challenger's wild and unanswerable answers that were wrong, with what was wrong."""
+    out = []
+    for row in e2e_answers.get("adapter") or []:
+        wrong = row.get("refusal_correctness") == 0.0 or (row["part"] == "wild" and (
+            row.get("number_correctness", 1) < 1 or (row.get("label_correctness") or 1) < 1 or not row.get("relevance")))
+        if row["part"] in ("wild", "unanswerable") and wrong:
+            out.append({"question": row["question"], "family": row["family"], "grounded as": row.get("grounded_as"),
+                        "answer": row["answer"][:160], "wrong": "; ".join(row.get("problems") or [])[:200]})
+    return out[:limit]
 
 
 def difference_rows(differences: dict) -> list[dict]:
@@ -259,6 +298,15 @@ def render_evaluation(evaluation: dict, training: dict, decision, out_dir: Path)
          "word. Intervals are percentile bootstraps over the golden questions."),
         ("Training wording vs held-out wording", parts_rows(variants),
          "Held-out wordings (finpipe/evaluation/paraphrases.py) never appear in training."),
+        ("End to end: the questions alone, answered as `finpipe ask` and `serve` answer them",
+         end_to_end_rows(variants),
+         "The tables above give the model each golden sample's ideal context. Here the question alone goes through "
+         "the answering path (ground() picks the facts, out-of-scope questions are refused, the answer is verified), "
+         "with the lake as on the sample's date. Wild: the golden samples re-asked the way people type "
+         "(finpipe/evaluation/wild.py, never in training). Relevance and verified: the server's verifier. "
+         "Unanswerable: right only when the answer says the data does not cover it and invents no number."),
+        ("Wild questions per family", wild_family_rows(variants), ""),
+        ("Wrong wild answers (challenger)", wild_misses(evaluation.get("end_to_end_answers") or {}), ""),
         ("Differences (paired over the same golden questions)", difference_rows(evaluation.get("differences") or {}),
          "A difference is established only when its 95% interval excludes zero."),
         ("Forgetting probe (general questions; questions where the models differ)", forgetting_rows(variants),
