@@ -96,6 +96,16 @@ def test_questions_the_lake_cannot_answer_are_refused_and_training_questions_are
                 assert out_of_scope(wording.format(**values)) is None, wording
 
 
+def test_two_tickers_are_compared_by_returns_and_other_pair_questions_are_declined(lake):
+    facts = LakeFacts(lake)
+    for question in ("aapl vs msft this week", "Compare Apple and Microsoft", "AAPL or MSFT over 7 sessions?"):
+        prepared = prepare(question, facts)
+        assert prepared.refusal is None and prepared.grounding.family == "comparison", question
+    declined = prepare("what is aapl's rsi vs msft's?", facts)
+    assert declined.refusal and "compares two tickers by their returns only" in declined.refusal
+    assert "momentum of AAPL and of MSFT one ticker at a time" in declined.refusal
+
+
 def test_every_user_style_training_question_gets_its_training_user_turn_back(lake):
     from finpipe.instructions.builder import DatasetSpec, build_samples
     from finpipe_tests.helpers import lake_inputs

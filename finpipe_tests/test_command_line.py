@@ -152,3 +152,17 @@ def test_dagster_dev_serves_the_assets_over_graphql(cli_env):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_help_runs_and_sql_import_no_torch_pandas_or_dagster(lake):
+    """The commands that only read or describe start instantly: none of them imports an ML library, pandas or
+    Dagster (a cold `import transformers` alone is seconds on 2 cores)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "peft", "pandas", "dagster")
+    for argv in (["--help"], ["runs"], ["sql", "SELECT count(*) AS n FROM prices"]):
+        probe = ("import sys\nfrom finpipe.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+                 "print('LOADED', sorted(m for m in %r if m in sys.modules))" % (argv, heavy))
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout
+        assert "LOADED []" in out, (argv, out[-300:])

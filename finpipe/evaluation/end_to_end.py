@@ -27,7 +27,7 @@ from finpipe.evaluation.golden import part_of
 from finpipe.evaluation.stats import bootstrap_ci
 from finpipe.evaluation.strict import strict_score
 from finpipe.evaluation.wild import UNANSWERABLE, WildQuestion, build_wild, declines, wild_hash
-from finpipe.inference.answering import Answer, finish, prepare
+from finpipe.inference.answering import RETRIES, Answer, finish, prepare
 from finpipe.instructions.factcheck import numbers_in
 from finpipe.instructions.samples import Sample
 from finpipe.serving.verify import VERIFIED
@@ -75,9 +75,10 @@ def build_set(golden: Sequence[Sample], lake, seed: int = 0) -> EndToEndSet:
 
 
 def answer_all(items: Sequence[WildQuestion], facts_for, generate_many: GenerateMany,
-               known: dict[str, str] | None = None) -> list[Answer]:
+               known: dict[str, str] | None = None, resample: GenerateMany | None = None) -> list[Answer]:
     """Every question through the answering path; each distinct prompt generated once (``known``: prompt key ->
-    an answer already generated for exactly that prompt)."""
+    an answer already generated for exactly that prompt). ``resample``: the ``retry`` policy, batched: each
+    unverified answer is sampled again (``RETRIES`` times at most) and the first verified sample kept."""
     prepared = [prepare(q.question, facts_for(q.as_of)) for q in items]
     known = dict(known or {})
     todo: dict[str, list[dict[str, str]]] = {}
@@ -93,6 +94,16 @@ def answer_all(items: Sequence[WildQuestion], facts_for, generate_many: Generate
             answers.append(Answer(p.refusal, p, None))
         else:
             answers.append(finish(p, Generated(known[prompt_key(p.messages)], 0, 0.0)))
+    for _ in range(RETRIES if resample is not None else 0):
+        again = [i for i, a in enumerate(answers) if a.verdict is not None and a.status != VERIFIED
+                 and a.grounding.context]
+        if not again:
+            break
+        for i, generated in zip(again, resample([answers[i].prepared.messages for i in again])):
+            candidate = finish(answers[i].prepared, generated)
+            attempts = answers[i].attempts + 1
+            answers[i] = candidate if candidate.status == VERIFIED else answers[i]
+            answers[i].attempts = attempts
     return answers
 
 
@@ -167,10 +178,11 @@ def summarize(rows: Sequence[dict], seed: int = 0) -> dict:
 
 
 def evaluate_end_to_end(questions: EndToEndSet, generate_many: GenerateMany, known: dict[str, str] | None = None,
-                        seed: int = 0) -> dict:
-    """Answer and score every question: ``{"summary", "rows", "digest"}``."""
-    answers = answer_all(questions.questions, questions.facts_for, generate_many, known)
-    rows = [score_row(q, a) for q, a in zip(questions.questions, answers)]
+                        seed: int = 0, resample: GenerateMany | None = None) -> dict:
+    """Answer and score every question: ``{"summary", "rows", "digest"}``; ``resample``: answer with the ``retry``
+    policy (rows then carry their attempts)."""
+    answers = answer_all(questions.questions, questions.facts_for, generate_many, known, resample)
+    rows = [score_row(q, a) | {"attempts": a.attempts} for q, a in zip(questions.questions, answers)]
     return {"summary": summarize(rows, seed), "rows": rows, "digest": questions.digest}
 
 

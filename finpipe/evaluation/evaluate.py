@@ -257,9 +257,9 @@ class ModelScores:
 
 def evaluate_variant(name: str, model, tokenizer, val_loss_samples: Sequence[Sample], val_answers: Sequence[Sample],
                      golden: Sequence[Sample], spec: EvalSpec, log: Callable[[str], None] = print,
-                     with_forgetting: bool = True, end_to_end=None) -> ModelScores:
+                     with_forgetting: bool = True, end_to_end=None, retry: bool = False) -> ModelScores:
     """Score one loaded model on whichever of the sets are given (an empty set is skipped); ``end_to_end``: an
-    ``EndToEndSet`` to answer through the answering path as well."""
+    ``EndToEndSet`` to answer through the answering path as well (``retry``: with the retry policy)."""
     from finpipe.evaluation.end_to_end import evaluate_end_to_end, prompt_key
 
     sampling = Sampling(max_new_tokens=spec.max_new_tokens)
@@ -271,9 +271,17 @@ def evaluate_variant(name: str, model, tokenizer, val_loss_samples: Sequence[Sam
         log(f"evaluating {name}: end to end ({len(end_to_end.questions)} questions, as `finpipe ask` answers them)")
         known = {prompt_key(s.messages[:-1]): row["answer"]
                  for s, row in zip(golden, golden_scores.rows)} if golden_scores else {}
+        resample = None
+        if retry:  # the `retry` policy: unverified answers sampled again (finpipe.inference.answering)
+            from dataclasses import replace as with_
+
+            from finpipe.inference.answering import RETRY_TEMPERATURE
+
+            sampled = with_(sampling, temperature=RETRY_TEMPERATURE)
+            resample = lambda chats: generate_batch(model, tokenizer, chats, sampled, spec.batch_size)  # noqa: E731
         e2e = evaluate_end_to_end(end_to_end, lambda chats: generate_batch(model, tokenizer, chats, sampling,
                                                                            spec.batch_size, progress=log),
-                                  known, spec.seed)
+                                  known, spec.seed, resample)
     if val_answers or val_loss_samples:
         log(f"evaluating {name}: validation ({len(val_loss_samples)} for loss, {len(val_answers)} answers)")
         val_scores = score_set(model, tokenizer, val_loss_samples, val_answers, sampling, log, spec.batch_size,
@@ -286,7 +294,8 @@ def evaluate_variant(name: str, model, tokenizer, val_loss_samples: Sequence[Sam
 
 def evaluate_model(name: str, base_dir: str, adapter_dir: str | None, val: Sequence[Sample], golden: Sequence[Sample],
                    spec: EvalSpec, log: Callable[[str], None] = print, with_val: bool = True,
-                   with_golden: bool = True, with_forgetting: bool = True, end_to_end=None) -> ModelScores:
+                   with_golden: bool = True, with_forgetting: bool = True, end_to_end=None,
+                   retry: bool = False) -> ModelScores:
     """Load one model (the base, or the base with an adapter merged in, at the device's inference precision) and
     score it; the weights are freed afterwards."""
     from finpipe.evaluation.generation import load_chat_model
@@ -298,7 +307,7 @@ def evaluate_model(name: str, base_dir: str, adapter_dir: str | None, val: Seque
             if with_val and val and spec.val_answers_per_family else []
         val_loss = loss_subset(val, spec.loss_samples, spec.seed) if with_val and val else []
         return evaluate_variant(name, model, tokenizer, val_loss, val_answers, golden if with_golden else [], spec,
-                                log, with_forgetting, end_to_end)
+                                log, with_forgetting, end_to_end, retry)
     finally:
         del model
         release_memory()

@@ -191,8 +191,12 @@ def detect_families(question: str) -> tuple[str, ...]:
     """The single-ticker families the question asks about, in the canonical order. A question that names none
     ("what's up with IBM?") gets ``DEFAULT_FAMILY``: one family's block, the layout the model was trained on, and
     a short prompt (measured in docs/evaluation.md: the union of every family is slower and answers worse)."""
-    named = tuple(f for f, pattern in FAMILY_PATTERNS.items() if pattern.search(question))
-    return named or (DEFAULT_FAMILY,)
+    return named_families(question) or (DEFAULT_FAMILY,)
+
+
+def named_families(question: str) -> tuple[str, ...]:
+    """The single-ticker families the question's words name, in the canonical order (none: it names none)."""
+    return tuple(f for f, pattern in FAMILY_PATTERNS.items() if pattern.search(question))
 
 
 def detect_window(question: str, default: int = DEFAULT_WINDOW) -> int:
@@ -315,6 +319,8 @@ class Grounding:
     #: what the question asks that the lake does not hold ("P/E ratios", "news"): refused, never answered
     out_of_scope: str | None = None
     ambiguous: str | None = None  # a company name that fits several tickers: refused with the candidates
+    #: a question about tickers the lake has that finpipe still does not answer (why, for the refusal)
+    declined: str | None = None
     #: family -> (facts, labels) of the context: what an answer is verified against (finpipe.serving.verify)
     checks: dict[str, tuple[dict[str, str], dict[str, str]]] = field(default_factory=dict)
     #: the lake rows the context was rendered from (ticker -> statistics row): the only ground truth a verifier
@@ -360,6 +366,11 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
 
     if len(tickers) == 2:
         a, b = tickers
+        others = [f for f in named_families(question) if f != "performance"]
+        if others:  # the model compares two tickers by their returns: "AAPL's RSI vs MSFT's" would get returns
+            grounding.declined = (f"finpipe compares two tickers by their returns only; ask about the {' and '.join(others)} "
+                                  f"of {a} and of {b} one ticker at a time")
+            return grounding
         pair = facts.latest_pair(a, b)
         if pair is None or not all(fam.has_statistics(row, fam.COMPARISON_NEEDS) for row in pair):
             grounding.notes.append(f"{a} and {b} have no common date with complete statistics: "
@@ -456,6 +467,8 @@ def refusal(grounding: Grounding, known: Sequence[str]) -> str | None:
     """What to say instead of answering a question the lake has no market data for (None: it has some)."""
     if grounding.ambiguous:
         return f"I can only answer about one instrument at a time by name, and {grounding.ambiguous}."
+    if grounding.declined:
+        return f"I cannot answer that from finpipe's market data as asked: {grounding.declined}."
     if grounding.out_of_scope:
         about = f" for {' and '.join(grounding.tickers)}" if grounding.tickers else ""
         return (f"finpipe's market data does not cover {grounding.out_of_scope}, so I cannot answer that. It "

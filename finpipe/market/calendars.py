@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime as dt
 from functools import lru_cache
 
-import pandas as pd
-
 # Earliest date any finpipe universe needs; exchange-calendars starts some calendars later by default.
 CALENDAR_START = dt.date(1998, 1, 2)  # XBOM records holidays from 1997 only
 
@@ -45,6 +43,8 @@ def sessions(code: str, start: dt.date, end: dt.date) -> list[dt.date]:
         raise CalendarHorizonError(
             f"{code} calendar covers {first}..{last}; requested {start}..{end} lies outside it"
         )
+    import pandas as pd  # here: `finpipe runs` and `sql` reach this module and need no pandas
+
     idx = _calendar(code).sessions_in_range(pd.Timestamp(start), pd.Timestamp(end))
     return [ts.date() for ts in idx]
 
