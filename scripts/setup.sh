@@ -33,7 +33,9 @@ if [ "${FINPIPE_INSTALLER:-uv}" = uv ] && .venv/bin/python -m pip install --quie
 fi
 install() {
   if [ "$installer" = uv ]; then
-    .venv/bin/python -m uv pip install --quiet --python .venv/bin/python \
+    # --compile-bytecode: the first `finpipe ask` does not spend seconds compiling torch and transformers (pip
+    # compiles on install already)
+    .venv/bin/python -m uv pip install --quiet --compile-bytecode --python .venv/bin/python \
       ${PIP_FIND_LINKS:+--find-links "$PIP_FIND_LINKS"} "$@"
   else
     .venv/bin/python -m pip install --quiet "$@"
