@@ -23,20 +23,23 @@ from finpipe_tests.helpers import free_port
 START_TIMEOUT_S = 120
 
 
+def serve_env(lake_dir: Path) -> dict[str, str]:
+    return os.environ | {"FINPIPE_LAKE_DIR": str(lake_dir), "OMP_NUM_THREADS": "1"}
+
+
 class Server:
     def __init__(self, lake_dir: Path, log: Path, *options: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = os.environ | {"FINPIPE_LAKE_DIR": str(lake_dir), "OMP_NUM_THREADS": "1"}
         self.log = log
         self.proc = subprocess.Popen([sys.executable, "-m", "finpipe.cli", "serve", "--port", str(self.port),
                                       "--reload-every-s", "0.5", *options],
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, env=serve_env(lake_dir))
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, log.read_text()
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503):  # 503: up, cannot answer
                     return
             except httpx.HTTPError:
                 pass
@@ -98,6 +101,13 @@ def test_serve_settings_are_validated_before_anything_loads():
         ServeSpec(on_unverified="pray")
     with pytest.raises(ValueError, match="port must be in 1..65535"):
         ServeSpec(port=99999)
+
+
+def test_serve_settings_refuse_nan_and_inf():
+    for name in ("generation_timeout_s", "reload_every_s"):
+        for bad in (float("nan"), float("inf")):  # inf passed "> 0": a generation bound that never ends
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                ServeSpec(**{name: bad})
 
 
 # ---------------------------------------------------------------------------------------- the real server
@@ -231,5 +241,192 @@ def test_abstain_replaces_an_unverified_answer_and_says_why(champion, isolated_l
         if finpipe["verdict"] == "unverified":  # a random model's answer: all but certain
             assert reply.choices[0].message.content.startswith("I cannot state this reliably")
             assert finpipe["problems"]
+    finally:
+        running.stop()
+
+
+# ---------------------------------------------------------------------------------------- red team: serving faults
+
+
+def wait_for_health(server: Server, ok, timeout_s: float = 30.0) -> httpx.Response:
+    """The first /health response ``ok`` accepts (its JSON), within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = httpx.get(f"{server.url}/health", timeout=30)
+        if ok(response.json()):
+            return response
+        assert time.monotonic() < deadline, (response.json(), server.log.read_text())
+        time.sleep(0.3)
+
+
+def said(health: dict, words: str) -> bool:
+    return any(words in reason for reason in health["degraded"])
+
+
+@pytest.mark.slow
+def test_a_champion_pointer_or_lake_broken_after_the_start_keeps_the_champion_serving_and_says_so(server, champion,
+                                                                                                 isolated_lake):
+    from finpipe.paths import LAKE_DB_NAME
+
+    client = server.client()
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["degraded"] == [] and health["can_answer"]
+
+    def answered_degraded(words: str) -> None:
+        reply = client.chat.completions.create(model="champion", messages=ASK, max_tokens=4)
+        finpipe = reply.model_extra["finpipe"]
+        assert reply.model == champion["run_id"] and finpipe["grounding"]["tickers"] == ["AAPL"]
+        assert any(words in reason for reason in finpipe["degraded"]), finpipe["degraded"]
+
+    pointer = registry.champion_pointer(isolated_lake)
+    good = pointer.read_text()
+    registry.write_pointer(pointer, champion | {"run_id": "r9", "path": str(registry.adapters_dir(isolated_lake) / "r9")})
+    response = wait_for_health(server, lambda h: said(h, "r9"))  # a pointer naming a folder that is not there
+    assert response.status_code == 200 and response.json()["status"] == "degraded"
+    assert not response.json()["champion_pointer_ok"] and response.json()["champion"] == champion["run_id"]
+    answered_degraded("r9")
+    pointer.write_text(good[: len(good) // 2])  # cut off mid-write
+    wait_for_health(server, lambda h: said(h, "not a finpipe pointer"))
+    answered_degraded("not a finpipe pointer")
+    pointer.write_text(good)
+    wait_for_health(server, lambda h: h["status"] == "ok")
+
+    db = isolated_lake / LAKE_DB_NAME
+    aside = db.with_name("aside.duckdb")
+    db.rename(aside)  # the lake file gone: the facts read last keep answering
+    response = wait_for_health(server, lambda h: said(h, "missing"))
+    assert response.status_code == 200 and not response.json()["lake_readable"]
+    answered_degraded("missing")
+    db.write_bytes(b"this is not a duckdb file " * 4000)  # a damaged lake in its place
+    wait_for_health(server, lambda h: said(h, "not a readable DuckDB lake"))
+    answered_degraded("not a readable DuckDB lake")
+    db.unlink()
+    aside.rename(db)
+    health = wait_for_health(server, lambda h: h["status"] == "ok").json()
+    assert health["lake_readable"] and health["champion_pointer_ok"] and health["champion"] == champion["run_id"]
+    assert server.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_a_server_started_on_a_missing_champion_folder_serves_the_base_says_why_and_503_only_when_nothing_can_answer(
+        champion, tiny, isolated_lake, tmp_path):
+    import shutil
+
+    import openai
+
+    gone = tmp_path / "gone-adapter"
+    registry.write_pointer(registry.champion_pointer(isolated_lake), champion | {"path": str(gone)})
+    running = Server(isolated_lake, tmp_path / "serve.log")  # it starts (it used to exit at startup)
+    try:
+        client = running.client()
+        response = httpx.get(f"{running.url}/health")
+        assert response.status_code == 200 and response.json()["status"] == "degraded"
+        assert response.json()["can_answer"] and said(response.json(), str(gone))
+        with pytest.raises(openai.InternalServerError) as unavailable:
+            client.chat.completions.create(model="champion", messages=ASK, max_tokens=4)
+        assert unavailable.value.status_code == 503 and unavailable.value.body["code"] == "model_unavailable"
+        assert str(gone) in unavailable.value.body["message"]
+
+        base_pointer = registry.base_pointer(isolated_lake)
+        good_base = base_pointer.read_text()
+        registry.write_pointer(base_pointer, {"name": "tiny", "path": str(tmp_path / "no-base")})
+        response = httpx.get(f"{running.url}/health")  # no champion, no base: nothing can answer
+        assert response.status_code == 503 and not response.json()["can_answer"], response.text
+        with pytest.raises(openai.InternalServerError, match="no-base"):
+            client.chat.completions.create(model="base", messages=ASK, max_tokens=4)
+        base_pointer.write_text(good_base)
+        reply = client.chat.completions.create(model="base", messages=ASK, max_tokens=4)
+        assert reply.model == "base" and said(reply.model_extra["finpipe"], str(gone))
+
+        shutil.copytree(tiny["adapter"], gone)  # the folder arrives: the champion is served without a restart
+        health = wait_for_health(running, lambda h: h["champion"] == champion["run_id"]).json()
+        assert health["status"] == "ok" and health["degraded"] == []
+        assert client.chat.completions.create(model="champion", messages=ASK, max_tokens=4).model == champion["run_id"]
+    finally:
+        running.stop()
+
+
+@pytest.mark.slow
+def test_openai_options_it_cannot_honour_are_refused_naming_them_and_stop_and_seed_are_honoured(server):
+    url = f"{server.url}/v1/chat/completions"
+    refused = [({"response_format": {"type": "json_object"}}, "response_format"),
+               ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                 "tool_choice": "required"}, "tools"),
+               ({"tool_choice": "required"}, "tool_choice"),
+               ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+               ({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"), ({"n": 2}, "n"),
+               ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"seed": -1}, "seed")]
+    for extra, param in refused:
+        response = httpx.post(url, json={"model": "champion", "messages": ASK, "max_tokens": 4, **extra}, timeout=60)
+        assert response.status_code == 400, (extra, response.text)
+        assert response.json()["error"]["param"] == param and response.json()["error"]["message"], response.text
+    for method, path, status in (("GET", "/no-such-path", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("DELETE", "/health", 405)):
+        response = httpx.request(method, f"{server.url}{path}", timeout=30)
+        assert response.status_code == status, response.text
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"} and response.json()["error"]["message"]
+    deep = b'{"model": "champion", "messages": ' + b"[" * 30000 + b"]" * 30000 + b"}"  # under the body limit
+    response = httpx.post(url, content=deep, headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", response.text
+
+    client = server.client()
+    plain = client.chat.completions.create(model="champion", messages=ASK, max_tokens=24).choices[0].message.content
+    assert len(plain) >= 8, plain
+    stop = plain[len(plain) // 2: len(plain) // 2 + 2]
+    expected = plain[: plain.index(stop)].strip()
+    reply = client.chat.completions.create(model="champion", messages=ASK, max_tokens=24, stop=["\u2603never", stop])
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="champion", messages=ASK, max_tokens=24, stop=stop,
+                                                 stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert stop not in streamed and streamed.strip() == expected and chunks[-1].choices[0].finish_reason == "stop"
+
+    sampled = dict(model="champion", messages=ASK, max_tokens=16, temperature=1.0)
+    first = client.chat.completions.create(seed=7, **sampled).choices[0].message.content
+    assert client.chat.completions.create(seed=7, **sampled).choices[0].message.content == first
+    streamed = "".join(c.choices[0].delta.content or ""
+                       for c in client.chat.completions.create(seed=7, stream=True, **sampled))
+    assert streamed.strip() == first
+    others = {client.chat.completions.create(seed=seed, **sampled).choices[0].message.content for seed in (8, 9)}
+    assert others != {first}  # the seed does choose the sample
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_stream_whose_client_leaves_stops_generating_and_a_refused_request_loads_no_model(server, champion):
+    url = f"{server.url}/v1/chat/completions"
+    for body in ({"model": "base", "messages": ASK, "max_tokens": 100000},
+                 {"model": "base", "messages": [{"role": "user", "content": "Is AAPL trending? " + "really " * 3000}]}):
+        response = httpx.post(url, json=body, timeout=60)
+        assert response.status_code == 400, response.text
+    assert httpx.get(f"{server.url}/health").json()["models_loaded"] == [champion["run_id"]]  # base never loaded
+
+    with httpx.stream("POST", url, json={"model": "champion", "messages": ASK, "max_tokens": 512, "stream": True},
+                      timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break  # the first words: the client leaves
+    health = wait_for_health(server, lambda h: h["cancelled"] == 1 and h["generating"] == 0, timeout_s=20).json()
+    assert health["waiting"] == 0
+    started = time.monotonic()
+    reply = server.client().chat.completions.create(model="champion", messages=ASK, max_tokens=4)
+    assert reply.choices[0].message.content is not None and time.monotonic() - started < 20
+    stopped = re.search(r"stopped a generation after (\d+) tokens", server.log.read_text())
+    whole = server.client().chat.completions.create(model="champion", messages=ASK, max_tokens=512)  # greedy: the same
+    assert stopped and int(stopped.group(1)) < whole.usage.completion_tokens, server.log.read_text()
+
+
+@pytest.mark.slow
+def test_a_public_host_gets_one_warning_and_a_busy_port_exits_5_with_one_line(champion, isolated_lake, tmp_path):
+    running = Server(isolated_lake, tmp_path / "public.log", "--host", "0.0.0.0")
+    try:
+        warnings = [line for line in running.log.read_text().splitlines() if line.startswith("finpipe serve: warning")]
+        assert len(warnings) == 1 and "0.0.0.0" in warnings[0] and "no authentication" in warnings[0], warnings
+        second = subprocess.run([sys.executable, "-m", "finpipe.cli", "serve", "--port", str(running.port)],
+                                env=serve_env(isolated_lake), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 5, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "already in use" in lines[0] and str(running.port) in lines[0], lines
+        assert httpx.get(f"{running.url}/health").json()["status"] == "ok"  # the first one is untouched
     finally:
         running.stop()

@@ -134,9 +134,10 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Sampling = Sampling(),
-             streamer=None) -> Generated:
+             streamer=None, stopping_criteria=None) -> Generated:
     """One answer to a chat (system/user turns) with the KV cache; the reply text without template tokens.
-    ``streamer``: a transformers streamer that receives the tokens as they are generated."""
+    ``streamer``: a transformers streamer that receives the tokens as they are generated. ``stopping_criteria``: a
+    ``StoppingCriteriaList`` that may end it early (a server's stop strings, a client that went away)."""
     import torch
 
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
@@ -146,7 +147,7 @@ def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Samplin
     with torch.inference_mode():
         out = model.generate(**prompt, **sampling.generate_kwargs(), eos_token_id=stop_token_ids(tokenizer),
                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                             else tokenizer.eos_token_id, streamer=streamer)
+                             else tokenizer.eos_token_id, streamer=streamer, stopping_criteria=stopping_criteria)
     seconds = time.perf_counter() - started
     new = out[0, prompt["input_ids"].shape[1]:]
     return Generated(text=tokenizer.decode(new, skip_special_tokens=True).strip(), new_tokens=int(new.shape[0]),
@@ -155,7 +156,7 @@ def generate(model, tokenizer, messages: list[dict[str, str]], sampling: Samplin
 
 def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling: Sampling = Sampling(),
                    batch_size: int = 8, progress=None, references: list[str] | None = None,
-                   progress_every_s: float = 15.0) -> list[Generated]:
+                   progress_every_s: float = 15.0, stopping_criteria=None) -> list[Generated]:
     """Answers to many chats, ``batch_size`` at a time (left padding): on a CPU a decoding step costs about
     the same for 1 or 8 sequences, so evaluation runs several times faster than one by one. ``seconds`` is
     the batch's wall time shared evenly; use ``generate`` to measure single-request latency. ``progress``, if
@@ -164,8 +165,12 @@ def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling
 
     ``references`` (one reference answer per chat) also scores each reference teacher-forced in the same forward
     pass that fills the prompt's KV cache (``reference_nll``/``reference_tokens``): the loss of an answered set
-    costs no second pass over its prompts (half of a golden evaluation's compute on a CPU)."""
+    costs no second pass over its prompts (half of a golden evaluation's compute on a CPU).
+
+    ``stopping_criteria`` (a ``StoppingCriteriaList`` returning one flag per row of a batch) may end rows early: the
+    server passes it for a single batch (``batch_size`` = the number of chats)."""
     import torch
+    from transformers import StoppingCriteriaList
 
     from finpipe.runtime import rebalance
 
@@ -189,11 +194,13 @@ def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling
                 if references is not None:
                     scored, cache = _score_references(model, tokenizer, chunk, texts, references[i: i + batch_size],
                                                       enc, pad)
-                ticker = {} if progress is None else {"stopping_criteria": _progress_ticker(
-                    progress, f"  answers {i + 1}-{i + len(chunk)} of {len(chats)}", sampling.max_new_tokens,
-                    progress_every_s)}
+                criteria = StoppingCriteriaList(stopping_criteria or [])
+                if progress is not None:
+                    criteria.extend(_progress_ticker(progress, f"  answers {i + 1}-{i + len(chunk)} of {len(chats)}",
+                                                     sampling.max_new_tokens, progress_every_s))
                 out = model.generate(**enc, **sampling.generate_kwargs(), eos_token_id=stops, pad_token_id=pad,
-                                     **({"cache": cache} if cache is not None else {}), **ticker)
+                                     **({"cache": cache} if cache is not None else {}),
+                                     **({"stopping_criteria": criteria} if criteria else {}))
             share = (time.perf_counter() - started) / len(chunk)
             for row, (nll, n_ref) in zip(out[:, enc["input_ids"].shape[1]:].tolist(), scored):
                 end = next((j for j, t in enumerate(row) if t in stops), None)

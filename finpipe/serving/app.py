@@ -7,17 +7,31 @@ it (before any model is loaded), answered by the requested model, and verified a
 (``finpipe.serving.verify``). The verdict travels with the response: a ``finpipe`` field in
 the body (the last chunk when streamed) and an ``X-Finpipe-Verdict`` header (plain responses). What happens to an
 unverified answer is the server's choice (``on_unverified``): flag it, abstain, or retry with sampling.
+
+A request is checked in full (options, prompt length) before any model is loaded for it. What breaks after the
+start (the champion pointer, the lake file) degrades the server instead of failing every request: the loaded
+champion and the last good lake facts keep answering, and ``/health`` and each answer's ``finpipe.degraded`` say
+what is wrong; ``/health`` answers 503 only when no model can answer at all.
 """
 
 import asyncio
+import errno
+import ipaddress
+import itertools
 import json
+import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from finpipe.inference.answering import AnswerSpec
 from finpipe.paths import LAKE_DB_NAME
-from finpipe.settings import setting
+from finpipe.settings import non_finite, setting
+
+
+class AddressInUseError(RuntimeError):
+    """The port is taken (another ``finpipe serve``?): its own exit code (5), never the "lake locked" 3 that uvicorn's
+    startup failure would give."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,8 @@ class ServeSpec(AnswerSpec):
     reload_every_s: float = setting(2.0, "how often the champion pointer is checked for a new champion")
 
     def __post_init__(self) -> None:
+        if problems := non_finite(self):  # inf passes every "> 0" below: a timeout that never ends
+            raise ValueError("invalid serve config: " + "; ".join(problems))
         super().__post_init__()
         problems = []
         if not 0 < self.port < 65536:
@@ -57,6 +73,7 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import ValidationError
+    from starlette.exceptions import HTTPException
 
     from finpipe.inference.answering import REFUSED, Answer, answer, prepare
     from finpipe.inference.answering import finish as finish_answer
@@ -76,9 +93,30 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
     async def api_error(request: Request, exc: p.ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(HTTPException)
+    async def route_error(request: Request, exc: HTTPException):
+        """An unknown path or a wrong method: OpenAI's error JSON too (an OpenAI client reads ``error.message``)."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        message = {404: f"no such endpoint: {request.method} {request.url.path} (this server has POST "
+                        "/v1/chat/completions, GET /v1/models and GET /health)",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        body = p.ApiError(exc.status_code, message, code=code).body()
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log(f"unexpected error answering {request.url.path}: {exc!r}")
+        first = (str(exc).strip().splitlines() or [""])[0]
+        body = p.ApiError(500, f"internal error: {type(exc).__name__}: {first}", type_="server_error",
+                          code="internal_error").body()
+        return JSONResponse(body, status_code=500)
+
     @app.on_event("startup")
     async def startup() -> None:
-        await asyncio.to_thread(store.check_champion)
+        try:  # a champion that cannot be served is a degradation (/health says why), not a server that never starts
+            await asyncio.to_thread(store.check_champion)
+        except Exception as exc:
+            store.note_problem(f"the champion could not be checked ({exc!r})")
         store.watch(spec.reload_every_s)
 
     @app.on_event("shutdown")
@@ -86,11 +124,23 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
         store.stop()
         engine.stop()
 
+    def degraded() -> list[str]:
+        """What is wrong now that the server works around (empty when nothing is)."""
+        return ([snapshot.problem] if snapshot.problem else []) + store.problems()
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "champion": store.champion_id, "models_loaded": list(store._loaded),
-                "waiting": engine.waiting, "served": engine.served, "batches": engine.batches,
-                "facts_loaded_at": snapshot.loaded_at, "uptime_s": round(time.time() - started_at, 1)}
+        """Whether it can answer: "ok", or "degraded" with the reasons; 503 only when no model can answer at all."""
+        await asyncio.to_thread(snapshot.refresh)
+        problems = await asyncio.to_thread(degraded)
+        can_answer = snapshot.loaded_at is not None and await asyncio.to_thread(store.can_answer)
+        body = {"status": "degraded" if problems else "ok", "can_answer": can_answer, "degraded": problems,
+                "champion": store.champion_id, "champion_pointer_ok": store.champion_problem is None,
+                "lake_readable": snapshot.problem is None, "models_loaded": store.loaded_ids,
+                "waiting": engine.waiting, "generating": engine.active, "cancelled": engine.cancelled,
+                "served": engine.served, "batches": engine.batches, "facts_loaded_at": snapshot.loaded_at,
+                "uptime_s": round(time.time() - started_at, 1)}
+        return JSONResponse(body, status_code=200 if can_answer else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -110,6 +160,9 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise p.ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:  # e.g. 30,000 nested lists: refused, never a crash
+            raise p.ApiError(400, "the body is not valid JSON for this server: it is nested too deeply",
+                             code="invalid_json") from None
         if not isinstance(data, dict):
             raise p.ApiError(400, "the body must be a JSON object", code="invalid_json")
         try:
@@ -117,7 +170,8 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(x) for x in first.get("loc", ()))
-            raise p.ApiError(400, f"{param or 'body'}: {first.get('msg')}", param=param or None,
+            message = str(first.get("msg", "")).removeprefix("Value error, ")
+            raise p.ApiError(400, f"{param or 'body'}: {message}", param=param or None,
                              code="invalid_value") from None
 
     def prepared_for(req: p.ChatRequest):
@@ -135,36 +189,53 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
         except ValueError as exc:
             raise p.ApiError(400, str(exc), param="messages", code="invalid_value") from None
 
-    def sampling_for(req: p.ChatRequest, loaded, prompt_tokens: int):
-        from finpipe.evaluation.generation import Sampling
-
+    def max_tokens_for(req: p.ChatRequest) -> int:
         wanted = req.requested_tokens or spec.default_max_tokens
         if wanted > spec.max_tokens_limit:
             raise p.ApiError(400, f"max_tokens {wanted} exceeds this server's limit of {spec.max_tokens_limit}",
                              param="max_tokens", code="max_tokens_exceeded")
-        if prompt_tokens + wanted > loaded.context_length:
+        return wanted
+
+    def sampling_for(req: p.ChatRequest, wanted: int, context_length: int, prompt_tokens: int):
+        from finpipe.evaluation.generation import Sampling
+
+        if prompt_tokens + wanted > context_length:
             raise p.ApiError(400, f"the prompt has {prompt_tokens} tokens; with max_tokens {wanted} it exceeds the "
-                             f"model's context of {loaded.context_length} tokens", param="messages",
+                             f"model's context of {context_length} tokens", param="messages",
                              code="context_length_exceeded")
         return Sampling(max_new_tokens=wanted, temperature=req.temperature, top_p=req.top_p,
                         max_time_s=spec.generation_timeout_s)
+
+    def finish_reason(generated, sampling) -> str:
+        if getattr(generated, "stopped", False):  # a stop string ended it
+            return "stop"
+        return "length" if generated.new_tokens >= sampling.max_new_tokens else "stop"
 
     def finpipe_field(result, model_id: str) -> dict:
         verdict = result.verdict.as_dict() if result.verdict else {"verdict": REFUSED, "problems": [], "relevant": None}
         grounding = result.grounding
         return verdict | {
             "model": model_id, "champion": model_id == store.champion_id, "attempts": result.attempts,
-            "status_line": result.status_line(),
+            "status_line": result.status_line(), "degraded": degraded(),
             "grounding": {"tickers": grounding.tickers, "family": grounding.family,
                           "families": list(grounding.families), "as_of": grounding.as_of, "notes": grounding.notes}}
 
-    def queued(loaded):
-        """The answering path's ``Generate`` over the server's queue (called from a worker thread)."""
-        return lambda messages, sampling: engine.submit(Job(loaded, messages, sampling)).result()
+    def queued(loaded, req: p.ChatRequest):
+        """The answering path's ``Generate`` over the server's queue (called from a worker thread). Every call gets
+        the request's stop strings; with a seed, call k samples with seed + k: the same request gives the same
+        answers, and a retry draws anew."""
+        calls = itertools.count()
+
+        def generate(messages, sampling):
+            seed = None if req.seed is None else (req.seed + next(calls)) % (p.MAX_SEED + 1)
+            return engine.submit(Job(loaded, messages, sampling, stop=req.stop_strings, seed=seed)).result()
+
+        return generate
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await read_request(request)
+        wanted = max_tokens_for(req)
         prepared = await asyncio.to_thread(prepared_for, req)
         request_id, created = p.new_id(), int(time.time())
         if prepared.refusal is not None:  # answered without a model: none is loaded for it
@@ -177,17 +248,23 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
                     p.chunk(request_id, model_id, created, {}, "stop", body["finpipe"])]),
                     media_type="text/event-stream")
             return JSONResponse(body, headers={"X-Finpipe-Verdict": REFUSED})
-        loaded = await asyncio.to_thread(store.get, req.model)
-        prompt_tokens = len(loaded.tokenizer.apply_chat_template(prepared.messages, add_generation_prompt=True,
-                                                                 tokenize=True, return_dict=True)["input_ids"])
-        sampling = sampling_for(req, loaded, prompt_tokens)
+        # the whole request is checked before a model is loaded for it (a 400 never loads one, nor evicts another)
+        target, tokenizer, context_length = await asyncio.to_thread(store.preflight, req.model)
+        prompt_tokens = len(tokenizer.apply_chat_template(prepared.messages, add_generation_prompt=True,
+                                                          tokenize=True, return_dict=True)["input_ids"])
+        sampling = sampling_for(req, wanted, context_length, prompt_tokens)
+        loaded = await asyncio.to_thread(store.load, *target)
 
         if req.stream and spec.on_unverified == "flag":
-            return StreamingResponse(_stream(loaded, prepared, sampling, request_id, created),
-                                     media_type="text/event-stream")
-        result = await asyncio.to_thread(answer, prepared, queued(loaded), sampling, spec.on_unverified)
+            from transformers import TextIteratorStreamer
+
+            streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
+            job = Job(loaded, prepared.messages, sampling, streamer=streamer, stop=req.stop_strings, seed=req.seed)
+            engine.submit(job)  # a full queue is a 503 now, not a broken stream
+            return StreamingResponse(_stream(job, prepared, request_id, created), media_type="text/event-stream")
+        result = await asyncio.to_thread(answer, prepared, queued(loaded, req), sampling, spec.on_unverified)
         tokens = result.generated.new_tokens
-        finish = "length" if tokens >= sampling.max_new_tokens else "stop"
+        finish = finish_reason(result.generated, sampling)
         extra = finpipe_field(result, loaded.id)
         if req.stream:  # abstain/retry decide after the whole answer: it is sent as one chunk
             return StreamingResponse(_events([
@@ -196,32 +273,47 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
         return JSONResponse(p.completion(request_id, loaded.id, result.text, finish, prompt_tokens, tokens, extra),
                             headers={"X-Finpipe-Verdict": result.status})
 
-    async def _stream(loaded, prepared, sampling, request_id, created):
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=None)
-        future = engine.submit(Job(loaded, prepared.messages, sampling, streamer=streamer))
-        yield _event(p.chunk(request_id, loaded.id, created, {"role": "assistant", "content": ""}))
-        parts = []
-        iterator = iter(streamer)
-        while True:
-            piece = await asyncio.to_thread(next, iterator, None)
-            if piece is None:
-                break
-            if piece:
-                parts.append(piece)
-                yield _event(p.chunk(request_id, loaded.id, created, {"content": piece}))
+    async def _stream(job: Job, prepared, request_id: str, created: int):
+        """The job's tokens as server-sent events. Text that could begin a stop string is held back until it cannot;
+        a client that goes away (the generator is cancelled or closed) cancels the job, which ends its generation at
+        the next token."""
+        model_id, stops = job.loaded.id, job.stop
+        hold = max((len(s) for s in stops), default=1) - 1
+        done = False
         try:
-            generated = await asyncio.wrap_future(future)
-        except Exception as exc:
-            yield _event({"error": {"message": f"generation failed: {exc}", "type": "server_error", "param": None,
-                                    "code": "generation_failed"}})
+            yield _event(p.chunk(request_id, model_id, created, {"role": "assistant", "content": ""}))
+            text, sent, cut = "", 0, None
+            iterator = iter(job.streamer)
+            while True:
+                piece = await asyncio.to_thread(next, iterator, None)
+                if piece is None:
+                    break
+                if not piece or cut is not None:  # past a stop string nothing more is sent
+                    continue
+                text += piece
+                cut = p.find_stop(text, stops) if stops else None
+                end = cut if cut is not None else len(text) - hold
+                if end > sent:
+                    yield _event(p.chunk(request_id, model_id, created, {"content": text[sent:end]}))
+                    sent = end
+            if cut is None and sent < len(text):
+                yield _event(p.chunk(request_id, model_id, created, {"content": text[sent:]}))
+            try:
+                generated = await asyncio.wrap_future(job.future)
+            except Exception as exc:
+                yield _event({"error": {"message": f"generation failed: {exc}", "type": "server_error",
+                                        "param": None, "code": "generation_failed"}})
+                yield "data: [DONE]\n\n"
+                done = True
+                return
+            result = finish_answer(prepared, replace(generated, text=(text if cut is None else text[:cut]).strip()))
+            finish = "stop" if cut is not None else finish_reason(generated, job.sampling)
+            yield _event(p.chunk(request_id, model_id, created, {}, finish, finpipe_field(result, model_id)))
             yield "data: [DONE]\n\n"
-            return
-        result = finish_answer(prepared, replace(generated, text="".join(parts).strip()))
-        finish = "length" if generated.new_tokens >= sampling.max_new_tokens else "stop"
-        yield _event(p.chunk(request_id, loaded.id, created, {}, finish, finpipe_field(result, loaded.id)))
-        yield "data: [DONE]\n\n"
+            done = True
+        finally:
+            if not done:  # the client went away: free the worker for the others
+                job.cancel.set()
 
     def _event(body: dict) -> str:
         return f"data: {json.dumps(body)}\n\n"
@@ -235,13 +327,65 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
     return app
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before anything loads: a port in use is one line at once (``AddressInUseError``)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host!r}: {exc.strerror or exc}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart is not blocked by TIME_WAIT
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(f"cannot listen on {host}:{port}: the address is already in use (another "
+                                    "`finpipe serve`?); stop that process or choose another --port") from None
+        if exc.errno == errno.EACCES:
+            raise PermissionError(f"cannot listen on {host}:{port}: permission denied (ports below 1024 need "
+                                  "privileges)") from None
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def serve(lake_dir: Path, spec: ServeSpec, log=print) -> None:
     """Run the server until interrupted (Ctrl-C stops it cleanly)."""
     import uvicorn
 
     from finpipe.runtime import claim_cpu_share
 
-    claim_cpu_share()
-    app = create_app(lake_dir, spec, log=log)
-    log(f"serving on http://{spec.host}:{spec.port}/v1 (OpenAI-compatible; GET /health, GET /v1/models)")
-    uvicorn.run(app, host=spec.host, port=spec.port, log_level="warning", access_log=False)
+    sock = listen(spec.host, spec.port)
+    try:
+        if not is_loopback(spec.host):
+            log(f"warning: listening on {spec.host}, reachable from other machines, and the API has no "
+                f"authentication: anyone who reaches port {spec.port} can use it (put an authenticating proxy in "
+                "front of it, or keep --host 127.0.0.1)")
+        claim_cpu_share()
+        app = create_app(lake_dir, spec, log=log)
+        log(f"serving on http://{spec.host}:{spec.port}/v1 (OpenAI-compatible; GET /health, GET /v1/models)")
+        server = uvicorn.Server(uvicorn.Config(app, host=spec.host, port=spec.port, log_level="warning",
+                                               access_log=False))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # as uvicorn.run: Ctrl-C has already stopped the server cleanly
+            pass
+        except SystemExit:  # uvicorn's startup failure exits 3, which finpipe's exit codes keep for a locked lake
+            raise RuntimeError("the server failed to start (see the lines above)") from None
+    finally:
+        sock.close()

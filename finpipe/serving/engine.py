@@ -3,7 +3,12 @@
 Requests wait in a bounded queue (a full queue answers 503 at once instead of piling up). The worker takes the
 next request and, when it is a plain (non-streamed) one, every queued request it can answer in the same batch
 (same model, same sampling): on a CPU a decoding step costs about the same for one sequence or several, so
-concurrent clients are served together. Streamed requests are generated alone, token by token.
+concurrent clients are served together. Streamed requests are generated alone, token by token, and so are seeded
+sampled ones (a batch's other rows would draw from the same random numbers).
+
+Every generation checks, after each token, whether its request is cancelled (a streaming client went away) or has
+reached one of its stop strings: either ends it there, so a departed client frees the worker at once instead of
+holding every other client for up to the generation timeout.
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from finpipe.evaluation.generation import Generated, Sampling
 from finpipe.serving.models import LoadedModel
-from finpipe.serving.protocol import ApiError
+from finpipe.serving.protocol import ApiError, cut_at_stop, find_stop
 
 
 @dataclass
@@ -25,8 +30,22 @@ class Job:
     messages: list[dict[str, str]]
     sampling: Sampling
     streamer: object | None = None  # a TextIteratorStreamer for streamed requests
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these
+    seed: int | None = None  # seeds the sampler: the same seed and sampling give the same answer
+    cancel: threading.Event = field(default_factory=threading.Event)  # set when nobody waits for the answer
     future: Future = field(default_factory=Future)
     queued_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seeded(self) -> bool:
+        return self.seed is not None and self.sampling.temperature > 0
+
+
+@dataclass
+class Served(Generated):
+    """A generation as the server hands it back: ``stopped`` when a stop string cut it (finish_reason "stop")."""
+
+    stopped: bool = False
 
 
 class Engine:
@@ -35,7 +54,7 @@ class Engine:
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=queue_limit)
         self._pending: list[Job] = []
         self._stop = threading.Event()
-        self.served = self.batches = 0
+        self.served = self.batches = self.cancelled = self.active = 0
         self._worker = threading.Thread(target=self._run, name="generation-worker", daemon=True)
         self._worker.start()
 
@@ -71,13 +90,20 @@ class Engine:
                 break
         batch, rest = [first], []
         for job in self._pending:
-            if (len(batch) < self.batch_size and job.streamer is None and job.loaded is first.loaded
-                    and job.sampling == first.sampling):
+            if (len(batch) < self.batch_size and job.streamer is None and not job.seeded
+                    and job.loaded is first.loaded and job.sampling == first.sampling):
                 batch.append(job)
             else:
                 rest.append(job)
         self._pending = rest
         return batch
+
+    def _drop(self, job: Job) -> None:
+        """A job cancelled while it waited: never generated."""
+        job.future.cancel()
+        if job.streamer is not None:
+            job.streamer.end()
+        self.cancelled += 1
 
     def _run(self) -> None:
         from finpipe.evaluation.generation import generate, generate_batch
@@ -87,19 +113,32 @@ class Engine:
             job = self._next()
             if job is None:
                 continue
-            batch = [job] if job.streamer is not None else self._companions(job)
+            if job.cancel.is_set():
+                self._drop(job)
+                continue
+            batch = [job] if job.streamer is not None or job.seeded else self._companions(job)
             rebalance()
+            self.active = len(batch)
             try:
+                model, tokenizer = job.loaded.model, job.loaded.tokenizer
+                criteria = _ends(batch, tokenizer)
+                if job.seeded:
+                    import torch
+
+                    torch.manual_seed(job.seed)
                 if job.streamer is not None:
-                    results: list[Generated] = [generate(job.loaded.model, job.loaded.tokenizer, job.messages,
-                                                         job.sampling, streamer=job.streamer)]
+                    results: list[Generated] = [generate(model, tokenizer, job.messages, job.sampling,
+                                                         streamer=job.streamer, stopping_criteria=criteria)]
                 elif len(batch) == 1:
-                    results = [generate(job.loaded.model, job.loaded.tokenizer, job.messages, job.sampling)]
+                    results = [generate(model, tokenizer, job.messages, job.sampling, stopping_criteria=criteria)]
                 else:
-                    results = generate_batch(job.loaded.model, job.loaded.tokenizer, [j.messages for j in batch],
-                                             job.sampling, batch_size=len(batch))
+                    results = generate_batch(model, tokenizer, [j.messages for j in batch], job.sampling,
+                                             batch_size=len(batch), stopping_criteria=criteria)
                 for j, result in zip(batch, results):
-                    j.future.set_result(result)
+                    if j.cancel.is_set():
+                        self.cancelled += 1
+                        self.log(f"stopped a generation after {result.new_tokens} tokens: its client went away")
+                    j.future.set_result(_served(j, result))
             except Exception as exc:  # a failed generation fails its requests, never the worker
                 self.log(f"generation failed: {exc!r}")
                 for j in batch:
@@ -107,5 +146,35 @@ class Engine:
                         j.future.set_exception(exc)
                 if job.streamer is not None:
                     job.streamer.end()
+            finally:
+                self.active = 0
             self.served += len(batch)
             self.batches += 1
+
+
+def _served(job: Job, result: Generated) -> Served:
+    text, stopped = cut_at_stop(result.text, job.stop) if job.stop else (result.text, False)
+    return Served(**(asdict(result) | {"text": text}), stopped=stopped)
+
+
+def _ends(batch: list[Job], tokenizer):
+    """A stopping criterion ending each row whose job was cancelled or whose text reached one of its stop strings."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Ends(StoppingCriteria):
+        start: int | None = None
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.start is None:  # first call: one token past the (left-padded) prompts
+                self.start = input_ids.shape[1] - 1
+            done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for row, job in enumerate(batch):
+                if job.cancel.is_set():
+                    done[row] = True
+                elif job.stop:
+                    text = tokenizer.decode(input_ids[row, self.start:], skip_special_tokens=True)
+                    done[row] = find_stop(text, job.stop) is not None
+            return done
+
+    return StoppingCriteriaList([Ends()])

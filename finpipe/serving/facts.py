@@ -4,7 +4,9 @@ A nightly run writes the lake, and DuckDB admits no reader while a process write
 per request would stall for the whole write. The server reads a snapshot instead — the newest ``SESSIONS`` sessions
 of statistics and prices of every ticker, copied into an in-memory DuckDB — and refreshes it when the lake file
 changes and can be read (a locked lake keeps the previous snapshot, and the answer says as of which date it is).
-``finpipe.inference.context.LakeFacts`` runs its usual queries against the snapshot.
+A lake file that goes missing or is damaged after the first read keeps the last good snapshot too, and ``problem``
+says why (the server reports it as a degradation) until a readable lake is back. ``finpipe.inference.context.LakeFacts``
+runs its usual queries against the snapshot.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ class LakeSnapshot:
         self._con = duckdb.connect(":memory:")
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
+        self._failed: tuple[int, int] | None = None  # the stamp of a file that could not be read: not read again
         self._checked = 0.0
+        self._refreshing = threading.Lock()
         self.loaded_at: float | None = None
+        self.problem: str | None = None  # why the lake cannot be read now (the snapshot is older than the file)
         self.refresh(force=True)
 
     def _file_stamp(self) -> tuple[int, int] | None:
@@ -42,18 +47,47 @@ class LakeSnapshot:
         return stat.st_mtime_ns, stat.st_size
 
     def refresh(self, force: bool = False) -> bool:
-        """Reload when the lake file changed (at most every ``REFRESH_EVERY_S``); True when reloaded."""
-        from finpipe.market.lake import LakeLockedError, PriceLake
-
+        """Reload when the lake file changed (at most every ``REFRESH_EVERY_S``); True when reloaded. Only the first
+        read raises: afterwards a missing or unreadable lake keeps the last good snapshot and sets ``problem``."""
         now = time.monotonic()
         if not force and now - self._checked < REFRESH_EVERY_S:
             return False
-        self._checked = now
-        stamp = self._file_stamp()
-        if stamp is None:
-            raise FileNotFoundError(f"no lake at {self.path}: run `finpipe run` first")
-        if stamp == self._stamp and not force:
-            return False
+        if not self._refreshing.acquire(blocking=self.loaded_at is None):
+            return False  # another request is refreshing it now
+        try:
+            self._checked = now
+            stamp = self._file_stamp()
+            if self.loaded_at is None:
+                if stamp is None:
+                    raise FileNotFoundError(f"no lake at {self.path}: run `finpipe run` first")
+                return self._load(stamp)
+            if stamp is None:
+                return self._trouble(f"the lake file {self.path} is missing (moved or deleted)")
+            if stamp == self._stamp and not force:
+                return self._trouble(None)  # the very file read last (moved back, say)
+            if stamp == self._failed and not force:
+                return False
+            try:
+                return self._load(stamp)
+            except Exception as exc:  # damaged, truncated, not a lake, no statistics: answer from what was read
+                self._failed = stamp
+                return self._trouble(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
+        finally:
+            self._refreshing.release()
+
+    def _trouble(self, problem: str | None) -> bool:
+        """Record (or clear) why the lake cannot be read; said in the log once per change."""
+        if problem is not None:
+            read = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.loaded_at))
+            problem = f"{problem}; answering from the lake facts read at {read}"
+        if problem != self.problem:
+            self.log(problem or f"the lake {self.path} is readable again")
+        self.problem = problem
+        return False
+
+    def _load(self, stamp: tuple[int, int]) -> bool:
+        from finpipe.market.lake import LakeLockedError, PriceLake
+
         lake = PriceLake(self.path, lock_timeout_s=0.5 if self.loaded_at else 30.0)
         try:
             with lake.connect(read_only=True) as con:
@@ -75,7 +109,8 @@ class LakeSnapshot:
                 self._con.register(f"_{name}", table)
                 self._con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _{name}")
                 self._con.unregister(f"_{name}")
-            self._stamp, self.loaded_at = stamp, time.time()
+            self._stamp, self.loaded_at, self._failed = stamp, time.time(), None
+        self._trouble(None)
         return True
 
     def query(self, sql: str, params: list | None = None):

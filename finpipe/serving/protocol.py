@@ -1,7 +1,9 @@
 """The OpenAI chat-completions wire format, as far as finpipe serves it, and its error bodies.
 
 Requests are validated here, before anything reaches a model: a malformed body gets the OpenAI error JSON
-(``{"error": {"message", "type", "param", "code"}}``) with the status an OpenAI client expects.
+(``{"error": {"message", "type", "param", "code"}}``) with the status an OpenAI client expects. An option finpipe
+cannot honour (JSON mode, tools, logprobs, several choices) is refused naming it: ignoring it would answer 200 with
+output that breaks what the client asked for.
 """
 
 from __future__ import annotations
@@ -45,8 +47,12 @@ class Message(BaseModel):
         return value
 
 
+MAX_STOPS = 4  # OpenAI's limit on stop strings
+MAX_SEED = 2**63 - 1
+
+
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields finpipe has no use for (user, seed, ...)
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields that change nothing here (user, store, ...)
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -55,7 +61,17 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    # refused unless harmless: finpipe answers in plain text, calls no tools and returns no logprobs
+    response_format: object = None
+    tools: object = None
+    tool_choice: object = None
+    functions: object = None
+    function_call: object = None
+    logprobs: object = None
+    top_logprobs: object = None
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -64,9 +80,75 @@ class ChatRequest(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
+    @field_validator("n")
+    @classmethod
+    def one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"only n=1 is supported (one answer per request), got {value}")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def stop_strings_valid(cls, value):
+        stops = [value] if isinstance(value, str) else [] if value is None else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("a stop string must not be empty")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def text_only_format(cls, value):
+        if value is not None and value != {"type": "text"}:
+            raise ValueError("only {\"type\": \"text\"} is supported: finpipe answers in plain text (no JSON mode, "
+                             "no JSON schema)")
+        return value
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def no_tools(cls, value):
+        if value:
+            raise ValueError("tools are not supported: finpipe's models answer in text and call no functions")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def no_tool_choice(cls, value):
+        if value not in (None, "none", "auto"):
+            raise ValueError("tools are not supported: finpipe's models answer in text and call no functions")
+        return value
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def no_logprobs(cls, value):
+        if value not in (None, False):
+            raise ValueError("logprobs are not supported by this server")
+        return value
+
     @property
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string starts in ``text`` (leading whitespace skipped, as the answer is stripped); None
+    when none occurs. The same rule cuts a plain answer, a streamed one and ends the generation."""
+    start = len(text) - len(text.lstrip())
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to its first stop string (stripped), and whether one was found."""
+    at = find_stop(text, stops)
+    return (text if at is None else text[:at]).strip(), at is not None
 
 
 def new_id() -> str:
