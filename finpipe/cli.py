@@ -20,8 +20,9 @@ from finpipe import paths
 # thirteen years of sessions: calm and stressed markets (2000-02, 2008), so every label value of the rules is taught
 DEFAULT_HISTORY_DAYS = 13 * 365 + 3
 #: exit codes: 1 a run failed (its log says why), 2 bad input or configuration, 3 the lake is held by another
-#: process, 4 the lake file is unreadable, 130 interrupted (Ctrl-C)
+#: process, 4 the lake file is unreadable, 5 the address `finpipe serve` would listen on is in use, 130 interrupted
 EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_LAKE_LOCKED, EXIT_LAKE_CORRUPT, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+EXIT_ADDRESS_IN_USE = 5
 
 
 def _prepare_dagster_home() -> Path:
@@ -507,8 +508,20 @@ def _load(choice: tuple[str, Path, Path | None], merge: bool = True, decode=None
 
     _quiet_transformers()
     label, base_dir, adapter_dir = choice
-    print(f"finpipe: loading {label} ({base_dir}{' + ' + str(adapter_dir) if adapter_dir else ''})", file=sys.stderr)
-    model, tokenizer = load_chat_model(base_dir, adapter_dir, merge=merge, decode=decode)
+    if adapter_dir is not None and merge:  # merged once, then loaded as a plain model: no peft, no merge per answer
+        from finpipe.models import merged
+        from finpipe.runtime import accelerator, inference_dtype
+
+        dtype = str(inference_dtype(accelerator())).removeprefix("torch.")
+        folder = merged.cached(paths.lake_dir(), adapter_dir.name, base_dir, adapter_dir, dtype) or merged.build(
+            paths.lake_dir(), adapter_dir.name, base_dir, adapter_dir, dtype,
+            log=lambda line: print(f"finpipe: {line}", file=sys.stderr))
+        print(f"finpipe: loading {label} (merged: {folder})", file=sys.stderr)
+        model, tokenizer = load_chat_model(folder, None, decode=decode)
+    else:
+        print(f"finpipe: loading {label} ({base_dir}{' + ' + str(adapter_dir) if adapter_dir else ''})",
+              file=sys.stderr)
+        model, tokenizer = load_chat_model(base_dir, adapter_dir, merge=merge, decode=decode)
     weights = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"finpipe: {weights} weights" + (", int8 decode steps" if uses_int8_decode(model) else ""), file=sys.stderr)
     return label, model, tokenizer
@@ -718,7 +731,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the champion (and the base, and every kept adapter) over an OpenAI-compatible HTTP API."""
-    from finpipe.serving.app import ServeSpec, serve
+    from finpipe.serving.app import AddressInUseError, ServeSpec, serve
     from finpipe.settings import chosen
 
     spec = ServeSpec(**chosen(args, ServeSpec))  # validated before anything loads
@@ -726,7 +739,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not (lake_dir / paths.LAKE_DB_NAME).exists():
         raise FileNotFoundError(f"no lake at {lake_dir}: run `finpipe run` first")
     _quiet_transformers()
-    serve(lake_dir, spec, log=lambda line: print(f"finpipe serve: {line}", file=sys.stderr, flush=True))
+    try:
+        serve(lake_dir, spec, log=lambda line: print(f"finpipe serve: {line}", file=sys.stderr, flush=True))
+    except AddressInUseError as exc:  # its own code: 3 means a locked lake
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ADDRESS_IN_USE
     return 0
 
 
@@ -788,7 +805,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _quiet_transformers()
     scores = evaluate_model(label, str(base_dir), str(adapter_dir) if adapter_dir else None, [], golden, EvalSpec(),
                             log=lambda line: print(f"finpipe: {line}", file=sys.stderr), with_val=False,
-                            with_forgetting=False, end_to_end=questions)
+                            with_forgetting=False, end_to_end=questions, retry=args.on_unverified == "retry")
     shown = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     ideal = scores.golden.overall
     print(f"{label}: golden set, ideal context (n={len(golden)}): "
@@ -985,6 +1002,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", default="champion",
                           help="champion (default), latest, none (base model only) or an adapter folder")
     evaluate.add_argument("--json", metavar="FILE", help="also write every answer with its scores to FILE")
+    evaluate.add_argument("--on-unverified", choices=["flag", "retry"], default="flag",
+                          help="answer end to end with this policy (retry: unverified answers are sampled again, up to "
+                          "twice, and the first verified one kept; default: flag)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     runs = sub.add_parser("runs", help="print the run registry (evaluated adapters, metrics, status)")

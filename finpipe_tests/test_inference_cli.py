@@ -262,3 +262,51 @@ def test_runs_without_a_lake_creates_nothing(capsys, isolated_lake):
     code, out, _ = cli(capsys, "runs")
     assert code == 0 and len(out.strip().splitlines()) == 1 and "no runs yet" in out
     assert not (isolated_lake / LAKE_DB_NAME).exists()
+
+
+def test_ask_merges_the_champion_once_rebuilds_it_when_the_adapter_changes_and_answers_alike(capsys, champion, tiny,
+                                                                                              isolated_lake, tmp_path):
+    """The merged weights are written once and loaded as a plain model; a stamp that does not match the adapter
+    (another champion, changed weights, a tampered stamp) is never loaded: the folder is rebuilt."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from finpipe.evaluation.generation import Sampling, generate, load_chat_model
+    from finpipe.inference.answering import prepare
+    from finpipe.models import merged, registry
+
+    question = "What is AAPL's trend?"
+    code, first, err = cli(capsys, "ask", question, "--max-new-tokens", "8", "--decode-weights", "full")
+    assert code == 0 and "merging adapter into" in err, err
+    folder = merged.merged_root(isolated_lake) / "adapter"
+    assert (folder / merged.STAMP).exists() and (folder / "model.safetensors").exists()
+    code, again, err = cli(capsys, "ask", question, "--max-new-tokens", "8", "--decode-weights", "full")
+    assert code == 0 and "merging" not in err and f"merged: {folder}" in err and again == first
+    # the same text as merging in the process, as before
+    model, tokenizer = load_chat_model(tiny["base"], tiny["adapter"], merge=True)
+    prepared = prepare(question, LakeFacts(PriceLake(isolated_lake / LAKE_DB_NAME)))
+    assert generate(model, tokenizer, prepared.messages, Sampling(max_new_tokens=8)).text == first.strip()
+
+    # a tampered stamp: refused and rebuilt
+    stamp = json.loads((folder / merged.STAMP).read_text())
+    (folder / merged.STAMP).write_text(json.dumps(stamp | {"adapter_weights_sha256": "0" * 16}))
+    code, _, err = cli(capsys, "ask", question, "--max-new-tokens", "2", "--decode-weights", "full")
+    assert code == 0 and "merging adapter into" in err
+    # a new champion (other weights): its own merged folder; the previous one is kept (one back)
+    changed = tmp_path / "r2"
+    shutil.copytree(tiny["adapter"], changed)
+    weights = load_file(changed / "adapter_model.safetensors")
+    save_file({k: v * 2 for k, v in weights.items()}, changed / "adapter_model.safetensors")
+    registry.write_pointer(registry.champion_pointer(isolated_lake), champion | {"run_id": "r2", "path": str(changed)})
+    code, other, err = cli(capsys, "ask", question, "--max-new-tokens", "8", "--decode-weights", "full")
+    assert code == 0 and "merging r2 into" in err and (merged.merged_root(isolated_lake) / "r2").is_dir()
+    assert (folder / merged.STAMP).exists()
+    # a folder finpipe did not write is never replaced
+    shutil.rmtree(merged.merged_root(isolated_lake) / "r2")
+    (merged.merged_root(isolated_lake) / "r2").mkdir()
+    (merged.merged_root(isolated_lake) / "r2" / "notes.txt").write_text("mine")
+    code, _, err = cli(capsys, "ask", question, "--max-new-tokens", "2")
+    assert code == 2 and "was not written by finpipe" in err
+    assert (merged.merged_root(isolated_lake) / "r2" / "notes.txt").read_text() == "mine"
