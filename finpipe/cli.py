@@ -565,11 +565,62 @@ def _answer(prepared, model, tokenizer, sampling, label: str, show_prompt: bool,
     return True
 
 
+def _running_server(args: argparse.Namespace, spec) -> str | None:
+    """The URL of a `finpipe serve` that answers exactly as this `ask` would: same lake, same champion, same
+    policy (its /health says so), or None. Standard library only: nothing heavy is imported to find out."""
+    import json
+    import urllib.request
+
+    if args.server == "off" or args.adapter != "champion" or args.show_prompt or args.repetition_penalty != 1.0 \
+            or args.allow_ungrounded:
+        return None
+    url = "http://127.0.0.1:8000" if args.server == "auto" else args.server.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=0.5) as reply:
+            health = json.loads(reply.read())
+        from finpipe.models import registry
+
+        champion = registry.read_pointer(registry.champion_pointer(paths.lake_dir()))["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+    same = (health.get("status") == "ok" and health.get("lake") == str(paths.lake_dir().resolve())
+            and health.get("champion") == champion and health.get("on_unverified") == spec.on_unverified)
+    return url if same else None
+
+
+def _ask_server(url: str, question: str, sampling) -> int:
+    """Send the question to a running server; print as an in-process answer prints."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    body = {"model": "champion", "messages": [{"role": "user", "content": question}],
+            "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            answer = json.loads(reply.read())
+    except urllib.error.HTTPError as exc:  # the server's own one-line error (a refusal is a 200)
+        raise ValueError(json.loads(exc.read()).get("error", {}).get("message", str(exc))) from None
+    finpipe, text = answer.get("finpipe", {}), answer["choices"][0]["message"]["content"]
+    if finpipe.get("verdict") == "refused":
+        raise ValueError(text)
+    print(text)
+    print(f"finpipe: {finpipe.get('status_line', finpipe.get('verdict'))} [answered by the server at {url}: "
+          f"{answer['usage']['completion_tokens']} tokens in {time.perf_counter() - started:.1f} s]", file=sys.stderr)
+    return 0
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
     """Answer one question, grounded in the lake's latest facts for the tickers it names, and verified."""
     from finpipe.inference.answering import prepare
 
     sampling, spec = _sampling(args), _answer_spec(args)
+    if url := _running_server(args, spec):  # a server already holds the model: no load at all
+        return _ask_server(url, args.question, sampling)
     choice = _resolve_model(args.adapter)  # cheap checks first: pointers, lake, then the model
     facts = _facts()
     facts.tickers()
@@ -958,6 +1009,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", help='e.g. "What is AAPL\'s trend?" (tickers named get their latest facts)')
     _inference_options(ask)
     ask.add_argument("--show-prompt", action="store_true", help="print the prompt the model sees")
+    ask.add_argument("--server", default="auto", metavar="URL", help="a running `finpipe serve` to ask when it serves "
+                     "this lake's champion with the same policy: auto (http://127.0.0.1:8000, default), a URL, or "
+                     "off (always load the model here)")
     add_options(ask, AnswerSpec)
     ask.set_defaults(func=cmd_ask)
 

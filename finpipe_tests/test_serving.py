@@ -430,3 +430,28 @@ def test_a_public_host_gets_one_warning_and_a_busy_port_exits_5_with_one_line(ch
         assert httpx.get(f"{running.url}/health").json()["status"] == "ok"  # the first one is untouched
     finally:
         running.stop()
+
+
+@pytest.mark.slow
+def test_ask_uses_a_running_server_of_the_same_lake_and_champion_and_gives_the_same_text(capsys, champion,
+                                                                                          isolated_lake, tmp_path):
+    from finpipe_tests.helpers import cli
+
+    running = Server(isolated_lake, tmp_path / "ask.log", "--decode-weights", "full")
+    try:
+        question = "How volatile is Apple?"
+        common = ("--max-new-tokens", "12", "--decode-weights", "full")
+        code, served, err = cli(capsys, "ask", question, *common, "--server", running.url)
+        assert code == 0 and f"answered by the server at {running.url}" in err, err
+        assert "(market data as of 2013-03-01)" in err and "loading" not in err  # no model loaded here
+        code, local, err = cli(capsys, "ask", question, *common, "--server", "off")
+        assert code == 0 and "loading champion r1" in err
+        assert served == local and served.strip()
+        # another policy than the server's: answered here, not by the server
+        code, _, err = cli(capsys, "ask", question, *common, "--server", running.url, "--on-unverified", "abstain")
+        assert code == 0 and "answered by the server" not in err
+        # a refusal comes back as the same one-line error
+        code, out, err = cli(capsys, "ask", "What is AAPL's P/E?", "--server", running.url)
+        assert code == 2 and out == "" and "does not cover valuation ratios" in err
+    finally:
+        running.stop()

@@ -19,7 +19,8 @@ class DatasetSpec:
     seed: int = setting(42, "fixes phrasings, horizons and pairs: same seed, same bytes")
     date_stride: int = setting(3, "every Nth session (counted back from the newest) is an as-of date")
     families: tuple[str, ...] = setting(fam.ALL_FAMILIES, "question families to render")
-    comparisons_per_date: int = setting(2, "ticker pairs compared per as-of date (at most all pairs)")
+    comparisons_per_date: int = setting(4, "ticker pairs compared per as-of date (at most all pairs; 4: as many "
+                                        "comparisons as samples of each single-ticker family with four tickers)")
     user_phrasing_share: float = setting(0.4, "share of samples asked the way users type (terse, lower case, company "
                                          "names, typos: finpipe.instructions.phrasings) instead of a full sentence")
     system_prompt: str = setting(SYSTEM_PROMPT, "the system turn of every sample")
