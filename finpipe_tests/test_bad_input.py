@@ -395,7 +395,7 @@ def test_ui_port_out_of_range_is_refused(capsys):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
-    import finpipe.cli as cli_module
+    import finpipe.cli.lake as cli_module
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -406,7 +406,7 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys, monkeypatch):
 
 
 def test_an_unforeseen_error_is_one_line_and_the_traceback_is_one_setting_away(capsys, monkeypatch, isolated_lake):
-    import finpipe.cli as cli_module
+    import finpipe.cli.lake as cli_module
     from finpipe.cli import EXIT_UNEXPECTED
 
     def disk_full(args):  # the outside world failing in a way no check foresees

@@ -83,8 +83,8 @@ def test_the_cli_writes_dagster_history_without_fsync_and_other_processes_keep_t
     probe = ("import sqlalchemy, sys\n{prepare}"
              "engine = sqlalchemy.create_engine('sqlite:///' + sys.argv[1])\n"
              "with engine.connect() as c: print(c.exec_driver_sql('PRAGMA synchronous').scalar())\n")
-    cli = run([sys.executable, "-c", probe.format(prepare="from finpipe import cli; cli._prepare_dagster_home()\n"),
-               str(tmp_path / "a.db")], cli_env)
+    prepare = "from finpipe.cli.run import _prepare_dagster_home; _prepare_dagster_home()\n"
+    cli = run([sys.executable, "-c", probe.format(prepare=prepare), str(tmp_path / "a.db")], cli_env)
     plain = run([sys.executable, "-c", probe.format(prepare=""), str(tmp_path / "b.db")], cli_env)
     assert (cli.stdout.strip(), plain.stdout.strip()) == ("0", "2"), cli.stderr + plain.stderr  # OFF vs FULL
 

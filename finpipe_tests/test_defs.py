@@ -61,7 +61,7 @@ def test_every_shipped_run_config_is_valid_for_the_launchpad_and_the_cli():
     CLI's reader accepts it."""
     from dagster._config import process_config
 
-    from finpipe.cli import _config_ops
+    from finpipe.cli.run import _config_ops
     from finpipe.paths import REPO_ROOT
 
     assets = {a.key.to_user_string(): a for a in defs.assets}
