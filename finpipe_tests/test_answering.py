@@ -47,6 +47,7 @@ def test_company_names_and_common_aliases_name_tickers_and_an_ambiguous_name_is_
     assert find_tickers("how is alphabet doing", known, NAMES) == ["GOOG"]
     assert find_tickers("International Business Machines' RSI", known, NAMES) == ["IBM"]
     assert find_tickers("pineapples and applesauce", known, NAMES) == []  # whole words only
+    assert find_tickers("How is İnfosys doing, and Apple?", known, NAMES) == ["AAPL"]  # case folding: no crash
     assert common_name("GOOG", NAMES) == "Google" and common_name("MSFT", NAMES) == "Microsoft"
     two_classes = {"GOOG": "Alphabet Inc. class C", "GOOGL": "Alphabet Inc. class A"}
     with pytest.raises(AmbiguousNameError, match="'Alphabet' could mean GOOG or GOOGL: name the ticker"):
@@ -85,7 +86,11 @@ def test_questions_the_lake_cannot_answer_are_refused_and_training_questions_are
     from finpipe.instructions.families import QUESTIONS
     from finpipe.instructions.phrasings import USER_PHRASINGS
 
-    for question in ("What is AAPL's P/E?", "is it a buy?", "any news on msft?", "AAPL dividend yield?",
+    for question in ("How close is AAPL's price to its 52-week high?", "How is AAPL doing over multiple sessions?",
+                     "Where does that put AAPL relative to its 20-day SMA?", "What happened to AAPL this week?"):
+        assert out_of_scope(question) is None, question  # words that only look like P/E, options or news
+    for question in ("What is AAPL's P/E?", "is it a buy?", "AAPL price-to-earnings?", "AAPL put options?",
+                     "any news on msft?", "AAPL dividend yield?",
                      "where will ibm trade next week?", "what do analysts say about Apple?", "goog eps?"):
         assert out_of_scope(question), question
     values = {"t": "AAPL", "tl": "aapl", "name": "Apple", "n": 5, "a": "AAPL", "b": "MSFT", "al": "aapl",
@@ -101,6 +106,7 @@ def test_two_tickers_are_compared_by_returns_and_other_pair_questions_are_declin
     for question in ("aapl vs msft this week", "Compare Apple and Microsoft", "AAPL or MSFT over 7 sessions?"):
         prepared = prepare(question, facts)
         assert prepared.refusal is None and prepared.grounding.family == "comparison", question
+    assert prepare("Compare the price performance of AAPL and MSFT over 30 days", facts).grounding.family == "comparison"
     declined = prepare("what is aapl's rsi vs msft's?", facts)
     assert declined.refusal and "compares two tickers by their returns only" in declined.refusal
     assert "momentum of AAPL and of MSFT one ticker at a time" in declined.refusal
@@ -142,6 +148,17 @@ def test_the_verifier_reads_slots_signs_and_relevance_and_only_lake_facts(lake):
     assert drawdown.startswith("-")
     flipped = verify(vol.reference.replace(drawdown, drawdown[1:]), vol)
     assert flipped.status == "unverified" and any("max_drawdown_252d_pct" in p for p in flipped.problems)
+    # a number in no form of any family cannot be checked against what was asked: not verified, even if it is a fact
+    close = ground("What's AAPL's latest close?", facts)
+    loose = verify(f"AAPL ended the session at {rules.price(row['high'])} on 2013-03-01.", close)
+    assert loose.status == "unverified" and loose.relevant is False
+    # a direction word signs an unsigned return: "fell 14.46%" states -14.46%
+    perf = ground("How has AAPL performed over the last 30 trading days?", facts)
+    ret = rules.pct(row["ret_30d"])
+    said = f"AAPL {'fell' if ret.startswith('-') else 'rose'} {ret.lstrip('+-')} over the last 30 trading days"
+    wrong_way = f"AAPL {'rose' if ret.startswith('-') else 'fell'} {ret.lstrip('+-')} over the last 30 trading days"
+    assert verify(said + f", closing at {rules.price(row['close'])}.", perf).status == "verified"
+    assert verify(wrong_way + f", closing at {rules.price(row['close'])}.", perf).status == "unverified"
     # relevance: a true price summary is no answer to a 52-week-range question
     price = ground("What was AAPL's latest closing price, and how did the session trade?", facts)
     high = ground("How far is AAPL from its 52-week high?", facts)

@@ -155,12 +155,13 @@ def _running_server(args: argparse.Namespace, spec) -> str | None:
     except (OSError, ValueError, KeyError):
         return None
     same = (health.get("status") == "ok" and health.get("lake") == str(paths.lake_dir().resolve())
-            and health.get("champion") == champion and health.get("on_unverified") == spec.on_unverified)
+            and health.get("champion") == champion and health.get("on_unverified") == spec.on_unverified
+            and (args.decode_weights is None or health.get("decode_weights") == spec.decode_weights))
     return url if same else None
 
 
-def _ask_server(url: str, question: str, sampling) -> int:
-    """Send the question to a running server; print as an in-process answer prints."""
+def _ask_server(url: str, question: str, sampling) -> int | None:
+    """Send the question to a running server; print as an in-process answer prints. None: it could not be reached."""
     import json
     import time
     import urllib.error
@@ -175,7 +176,13 @@ def _ask_server(url: str, question: str, sampling) -> int:
         with urllib.request.urlopen(request, timeout=300) as reply:
             answer = json.loads(reply.read())
     except urllib.error.HTTPError as exc:  # the server's own one-line error (a refusal is a 200)
-        raise ValueError(json.loads(exc.read()).get("error", {}).get("message", str(exc))) from None
+        try:
+            message = json.loads(exc.read()).get("error", {}).get("message", str(exc))
+        except ValueError:
+            message = f"the server at {url} answered {exc.code}"
+        raise ValueError(message) from None
+    except (urllib.error.URLError, OSError):  # it went away between /health and the question: answer here
+        return None
     finpipe, text = answer.get("finpipe", {}), answer["choices"][0]["message"]["content"]
     if finpipe.get("verdict") == "refused":
         raise ValueError(text)
@@ -191,7 +198,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     sampling, spec = _sampling(args), _answer_spec(args)
     if url := _running_server(args, spec):  # a server already holds the model: no load at all
-        return _ask_server(url, args.question, sampling)
+        answered = _ask_server(url, args.question, sampling)
+        if answered is not None:
+            return answered
+        print(f"finpipe: the server at {url} stopped answering: answering here", file=sys.stderr)
     choice = _resolve_model(args.adapter)  # cheap checks first: pointers, lake, then the model
     facts = _facts()
     facts.tickers()

@@ -170,12 +170,15 @@ def find_tickers(question: str, known: Iterable[str], names: dict[str, str] | No
             alias = text.upper()
             if len(alias) <= _CASE_SENSITIVE_MAX_LEN and text != alias:
                 continue
-            mentions.append((match.start(), aliases[alias]))
+            if alias in aliases:  # a letter whose case folds to two ("ß", dotted "İ") matches but is no key
+                mentions.append((match.start(), aliases[alias]))
     by_name = name_aliases(names or {}, known)
     if by_name:
         alternation = "|".join(re.escape(a) for a in sorted(by_name, key=len, reverse=True))
         for match in re.finditer(rf"(?<![\w.&-])(?:{alternation})(?![\w&-])", question, re.I):
-            targets = by_name[" ".join(match.group(0).lower().split())]
+            targets = by_name.get(" ".join(match.group(0).lower().split()))
+            if not targets:
+                continue
             if len(targets) > 1:
                 raise AmbiguousNameError(f"{match.group(0)!r} could mean {' or '.join(sorted(targets))}: "
                                          "name the ticker")
@@ -366,7 +369,9 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
 
     if len(tickers) == 2:
         a, b = tickers
-        others = [f for f in named_families(question) if f != "performance"]
+        named = named_families(question)
+        # returns are what a pair is compared on; "price" with them ("price performance") asks the same
+        others = [f for f in named if f != "performance" and not (f == "price" and "performance" in named)]
         if others:  # the model compares two tickers by their returns: "AAPL's RSI vs MSFT's" would get returns
             grounding.declined = (f"finpipe compares two tickers by their returns only; ask about the {' and '.join(others)} "
                                   f"of {a} and of {b} one ticker at a time")
@@ -487,15 +492,16 @@ def refusal(grounding: Grounding, known: Sequence[str]) -> str | None:
 #: what the lake does not hold, and the words that ask for it; a question asking for one is refused, never
 #: guessed at (a 135M model asked for a P/E invents one)
 OUT_OF_SCOPE: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("valuation ratios such as P/E", re.compile(r"\bp\s*/\s*e\b|\bpe ratio|\bprice[- ]to[- ]\w+|\bvaluation"
-                                                 r"|\bmultiple\b|\bp/b\b|\bpeg\b|\bev/ebitda", re.I)),
+    ("valuation ratios such as P/E", re.compile(r"\bp\s*/\s*e\b|\bpe ratio|\bprice[- ]to[- ](?:earnings|book|sales|cash)"
+                                                 r"|\bvaluation|\b(?:earnings|ebitda|revenue|sales) multiple|\bp/b\b"
+                                                 r"|\bpeg\b|\bev/ebitda", re.I)),
     ("earnings and fundamentals", re.compile(r"\bearnings\b|\beps\b|\brevenue|\bsales\b|\bprofit|\bmargins?\b"
                                              r"|\bguidance\b|\bbalance sheet|\bcash flow|\bdebt\b|\bfundamental",
                                              re.I)),
     ("dividends", re.compile(r"\bdividend|\byield\b|\bbuybacks?\b", re.I)),
     ("market capitalisation", re.compile(r"\bmarket ?cap|\bshares outstanding\b|\bfloat\b", re.I)),
     ("news and events", re.compile(r"\bnews\b|\bheadlines?\b|\bannounce|\brumou?rs?\b|\bceo\b|\blawsuit"
-                                   r"|\bwhy did\b|\bwhy is\b|\bwhat happened\b", re.I)),
+                                   r"|\bwhy did\b|\bwhy is\b", re.I)),
     ("analyst opinions", re.compile(r"\banalysts?\b|\bratings?\b|\bupgrade|\bdowngrade|\bconsensus\b", re.I)),
     ("recommendations or forecasts", re.compile(
         r"\bshould (?:i|we|you)\b|\b(?:a|good|worth a) (?:buy|sell|hold)\b|\bbuy or sell\b|\b(?:buy|sell|hold)\?"
@@ -503,7 +509,8 @@ OUT_OF_SCOPE: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"|\btomorrow\b|\bnext (?:week|month|quarter|year)\b|\bwill (?:it|\w+) (?:go|rise|fall|drop|climb|recover|"
         r"bounce|crash)|\bgood investment\b|\binvest in\b", re.I)),
     ("options and derivatives", re.compile(r"\boptions? (?:chain|price|premium)|\bimplied vol|\bshort interest\b"
-                                           r"|\bputs?\b|\bcalls?\b|\bgreeks\b", re.I)),
+                                           r"|\b(?:put|call) options?\b|\bputs? and calls?\b|\bcalls? and puts?\b"
+                                           r"|\bstrike price|\bgreeks\b", re.I)),
 )
 
 

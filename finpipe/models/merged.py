@@ -33,6 +33,9 @@ def source_stamp(base_dir: Path, adapter_dir: Path, dtype: str) -> dict:
         "adapter_config_sha256": file_digest(Path(adapter_dir) / "adapter_config.json"),
         "base": [f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in base_weights],
         "base_name": Path(base_dir).name,
+        # the config and the tokenizer (its chat template) are copied into the merged folder: a change is a new one
+        "files": {f"{where.name}/{name}": file_digest(where / name) for where in (Path(base_dir), Path(adapter_dir))
+                  for name in ("config.json", "tokenizer_config.json", "tokenizer.json") if (where / name).exists()},
         "dtype": dtype,
     }
 

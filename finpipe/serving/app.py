@@ -136,6 +136,7 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
         can_answer = snapshot.loaded_at is not None and await asyncio.to_thread(store.can_answer)
         body = {"status": "degraded" if problems else "ok", "can_answer": can_answer, "degraded": problems,
                 "lake": str(Path(lake_dir).resolve()), "on_unverified": spec.on_unverified,
+                "decode_weights": spec.decode_weights,
                 "champion": store.champion_id, "champion_pointer_ok": store.champion_problem is None,
                 "lake_readable": snapshot.problem is None, "models_loaded": store.loaded_ids,
                 "waiting": engine.waiting, "generating": engine.active, "cancelled": engine.cancelled,

@@ -110,11 +110,28 @@ def _text(value) -> str:
     return str(value)
 
 
-def _slot_problems(parsed: ParsedAnswer, defaults: dict[str, str], truth: LakeTruth, tickers: list[str]
+def _signed_by_words(parsed: ParsedAnswer, answer: str) -> ParsedAnswer:
+    """The parse with an unsigned return signed by the direction word before it ("fell 3.21%" states -3.21%)."""
+    from dataclasses import replace
+
+    from finpipe.instructions.families import FORMS as forms
+
+    matches = []
+    for m in parsed.matches:
+        kind = forms[parsed.family].slots[m.name].kind
+        if kind == "signed_pct" and not m.text.startswith(("+", "-")) and _DOWN.search(answer[max(0, m.span[0] - 24):
+                                                                                             m.span[0]]):
+            m = replace(m, text="-" + m.text)
+        matches.append(m)
+    return replace(parsed, matches=matches)
+
+
+def _slot_problems(parsed: ParsedAnswer, defaults: dict[str, str], truth: LakeTruth, tickers: list[str], answer: str
                    ) -> tuple[list[str], set[tuple[int, int]]]:
-    """What the answer's slot claims get wrong, and the spans they explain."""
+    """What the answer's slot claims get wrong, and the spans they explain (``answer``: its text, for the direction
+    words that sign an unsigned return)."""
     problems: list[str] = []
-    said = claims(parsed, defaults)
+    said = claims(_signed_by_words(parsed, answer), defaults)
     for (who, field_name), values in said.stated.items():
         name = f"{who} {field_name}" if who else field_name
         if who and who not in tickers:
@@ -179,7 +196,7 @@ def verify(answer: str, grounding: Grounding) -> Verdict:
         parsed_by_family[family] = parsed
         weights[family] = _family_weight(parsed)
         defaults = grounding.checks.get(family, ({"t": tickers[0], "n": str(grounding.window)}, {}))[0]
-        found, spans = _slot_problems(parsed, defaults, truth, tickers)
+        found, spans = _slot_problems(parsed, defaults, truth, tickers, answer)
         problems += found
         explained |= spans
 
@@ -221,7 +238,8 @@ def verify(answer: str, grounding: Grounding) -> Verdict:
         if not relevant and strongest > 0:
             problems.append(f"off the question: it asks about {' / '.join(grounding.families)}, the answer speaks "
                             f"about {' / '.join(speaking)}")
-    if strongest == 0 and not any(NUMBER.finditer(answer)):
-        problems.append("the answer states none of the market data's facts")
+    if strongest == 0:
         relevant = False
+        problems.append("the answer states none of the market data's facts" if not any(NUMBER.finditer(answer))
+                        else "the answer states its numbers in no form finpipe can check against the question asked")
     return Verdict(UNVERIFIED if problems else VERIFIED, list(dict.fromkeys(problems)), relevant)
