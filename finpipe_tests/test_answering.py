@@ -78,6 +78,10 @@ def test_everyday_words_choose_the_family_and_the_window():
     for question, families in cases.items():
         assert detect_families(question) == families, question
     assert detect_window("how did aapl do this week?") == 5 and detect_window("this month") == 30
+    # one session's move is the latest session's (returns start at 3 days), however it is asked
+    for question in ("How much did AAPL gain today?", "What was AAPL's 1-day return?", "aapl up or down today?"):
+        assert detect_families(question) == ("price",), question
+    assert detect_families("aapl gain over 5 days, and today?") == ("performance",)
     assert detect_window("aapl 14d return") == 14 and detect_window("over two weeks") == 14
 
 
@@ -107,6 +111,8 @@ def test_two_tickers_are_compared_by_returns_and_other_pair_questions_are_declin
         prepared = prepare(question, facts)
         assert prepared.refusal is None and prepared.grounding.family == "comparison", question
     assert prepare("Compare the price performance of AAPL and MSFT over 30 days", facts).grounding.family == "comparison"
+    snapped = prepare("aapl vs msft over 90 days", facts).grounding
+    assert snapped.window == 30 and "answering for 30, not 90" in snapped.notes[0]  # said, not silently changed
     declined = prepare("what is aapl's rsi vs msft's?", facts)
     assert declined.refusal and "compares two tickers by their returns only" in declined.refusal
     assert "momentum of AAPL and of MSFT one ticker at a time" in declined.refusal

@@ -50,6 +50,8 @@ FAMILY_PATTERNS: dict[str, re.Pattern[str]] = {
 DEFAULT_FAMILY = "price"
 # "over the last 14 trading days", "past 7 sessions", "Over 30 days", "the 5-day return", "7d"
 _WINDOW_RE = re.compile(r"\b(\d{1,3})[- ]?(?:trading[- ])?(?:days?|sessions?|d)\b", re.I)
+# a question about one session's move
+_ONE_DAY = re.compile(r"\btoday\b|\byesterday\b|\bon the day\b|\b(?:1|one)[- ]day\b|\bdaily\b", re.I)
 #: everyday spans, as the return window the statistics have that matches them
 _WINDOW_WORDS: tuple[tuple[re.Pattern[str], int], ...] = (
     (re.compile(r"\b(?:two|2) weeks\b|\bfortnight\b", re.I), 14),
@@ -198,8 +200,27 @@ def detect_families(question: str) -> tuple[str, ...]:
 
 
 def named_families(question: str) -> tuple[str, ...]:
-    """The single-ticker families the question's words name, in the canonical order (none: it names none)."""
-    return tuple(f for f, pattern in FAMILY_PATTERNS.items() if pattern.search(question))
+    """The single-ticker families the question's words name, in the canonical order (none: it names none). A
+    one-day question ("how much did AAPL gain today?", "AAPL's 1-day return") is the latest session's: the
+    performance family's returns start at 3 days."""
+    named = tuple(f for f, pattern in FAMILY_PATTERNS.items() if pattern.search(question))
+    if "performance" in named and _ONE_DAY.search(question) and not _several_days(question):
+        named = tuple(f for f in FAMILY_PATTERNS if f == "price" or (f in named and f != "performance"))
+    return named
+
+
+def _several_days(question: str) -> bool:
+    match = _WINDOW_RE.search(question)
+    return bool(match and int(match.group(1)) > 1) or any(p.search(question) for p, _ in _WINDOW_WORDS)
+
+
+def _snapped(question: str, window: int) -> list[str]:
+    """A note when the question asks for a window the statistics do not have ("90 days" answered for 30)."""
+    match = _WINDOW_RE.search(question)
+    if match and int(match.group(1)) not in (window, 1):
+        return [f"finpipe keeps returns over {', '.join(map(str, WINDOWS))} trading days: answering for {window}, "
+                f"not {match.group(1)}"]
+    return []
 
 
 def detect_window(question: str, default: int = DEFAULT_WINDOW) -> int:
@@ -382,6 +403,7 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
                                    "asking without market data")
             return grounding
         window = detect_window(question)
+        grounding.notes += _snapped(question, window)
         rendered = fam.comparison(pair[0], pair[1], PinnedWindow(window))
         grounding.rows, grounding.window = {a: pair[0], b: pair[1]}, window
         grounding.family, grounding.families = "comparison", ("comparison",)
@@ -405,6 +427,8 @@ def ground(question: str, facts: LakeFacts) -> Grounding:
     grounding.families, grounding.as_of = used, row["as_of"]
     grounding.context = fam.context_block(fam.display_name(row), row["as_of"], lines)
     window = detect_window(question)
+    if "performance" in used:
+        grounding.notes += _snapped(question, window)
     grounding.rows, grounding.window = {ticker: row}, window
     for family in used:
         render, _ = fam.SINGLE_TICKER_FAMILIES[family]
