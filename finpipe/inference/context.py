@@ -114,6 +114,15 @@ _LEGAL_SUFFIX = re.compile(r"[,\s]+(?:inc|incorporated|corp|corporation|co|compa
                            r"|holdings|group|class [a-z]|& co)\.?$", re.I)
 
 
+def _without_legal_forms(name: str) -> list[str]:
+    """A name without its parenthesised part, then without each legal-form word in turn from the end:
+    "Alphabet Inc. class C" -> ["Alphabet Inc. class C", "Alphabet Inc.", "Alphabet"]."""
+    forms = [" ".join(re.sub(r"\([^)]*\)", " ", name).split())]
+    while (shorter := _LEGAL_SUFFIX.sub("", forms[-1]).strip(" ,.")) != forms[-1]:
+        forms.append(shorter)
+    return forms
+
+
 def name_aliases(names: dict[str, str], known: Iterable[str]) -> dict[str, set[str]]:
     """Lower-case company names -> the known tickers they name: each instrument's name as the lake holds it,
     without its legal form ("apple inc." and "apple"), a parenthesised other name ("(Google)"), and
@@ -125,11 +134,7 @@ def name_aliases(names: dict[str, str], known: Iterable[str]) -> dict[str, set[s
             continue
         lowered = " ".join(name.lower().split())
         forms = {m.strip() for m in re.findall(r"\(([^)]+)\)", lowered)}
-        bare = " ".join(re.sub(r"\([^)]*\)", " ", lowered).split())
-        forms.add(bare)
-        while (shorter := _LEGAL_SUFFIX.sub("", bare).strip(" ,.")) != bare:
-            bare = shorter
-            forms.add(bare)
+        forms.update(_without_legal_forms(lowered))
         for form in forms:
             if len(form) >= 3 and form.upper() != ticker.upper():
                 out.setdefault(form, set()).add(ticker)
@@ -147,10 +152,7 @@ def common_name(ticker: str, names: dict[str, str]) -> str:
     other = re.findall(r"\(([^)]+)\)", name)
     if other:
         return other[0].strip()
-    bare = " ".join(re.sub(r"\([^)]*\)", " ", name).split())
-    while (shorter := _LEGAL_SUFFIX.sub("", bare).strip(" ,.")) != bare:
-        bare = shorter
-    return bare or ticker
+    return _without_legal_forms(name)[-1] or ticker
 
 
 def find_tickers(question: str, known: Iterable[str], names: dict[str, str] | None = None) -> list[str]:
