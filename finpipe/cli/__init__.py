@@ -146,6 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    if argv is None and getattr(args, "exit_at_once", False):  # the console command, its answer printed
+        _exit_at_once(code)
+    return code
+
+
+def _exit_at_once(code: int) -> None:
+    """End the process now: tearing torch and its thread pools down cost ``ask`` about a second after the answer
+    was printed. Only what an exit must still do is done: output flushed, this process's core share given back."""
+    from finpipe.runtime import release_cpu_share
+
+    release_cpu_share()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def _run(args: argparse.Namespace) -> int:
     from finpipe.cli.run import _quiet_interrupts
     from finpipe.market.lake import (
         CorruptLakeError,

@@ -71,49 +71,102 @@ def _answer_spec(args: argparse.Namespace):
     return AnswerSpec(**chosen(args, AnswerSpec))
 
 
-def _load(choice: tuple[str, Path, Path | None], merge: bool = True, decode=None):
-    """(label, model, tokenizer) for a ``_resolve_model`` choice; the adapter merged unless the caller needs
-    to switch it off (the demo compares with the base); ``decode``: a ``DecodeSpec`` (int8 decode steps)."""
+class TransformersChat:
+    """A transformers model and tokenizer behind the interface ``LeanChatModel`` has (``finpipe.inference.lean``):
+    what ``ask`` and ``chat`` use for models the lean decoder does not mirror, on CUDA, and without a merge."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.weights = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+    def prompt(self, messages) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompt_tokens(self, messages) -> int:
+        return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True)["input_ids"])
+
+    def generate(self, messages, sampling):
+        from finpipe.evaluation.generation import generate
+
+        return generate(self.model, self.tokenizer, messages, sampling)
+
+
+def _log(line: str) -> None:
+    print(f"finpipe: {line}", file=sys.stderr)
+
+
+def _merged_champion(base_dir: Path, adapter_dir: Path) -> Path:
+    """The adapter merged into its base, from the cache when its stamp matches (no precision measured, nothing
+    merged), else merged now once at this machine's inference precision."""
+    from finpipe.models import merged
+
+    folder = merged.cached_any(paths.lake_dir(), adapter_dir.name, base_dir, adapter_dir)
+    if folder is None:
+        from finpipe.runtime import accelerator, inference_dtype
+
+        dtype = str(inference_dtype(accelerator())).removeprefix("torch.")
+        folder = merged.build(paths.lake_dir(), adapter_dir.name, base_dir, adapter_dir, dtype, log=_log)
+    return folder
+
+
+def _load(choice: tuple[str, Path, Path | None], decode=None):
+    """(label, chat model) for a ``_resolve_model`` choice, the adapter merged (once, cached). On a CPU, a model the
+    lean decoder mirrors (``finpipe.inference.lean``: Llama family) is decoded without transformers; otherwise
+    transformers. ``decode``: a ``DecodeSpec`` (int8 decode steps)."""
+    import torch
+
+    label, base_dir, adapter_dir = choice
+    folder = _merged_champion(base_dir, adapter_dir) if adapter_dir is not None else base_dir
+    where = f"merged: {folder}" if adapter_dir is not None else str(folder)
+    cpu = not torch.cuda.is_available()
+    from finpipe.inference import lean
+
+    why_not = lean.supports(folder) if cpu else "CUDA: transformers' kernels"
+    if why_not is None:
+        from finpipe.runtime import claim_cpu_share
+
+        claim_cpu_share()
+        int8 = decode is not None and decode.int8_on("cpu")
+        chat = lean.LeanChatModel(folder, int8=int8)
+        _log(f"loading {label} ({where}): {chat.weights} weights{', int8 decode steps' if chat.model.int8 else ''}")
+        return label, chat
     from finpipe.evaluation.generation import load_chat_model
     from finpipe.models.int8_decode import uses_int8_decode
 
     _quiet_transformers()
-    label, base_dir, adapter_dir = choice
-    if adapter_dir is not None and merge:  # merged once, then loaded as a plain model: no peft, no merge per answer
-        from finpipe.models import merged
-        from finpipe.runtime import accelerator, inference_dtype
+    model, tokenizer = load_chat_model(folder, None, decode=decode)
+    chat = TransformersChat(model, tokenizer)
+    _log(f"loading {label} ({where}; transformers: {why_not}): {chat.weights} weights"
+         + (", int8 decode steps" if uses_int8_decode(model) else ""))
+    return label, chat
 
-        dtype = str(inference_dtype(accelerator())).removeprefix("torch.")
-        folder = merged.cached(paths.lake_dir(), adapter_dir.name, base_dir, adapter_dir, dtype) or merged.build(
-            paths.lake_dir(), adapter_dir.name, base_dir, adapter_dir, dtype,
-            log=lambda line: print(f"finpipe: {line}", file=sys.stderr))
-        print(f"finpipe: loading {label} (merged: {folder})", file=sys.stderr)
-        model, tokenizer = load_chat_model(folder, None, decode=decode)
-    else:
-        print(f"finpipe: loading {label} ({base_dir}{' + ' + str(adapter_dir) if adapter_dir else ''})",
-              file=sys.stderr)
-        model, tokenizer = load_chat_model(base_dir, adapter_dir, merge=merge, decode=decode)
-    weights = str(next(model.parameters()).dtype).removeprefix("torch.")
-    print(f"finpipe: {weights} weights" + (", int8 decode steps" if uses_int8_decode(model) else ""), file=sys.stderr)
+
+def _load_for_demo(choice: tuple[str, Path, Path | None]):
+    """(label, model, tokenizer) with the adapter unmerged: the demo switches it off to show the base model."""
+    from finpipe.evaluation.generation import load_chat_model
+
+    _quiet_transformers()
+    label, base_dir, adapter_dir = choice
+    _log(f"loading {label} ({base_dir}{' + ' + str(adapter_dir) if adapter_dir else ''})")
+    model, tokenizer = load_chat_model(base_dir, adapter_dir, merge=False)
     return label, model, tokenizer
 
 
-def _in_context(prepared, tokenizer, model, sampling) -> int:
+def _in_context(prepared, chat, sampling) -> int:
     """The prompt's token count, after checking that it and the answer fit the model's context."""
-    prompt_tokens = len(tokenizer.apply_chat_template(prepared.messages, add_generation_prompt=True, tokenize=True,
-                                                      return_dict=True)["input_ids"])
-    context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    if prompt_tokens + sampling.max_new_tokens > context:
+    prompt_tokens = chat.prompt_tokens(prepared.messages)
+    if prompt_tokens + sampling.max_new_tokens > chat.context:
         raise ValueError(f"the question is too long: {prompt_tokens} prompt tokens + {sampling.max_new_tokens} "
-                         f"answer tokens exceed the model's context of {context}")
+                         f"answer tokens exceed the model's context of {chat.context}")
     return prompt_tokens
 
 
-def _answer(prepared, model, tokenizer, sampling, label: str, show_prompt: bool, spec) -> bool:
+def _answer(prepared, chat, sampling, label: str, show_prompt: bool, spec) -> bool:
     """Generate and verify through the answering path (``finpipe.inference.answering``), print: the answer on
     stdout (pipeable); notes, and the verdict with the data's date and the speed in one line, on stderr. A refused
     question prints its refusal on stderr without calling the model; returns False then."""
-    from finpipe.evaluation.generation import generate
     from finpipe.inference.answering import answer
 
     if prepared.refusal is not None:
@@ -121,13 +174,12 @@ def _answer(prepared, model, tokenizer, sampling, label: str, show_prompt: bool,
         return False
     for note in prepared.grounding.notes:
         print(f"finpipe: {note}", file=sys.stderr)
-    _in_context(prepared, tokenizer, model, sampling)
+    _in_context(prepared, chat, sampling)
     if show_prompt:
         print("--- prompt ---")
-        print(tokenizer.apply_chat_template(prepared.messages, add_generation_prompt=True, tokenize=False), end="")
+        print(chat.prompt(prepared.messages), end="")
         print("\n--- answer ---")
-    result = answer(prepared, lambda messages, s: generate(model, tokenizer, messages, s), sampling,
-                    spec.on_unverified)
+    result = answer(prepared, chat.generate, sampling, spec.on_unverified)
     print(result.text)
     out = result.generated
     tries = f", {result.attempts} attempts" if result.attempts > 1 else ""
@@ -208,8 +260,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     prepared = prepare(args.question, facts, args.allow_ungrounded)  # refused before the model loads
     if prepared.refusal is not None:
         raise ValueError(prepared.refusal)
-    label, model, tokenizer = _load(choice, decode=spec)
-    _answer(prepared, model, tokenizer, sampling, label, args.show_prompt, spec)
+    label, chat = _load(choice, decode=spec)
+    _answer(prepared, chat, sampling, label, args.show_prompt, spec)
+    args.exit_at_once = True  # nothing left to do: the console entry skips tearing torch down
     return 0
 
 
@@ -221,7 +274,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     choice = _resolve_model(args.adapter)
     facts = _facts()
     known = facts.tickers()
-    label, model, tokenizer = _load(choice, decode=spec)
+    label, chat = _load(choice, decode=spec)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"finpipe chat with {label}; tickers: {', '.join(known)}. `exit` or Ctrl-D ends.")
@@ -243,8 +296,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not question:
                 continue
             try:
-                _answer(prepare(question, facts, args.allow_ungrounded), model, tokenizer, sampling, label,
-                        args.show_prompt, spec)
+                _answer(prepare(question, facts, args.allow_ungrounded), chat, sampling, label, args.show_prompt,
+                        spec)
             except ValueError as exc:  # one bad question does not end the chat
                 print(f"finpipe: {exc}", file=sys.stderr)
     except KeyboardInterrupt:  # Ctrl-C ends the chat, not with a traceback
@@ -276,7 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     choice = _resolve_model(args.adapter)
     facts = _facts()
     questions = demo_questions(facts.tickers())
-    label, model, tokenizer = _load(choice, merge=False)  # disable_adapter() gives the base model
+    label, model, tokenizer = _load_for_demo(choice)  # disable_adapter() gives the base model
     width = min(shutil.get_terminal_size((120, 24)).columns, 160)
 
     def with_base(messages, s):

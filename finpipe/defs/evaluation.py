@@ -165,6 +165,28 @@ def evaluation_report(lake: LakeResource) -> dg.MaterializeResult:
     })
 
 
+def _merge_for_answers(context: dg.AssetExecutionContext, lake: LakeResource, champion: dict):
+    """The new champion merged into its base once, now, so the first `finpipe ask` loads it directly. A failure
+    here costs only that: `ask` merges on first use instead, and the promotion stands."""
+    from pathlib import Path
+
+    from finpipe.models import merged
+    from finpipe.runtime import accelerator, inference_dtype, release_memory
+
+    base, adapter = Path(champion["base"]["path"]), Path(champion["path"])
+    try:
+        folder = merged.cached_any(lake.directory, adapter.name, base, adapter)
+        if folder is None:
+            dtype = str(inference_dtype(accelerator())).removeprefix("torch.")
+            folder = merged.build(lake.directory, adapter.name, base, adapter, dtype, log=context.log.info)
+        return folder
+    except (OSError, ValueError, RuntimeError) as exc:
+        context.log.warning(f"could not merge the champion for answering ({exc}): `finpipe ask` merges it on first use")
+        return None
+    finally:
+        release_memory()
+
+
 @dg.asset(
     deps=[adapter_evaluation],
     group_name="evaluation",
@@ -173,7 +195,8 @@ def evaluation_report(lake: LakeResource) -> dg.MaterializeResult:
     kinds={"duckdb"},
     description="Promotion: the newest adapter becomes the champion (models/adapters/champion.json, "
     "model_runs.status) only if it beats the base model, keeps its general skills (forgetting probe), and improves "
-    "on the current champion's strict golden quality without regressing on any strict metric.",
+    "on the current champion's strict golden quality without regressing on any strict metric. A new champion is "
+    "merged into its base once (models/merged/<run id>), so `finpipe ask` loads it without merging.",
 )
 def champion_adapter(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     evaluation = read_evaluation(lake)
@@ -187,7 +210,9 @@ def champion_adapter(context: dg.AssetExecutionContext, lake: LakeResource) -> d
                    "previous": previous["run_id"] if previous else None, "reason": decision.reason}
         runs.promote(evaluation["run_id"], pointer, payload, decision.reason)
         context.log.info(f"promoted {evaluation['run_id']}: {decision.reason}")
+        merged_folder = _merge_for_answers(context, lake, payload)
     else:
+        merged_folder = None
         runs.reject(evaluation["run_id"], decision.reason)
         context.log.warning(f"kept the champion ({previous['run_id'] if previous else 'none'}): {decision.reason}")
     champion = registry.read_pointer(pointer) if pointer.exists() else None
@@ -200,6 +225,7 @@ def champion_adapter(context: dg.AssetExecutionContext, lake: LakeResource) -> d
         "previous_champion": previous["run_id"] if previous else "",
         "champion": champion["run_id"] if champion else "",
         "champion_path": dg.MetadataValue.path(champion["path"]) if champion else "",
+        "merged_weights": dg.MetadataValue.path(str(merged_folder)) if merged_folder else "",
         "regressions": dg.MetadataValue.json(decision.regressions),
         "registry": dg.MetadataValue.md(markdown_table(history)),
     })

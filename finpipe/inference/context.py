@@ -272,7 +272,7 @@ class LakeFacts:
         self._names: dict[str, str] | None = None
 
     def _tables(self) -> list[str]:
-        return self.lake.query("SELECT table_name FROM information_schema.tables")["table_name"].to_list()
+        return [r["table_name"] for r in self.lake.records("SELECT table_name FROM information_schema.tables")]
 
     def tickers(self) -> list[str]:
         """Tickers that have statistics, sorted."""
@@ -280,8 +280,8 @@ class LakeFacts:
             if STATISTICS_TABLE not in self._tables():
                 raise FileNotFoundError(
                     f"the lake {self.lake.path} has no {STATISTICS_TABLE} table: run `finpipe run --only-data` first")
-            frame = self.lake.query(f"SELECT DISTINCT ticker FROM {STATISTICS_TABLE} ORDER BY ticker")
-            self._tickers = frame["ticker"].to_list()
+            self._tickers = [r["ticker"] for r in
+                             self.lake.records(f"SELECT DISTINCT ticker FROM {STATISTICS_TABLE} ORDER BY ticker")]
         return self._tickers
 
     def names(self) -> dict[str, str]:
@@ -289,8 +289,8 @@ class LakeFacts:
         if self._names is None:
             self._names = {}
             if "instruments" in self._tables():
-                frame = self.lake.query("SELECT ticker, name FROM instruments WHERE name IS NOT NULL")
-                self._names = dict(zip(frame["ticker"].to_list(), frame["name"].to_list()))
+                self._names = {r["ticker"]: r["name"] for r in
+                               self.lake.records("SELECT ticker, name FROM instruments WHERE name IS NOT NULL")}
         return self._names
 
     def _cutoff(self) -> tuple[str, list]:
@@ -299,7 +299,7 @@ class LakeFacts:
     def _rows(self, where: str, params: list) -> dict[str, dict]:
         # open/high/low live in `prices` (the price family needs them), names in `instruments`,
         # as in the dataset builder; `as_of` and `name` are the fields the family renderers read
-        frame = self.lake.query(
+        rows = self.lake.records(
             f"""
             SELECT s.*, p.open, p.high, p.low, coalesce(i.name, s.ticker) AS name
             FROM {STATISTICS_TABLE} s
@@ -309,7 +309,7 @@ class LakeFacts:
             """,
             params,
         )
-        return {row["ticker"]: row | {"as_of": row["date"].isoformat()} for row in frame.iter_rows(named=True)}
+        return {row["ticker"]: row | {"as_of": row["date"].isoformat()} for row in rows}
 
     def latest(self, ticker: str) -> dict | None:
         """The ticker's newest statistics row (with open/high/low, name and ``as_of``), None if it has none."""

@@ -18,13 +18,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import duckdb
-import polars as pl
 
-from finpipe.market.ingest import FAILED, IngestBatch, TickerOutcome
-from finpipe.market.universes import Universe
+if TYPE_CHECKING:  # polars and the ingest stack load only where frames are written: reading facts needs neither
+    import polars as pl
+
+    from finpipe.market.ingest import IngestBatch, TickerOutcome
+    from finpipe.market.universes import Universe
 
 # DuckDB 2.0 streams results: always fetch a result fully (fetchall) before the next statement.
 # Files written by DuckDB >= 2.0 are unreadable by 1.x tools (incl. the `duckdb` shell on PyPI);
@@ -121,6 +123,12 @@ class WriteSummary:
     outcomes: list[TickerOutcome] = field(default_factory=list)
 
 
+def rows_of(cursor) -> list[dict]:
+    """A DuckDB result's rows as dicts keyed by column name."""
+    columns = [d[0] for d in cursor.description]
+    return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+
 @contextmanager
 def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
     """BEGIN ... COMMIT on ``con``; on any error ROLLBACK and re-raise, so the lake stays as it was."""
@@ -200,6 +208,10 @@ class PriceLake:
     # ---------------------------------------------------------------- writing
 
     def write_batch(self, batch: IngestBatch, run_id: str) -> WriteSummary:
+        import polars as pl
+
+        from finpipe.market.ingest import FAILED, TickerOutcome
+
         """Upsert clean rows, record rejects and the per-ticker log - all or nothing."""
         universe = batch.request.universe
         outcomes = {o.ticker: o for o in batch.outcomes}
@@ -310,6 +322,11 @@ class PriceLake:
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         with self.connect(read_only=True) as con:
             return con.sql(sql, params=params).pl()
+
+    def records(self, sql: str, params: list | None = None) -> list[dict]:
+        """Rows as dicts, without polars: what answering a question reads (``finpipe.inference.context.LakeFacts``)."""
+        with self.connect(read_only=True) as con:
+            return rows_of(con.execute(sql, params or []))
 
     def query_untrusted(self, sql: str) -> pl.DataFrame:
         """A user's SQL, read-only in every way: a read-only connection that can reach no file, attach no

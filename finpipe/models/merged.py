@@ -17,6 +17,8 @@ from pathlib import Path
 from finpipe.models.files import atomic_dir, file_digest
 
 STAMP = "finpipe_merged.json"
+#: what a merged folder holds; a folder of another layout is rebuilt (2: int8 decode weights beside the model's)
+LAYOUT = 2
 #: merged folders kept besides the one just written (the previous champion, for a quick switch back)
 KEEP = 1
 
@@ -37,6 +39,7 @@ def source_stamp(base_dir: Path, adapter_dir: Path, dtype: str) -> dict:
         "files": {f"{where.name}/{name}": file_digest(where / name) for where in (Path(base_dir), Path(adapter_dir))
                   for name in ("config.json", "tokenizer_config.json", "tokenizer.json") if (where / name).exists()},
         "dtype": dtype,
+        "layout": LAYOUT,
     }
 
 
@@ -50,11 +53,22 @@ def cached(lake_dir: Path, run_id: str, base_dir: Path, adapter_dir: Path, dtype
     return folder if recorded == source_stamp(base_dir, adapter_dir, dtype) else None
 
 
+def cached_any(lake_dir: Path, run_id: str, base_dir: Path, adapter_dir: Path) -> Path | None:
+    """The merged folder of ``run_id`` at whatever precision it was written, if its stamp matches: ``ask`` then
+    neither measures this CPU's precision nor merges."""
+    try:
+        dtype = json.loads((merged_root(lake_dir) / run_id / STAMP).read_text())["dtype"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return cached(lake_dir, run_id, base_dir, adapter_dir, dtype) if isinstance(dtype, str) else None
+
+
 def build(lake_dir: Path, run_id: str, base_dir: Path, adapter_dir: Path, dtype: str, log=print) -> Path:
     """Merge ``adapter_dir`` into ``base_dir`` at ``dtype`` and write it (weights, config, tokenizer, stamp last) as
     ``models/merged/<run_id>``; older merged folders beyond ``KEEP`` are removed (only finpipe's own)."""
     import torch
 
+    from finpipe.inference import lean
     from finpipe.models.safe_loading import load_causal_lm, load_peft_adapter, load_tokenizer
 
     stamp = source_stamp(base_dir, adapter_dir, dtype)
@@ -68,6 +82,8 @@ def build(lake_dir: Path, run_id: str, base_dir: Path, adapter_dir: Path, dtype:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(tokenizer_dir).save_pretrained(tmp)
+        if lean.supports(tmp) is None and dtype in ("bfloat16", "float32"):  # int8 decode is for CPU precisions
+            lean.write_int8(tmp)
         (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
     _prune(lake_dir, keep=run_id)
     return target

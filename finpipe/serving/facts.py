@@ -116,3 +116,10 @@ class LakeSnapshot:
     def query(self, sql: str, params: list | None = None):
         with self._lock:
             return self._con.sql(sql, params=params).pl()
+
+    def records(self, sql: str, params: list | None = None) -> list[dict]:
+        """Rows as dicts (``PriceLake.records``), without polars."""
+        with self._lock:
+            cursor = self._con.execute(sql, params or [])
+            columns = [d[0] for d in cursor.description]
+            return [dict(zip(columns, row)) for row in cursor.fetchall()]

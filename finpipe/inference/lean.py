@@ -1,0 +1,346 @@
+"""A lean chat model for ``ask`` and ``chat``: a merged Llama-family model decoded with plain torch, no transformers.
+
+Why: a cold ``finpipe ask`` spent most of its time importing transformers and peft (seconds on 2 cores) for an
+answer generated in about 1.5 s. A merged champion (``finpipe.models.merged``) is a plain decoder whose forward pass
+is a few dozen lines; with ``tokenizers`` (Rust, instant) for the tokens and jinja2 for the chat template, ``ask``
+imports torch and nothing heavier, loads the weights from safetensors and the int8 decode weights written once
+beside them, and decodes with a static KV cache.
+
+The arithmetic mirrors transformers' ``LlamaForCausalLM`` (SDPA attention) with finpipe's int8 decode steps
+(``finpipe.models.int8_decode``) op for op, in the same order and dtypes, so a greedy answer is the same text as
+the transformers path (``test_lean_decoder``); architectures it does not mirror (``supports`` says which) are
+answered through transformers as before.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from finpipe.evaluation.generation import Generated, Sampling
+from finpipe.models.int8_decode import DEFAULT_MAX_ROWS
+
+#: int8 decode weights written beside a merged model's own (``write_int8``): one int8 matrix and one scale per
+#: output row for every linear layer, so answering never quantizes
+INT8_FILE = "finpipe_int8_decode.safetensors"
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+def supports(folder: Path) -> str | None:
+    """None if the model in ``folder`` can be decoded here; else why not (it is answered through transformers)."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"no readable config.json ({exc})"
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    checks = {
+        "model_type is not 'llama'": config.get("model_type") != "llama",
+        "rope scaling other than the default": (rope.get("rope_type") or rope.get("type") or "default") != "default",
+        "attention or MLP biases": bool(config.get("attention_bias") or config.get("mlp_bias")),
+        "an activation other than silu": config.get("hidden_act", "silu") != "silu",
+        "no single model.safetensors": not (Path(folder) / "model.safetensors").exists(),
+        "no tokenizer.json": not (Path(folder) / "tokenizer.json").exists(),
+    }
+    problems = [why for why, failed in checks.items() if failed]
+    return "; ".join(problems) or None
+
+
+# --------------------------------------------------------------------------------------------------- the tokenizer
+
+class ChatTokenizer:
+    """``tokenizers`` plus the folder's chat template, as transformers applies them: the template rendered by jinja2
+    (``trim_blocks``, ``lstrip_blocks``; ``{% generation %}`` marks are transparent), encoded without added special
+    tokens, decoded skipping special tokens."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        self._tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        template_file = folder / "chat_template.jinja"
+        template = template_file.read_text() if template_file.exists() else config.get("chat_template")
+        if not isinstance(template, str):
+            raise ValueError(f"{folder} has no chat template (chat_template.jinja or tokenizer_config.json)")
+        self._template = _compile_template(template)
+        self.specials = {name: config.get(name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tokenizer.token_to_id(token)
+
+    def stop_ids(self) -> list[int]:
+        """End-of-turn and end-of-sequence, as ``finpipe.evaluation.generation.stop_token_ids``."""
+        from finpipe.models.chat_template import IM_END
+
+        unk = self.token_id(self.specials["unk_token"])
+        ids = {self.token_id(self.specials["eos_token"]), self.token_id(IM_END)}
+        return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=True, **self.specials)
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        return self._tokenizer.encode(self.prompt(messages), add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _compile_template(source: str):
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """``{% generation %}…{% endgeneration %}`` (TRL's assistant-token marks) renders its body unchanged."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+# ------------------------------------------------------------------------------------------------------- the model
+
+@dataclass(frozen=True)
+class LlamaShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    rope_theta: float
+    context: int
+
+    @classmethod
+    def of(cls, config: dict) -> "LlamaShape":
+        heads = config["num_attention_heads"]
+        rope = config.get("rope_parameters") or {}
+        return cls(layers=config["num_hidden_layers"], hidden=config["hidden_size"], heads=heads,
+                   kv_heads=config.get("num_key_value_heads") or heads,
+                   head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                   eps=config.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", config.get("rope_theta",
+                                                                                                    10000.0)),
+                   context=int(config.get("max_position_embeddings") or 2048))
+
+
+class LeanLlama:
+    """Weights in a dict, a forward pass over a static KV cache; inference only."""
+
+    def __init__(self, folder: Path, int8: bool, max_rows: int = DEFAULT_MAX_ROWS):
+        import torch
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        self.shape = LlamaShape.of(config)
+        self.config = config
+        self.w = load_file(str(folder / "model.safetensors"))
+        if "lm_head.weight" not in self.w:  # tied embeddings: the head is the embedding matrix
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+        self.dtype = self.w["model.embed_tokens.weight"].dtype
+        self.max_rows = max_rows
+        self.q: dict[str, tuple] = {}
+        if int8:
+            self.q = load_int8(folder) if (folder / INT8_FILE).exists() else quantize_int8(self.w)
+        # the inverse frequencies exactly as transformers' default rotary embedding computes them
+        dim = self.shape.head_dim
+        self.inv_freq = 1.0 / (self.shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+    @property
+    def int8(self) -> bool:
+        return bool(self.q)
+
+    def _linear(self, name: str, x):
+        """``Int8DecodeLinear``: int8 weights for at most ``max_rows`` rows, the original weight above."""
+        import torch
+
+        rows = x.numel() // x.shape[-1]
+        if name in self.q and rows <= self.max_rows and x.dtype == self.q[name][1].dtype:
+            qweight, scales = self.q[name]
+            out = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), qweight, scales)
+            return out.reshape(*x.shape[:-1], qweight.shape[0])
+        return torch.nn.functional.linear(x, self.w[name + ".weight"])
+
+    def _norm(self, name: str, x):
+        import torch
+
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.shape.eps)
+        return self.w[name + ".weight"] * x.to(dtype)
+
+    def _rotary(self, positions):
+        import torch
+
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def new_cache(self, length: int):
+        import torch
+
+        s = self.shape
+        return [(torch.empty(1, s.kv_heads, length, s.head_dim, dtype=self.dtype),
+                 torch.empty(1, s.kv_heads, length, s.head_dim, dtype=self.dtype)) for _ in range(s.layers)]
+
+    def forward(self, ids, start: int, cache):
+        """Logits (fp32) of the last position of ``ids`` (1 × n), whose first token sits at ``start``; the keys and
+        values of positions ``start .. start + n`` are written into ``cache``."""
+        import torch
+        import torch.nn.functional as F
+
+        s = self.shape
+        n = ids.shape[1]
+        x = F.embedding(ids, self.w["model.embed_tokens.weight"])
+        cos, sin = self._rotary(torch.arange(start, start + n).unsqueeze(0))
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = s.head_dim // 2
+        for i in range(s.layers):
+            p = f"model.layers.{i}."
+            residual = x
+            h = self._norm(p + "input_layernorm", x)
+            q = self._linear(p + "self_attn.q_proj", h).view(1, n, -1, s.head_dim).transpose(1, 2)
+            k = self._linear(p + "self_attn.k_proj", h).view(1, n, -1, s.head_dim).transpose(1, 2)
+            v = self._linear(p + "self_attn.v_proj", h).view(1, n, -1, s.head_dim).transpose(1, 2)
+            q = (q * cos) + (torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin)
+            k = (k * cos) + (torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin)
+            keys, values = cache[i]
+            keys[:, :, start:start + n] = k
+            values[:, :, start:start + n] = v
+            attn = F.scaled_dot_product_attention(q, keys[:, :, :start + n], values[:, :, :start + n],
+                                                  scale=s.head_dim ** -0.5, is_causal=n > 1, enable_gqa=True)
+            attn = attn.transpose(1, 2).reshape(1, n, -1)
+            x = residual + self._linear(p + "self_attn.o_proj", attn)
+            residual = x
+            h = self._norm(p + "post_attention_layernorm", x)
+            h = self._linear(p + "mlp.down_proj", F.silu(self._linear(p + "mlp.gate_proj", h))
+                             * self._linear(p + "mlp.up_proj", h))
+            x = residual + h
+        x = self._norm("model.norm", x[:, -1:])
+        return self._linear("lm_head", x)[:, -1].float()
+
+
+def quantize_int8(weights: dict) -> dict[str, tuple]:
+    """Per-output-row symmetric int8 of every linear layer, exactly as ``Int8DecodeLinear`` computes it."""
+    import torch
+
+    out = {}
+    for name, weight in weights.items():
+        stem = name.removesuffix(".weight")
+        if not (name == "lm_head.weight" or (name.endswith(".weight") and stem.split(".", 3)[-1] in LINEARS)):
+            continue
+        scale = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        out[stem] = (q, scale.to(weight.dtype))
+    return out
+
+
+def write_int8(folder: Path) -> Path:
+    """Quantize a merged model's linear layers once and save them beside its weights (``INT8_FILE``)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(Path(folder) / "model.safetensors"))
+    if "lm_head.weight" not in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    tensors = {}
+    for stem, (q, scale) in quantize_int8(weights).items():
+        tensors[f"{stem}.qweight"], tensors[f"{stem}.scales"] = q, scale
+    target = Path(folder) / INT8_FILE
+    save_file(tensors, str(target))
+    return target
+
+
+def load_int8(folder: Path) -> dict[str, tuple]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(folder) / INT8_FILE))
+    return {stem.removesuffix(".qweight"): (q, tensors[stem.removesuffix(".qweight") + ".scales"])
+            for stem, q in tensors.items() if stem.endswith(".qweight")}
+
+
+# ------------------------------------------------------------------------------------------------------ generating
+
+class LeanChatModel:
+    """What ``ask`` and ``chat`` need of a chat model: ``generate(messages, sampling)`` and the context check."""
+
+    def __init__(self, folder: Path, int8: bool):
+        self.folder = Path(folder)
+        self.tokenizer = ChatTokenizer(self.folder)
+        self.model = LeanLlama(self.folder, int8=int8)
+        self.stops = set(self.tokenizer.stop_ids())
+
+    @property
+    def context(self) -> int:
+        return self.model.shape.context
+
+    @property
+    def weights(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def prompt(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.prompt(messages)
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(self.tokenizer.encode(messages))
+
+    def generate(self, messages: list[dict[str, str]], sampling: Sampling = Sampling()) -> Generated:
+        """One answer, as ``finpipe.evaluation.generation.generate`` produces it: greedy at temperature 0 (argmax of
+        the fp32 logits), else repetition penalty, temperature and top-p as transformers applies them."""
+        import torch
+
+        ids = self.tokenizer.encode(messages)
+        new: list[int] = []
+        started = time.perf_counter()
+        with torch.inference_mode():
+            cache = self.model.new_cache(len(ids) + sampling.max_new_tokens)
+            seen = torch.tensor([ids])
+            logits = self.model.forward(seen, 0, cache)
+            position = len(ids)
+            while True:
+                token = _pick(logits, seen, sampling)
+                new.append(token)
+                seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
+                if token in self.stops or len(new) >= sampling.max_new_tokens or (
+                        sampling.max_time_s is not None and time.perf_counter() - started > sampling.max_time_s):
+                    break
+                logits = self.model.forward(seen[:, -1:], position, cache)
+                position += 1
+        seconds = time.perf_counter() - started
+        return Generated(text=self.tokenizer.decode(new).strip(), new_tokens=len(new), seconds=seconds)
+
+
+def _pick(logits, seen, sampling: Sampling) -> int:
+    import torch
+
+    if sampling.repetition_penalty != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor
+        score = torch.gather(logits, 1, seen)
+        score = torch.where(score < 0, score * sampling.repetition_penalty, score / sampling.repetition_penalty)
+        logits = logits.scatter(1, seen, score)
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits, dim=-1))
+    logits = logits / sampling.temperature
+    if sampling.top_p < 1.0:  # transformers' TopPLogitsWarper: drop the tail holding 1 - top_p of the mass
+        ordered, order = torch.sort(logits, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - sampling.top_p)
+        drop[..., -1:] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return int(torch.multinomial(logits.softmax(dim=-1), num_samples=1))
