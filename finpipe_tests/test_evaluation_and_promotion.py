@@ -386,10 +386,15 @@ def test_batched_greedy_answers_equal_one_by_one_answers(tiny_base):
     assert [line.split(" (")[0] for line in lines if "token" not in line] == ["  answers 3/5", "  answers 5/5"]
 
 
-def test_answers_scored_with_their_references_keep_the_answers_and_give_the_teacher_forced_loss(tiny_base):
+@pytest.mark.parametrize("rows", [8, 2], ids=["one-chunk", "chunks-of-2"])
+def test_answers_scored_with_their_references_keep_the_answers_and_give_the_teacher_forced_loss(tiny_base, rows,
+                                                                                                monkeypatch):
+    from finpipe.evaluation import generation
     from finpipe.evaluation.evaluate import assistant_loss
     from finpipe.evaluation.generation import Sampling, generate_batch, load_chat_model
     from finpipe_tests.helpers import default_samples
+
+    monkeypatch.setattr(generation, "REFERENCE_ROWS", rows)  # the vocabulary projection a few rows at a time
 
     model, tokenizer = load_chat_model(tiny_base, dtype=torch.float32)
     samples = default_samples()[:5]  # prompts and references of different lengths: padding on both sides

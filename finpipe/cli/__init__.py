@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+
+#: when the command line started (``ask --timings`` counts from here)
+STARTED = time.perf_counter()
 
 #: exit codes: 1 a run failed (its log says why), 2 bad input or configuration, 3 the lake is held by another
 #: process, 4 the lake file is unreadable, 5 the address `finpipe serve` would listen on is in use, 130 interrupted
@@ -75,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", help='e.g. "What is AAPL\'s trend?" (tickers named get their latest facts)')
     _inference_options(ask)
     ask.add_argument("--show-prompt", action="store_true", help="print the prompt the model sees")
+    ask.add_argument("--timings", action="store_true",
+                     help="print where the time went (start-up, lake, torch import, weights, prefill, decode) on stderr")
     ask.add_argument("--server", default="auto", metavar="URL", help="a running `finpipe serve` to ask when it serves "
                      "this lake's champion with the same policy: auto (http://127.0.0.1:8000, default), a URL, or "
                      "off (always load the model here)")

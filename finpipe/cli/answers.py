@@ -163,15 +163,15 @@ def _in_context(prepared, chat, sampling) -> int:
     return prompt_tokens
 
 
-def _answer(prepared, chat, sampling, label: str, show_prompt: bool, spec) -> bool:
+def _answer(prepared, chat, sampling, label: str, show_prompt: bool, spec):
     """Generate and verify through the answering path (``finpipe.inference.answering``), print: the answer on
     stdout (pipeable); notes, and the verdict with the data's date and the speed in one line, on stderr. A refused
-    question prints its refusal on stderr without calling the model; returns False then."""
+    question prints its refusal on stderr without calling the model; returns None then, else the ``Answer``."""
     from finpipe.inference.answering import answer
 
     if prepared.refusal is not None:
         print(f"finpipe: {prepared.refusal}", file=sys.stderr)
-        return False
+        return None
     for note in prepared.grounding.notes:
         print(f"finpipe: {note}", file=sys.stderr)
     _in_context(prepared, chat, sampling)
@@ -185,7 +185,7 @@ def _answer(prepared, chat, sampling, label: str, show_prompt: bool, spec) -> bo
     tries = f", {result.attempts} attempts" if result.attempts > 1 else ""
     print(f"finpipe: {result.status_line()} [{label}: {out.new_tokens} tokens in {out.seconds:.1f} s, "
           f"{out.tokens_per_s:.1f} tokens/s{tries}]", file=sys.stderr)
-    return True
+    return result
 
 
 def _running_server(args: argparse.Namespace, spec) -> str | None:
@@ -254,16 +254,44 @@ def cmd_ask(args: argparse.Namespace) -> int:
         if answered is not None:
             return answered
         print(f"finpipe: the server at {url} stopped answering: answering here", file=sys.stderr)
+    import time
+
+    from finpipe.cli import STARTED
+
+    marks = [("start-up", time.perf_counter())]  # python, finpipe's imports, the argument checks
     choice = _resolve_model(args.adapter)  # cheap checks first: pointers, lake, then the model
     facts = _facts()
     facts.tickers()
     prepared = prepare(args.question, facts, args.allow_ungrounded)  # refused before the model loads
     if prepared.refusal is not None:
         raise ValueError(prepared.refusal)
+    marks.append(("lake and grounding", time.perf_counter()))
+    import torch  # noqa: F401 (timed on its own: the largest import left)
+
+    marks.append(("torch import", time.perf_counter()))
     label, chat = _load(choice, decode=spec)
-    _answer(prepared, chat, sampling, label, args.show_prompt, spec)
+    marks.append(("weights", time.perf_counter()))
+    result = _answer(prepared, chat, sampling, label, args.show_prompt, spec)
+    if args.timings:
+        _print_timings(STARTED, marks, result.generated if result else None)
     args.exit_at_once = True  # nothing left to do: the console entry skips tearing torch down
     return 0
+
+
+def _print_timings(started: float, marks: list[tuple[str, float]], generated) -> None:
+    import time
+
+    parts, previous = [], started
+    for name, at in marks:
+        parts.append(f"{name} {at - previous:.2f} s")
+        previous = at
+    if generated is not None and generated.prefill_s is not None:
+        parts += [f"prefill {generated.prefill_s:.2f} s", f"decode {generated.seconds - generated.prefill_s:.2f} s "
+                  f"({generated.new_tokens} tokens)"]
+    elif generated is not None:
+        parts.append(f"generation {generated.seconds:.2f} s ({generated.new_tokens} tokens)")
+    print(f"finpipe: timings: {', '.join(parts)}; {time.perf_counter() - started:.2f} s since finpipe started",
+          file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

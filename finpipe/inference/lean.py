@@ -309,6 +309,7 @@ class LeanChatModel:
         ids = self.tokenizer.encode(messages)
         new: list[int] = []
         started = time.perf_counter()
+        prefill_s = None
         with torch.inference_mode():
             cache = self.model.new_cache(len(ids) + sampling.max_new_tokens)
             seen = torch.tensor([ids])
@@ -317,6 +318,7 @@ class LeanChatModel:
             while True:
                 token = _pick(logits, seen, sampling)
                 new.append(token)
+                prefill_s = prefill_s or time.perf_counter() - started
                 seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
                 if token in self.stops or len(new) >= sampling.max_new_tokens or (
                         sampling.max_time_s is not None and time.perf_counter() - started > sampling.max_time_s):
@@ -324,7 +326,8 @@ class LeanChatModel:
                 logits = self.model.forward(seen[:, -1:], position, cache)
                 position += 1
         seconds = time.perf_counter() - started
-        return Generated(text=self.tokenizer.decode(new).strip(), new_tokens=len(new), seconds=seconds)
+        return Generated(text=self.tokenizer.decode(new).strip(), new_tokens=len(new), seconds=seconds,
+                         prefill_s=prefill_s)
 
 
 def _pick(logits, seen, sampling: Sampling) -> int:
