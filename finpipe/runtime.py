@@ -204,6 +204,13 @@ def release_cpu_share() -> None:
     _state["claimed"] = False
 
 
+def cpu_share() -> int:
+    """This process's share of the cores now (``FINPIPE_THREADS`` overrides), without touching torch: the threads an
+    engine other than torch (llama.cpp) is given."""
+    fixed = os.environ.get("FINPIPE_THREADS")
+    return int(fixed) if fixed and fixed.isdigit() and int(fixed) > 0 else max(1, usable_cores() // _live_claims())
+
+
 def rebalance(force: bool = False) -> int:
     """Re-count the finpipe processes (at most every few seconds) and set this one's torch threads."""
     import time
@@ -214,8 +221,7 @@ def rebalance(force: bool = False) -> int:
     if not force and now - _state["checked"] < _REBALANCE_EVERY_S:
         return _state["threads"]
     _state["checked"] = now
-    fixed = os.environ.get("FINPIPE_THREADS")
-    threads = int(fixed) if fixed and fixed.isdigit() and int(fixed) > 0 else max(1, usable_cores() // _live_claims())
+    threads = cpu_share()
     if threads != _state["threads"]:
         torch.set_num_threads(threads)
         _state["threads"] = threads

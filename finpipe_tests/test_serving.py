@@ -140,6 +140,15 @@ def test_the_openai_client_lists_models_and_gets_grounded_verified_answers(serve
     plain = client.chat.completions.create(model="champion", messages=ASK, max_tokens=12)
     assert text.strip() == plain.choices[0].message.content
 
+    # "serving on" only once the champion is loaded, with its engine and the precision decided once; a line a request
+    log = server.log.read_text()
+    assert log.index(f"loaded {champion['run_id']}") < log.index("serving on http://")
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["engine"] == "torch" and health["precision"] and health["torch_precision"] in log
+    assert re.search(rf"POST /v1/chat/completions champion {champion['run_id']}: \d+\+\d+ tokens, [\d.]+ s "
+                     r"\(generation [\d.]+ s, [\d.]+ tokens/s\), (verified|unverified)", log), log
+    assert plain.model_extra["finpipe"]["timing"]["generation_s"] > 0
+
 
 @pytest.mark.slow
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):

@@ -206,7 +206,9 @@ def _running_server(args: argparse.Namespace, spec) -> str | None:
         champion = registry.read_pointer(registry.champion_pointer(paths.lake_dir()))["run_id"]
     except (OSError, ValueError, KeyError):
         return None
-    same = (health.get("status") == "ok" and health.get("lake") == str(paths.lake_dir().resolve())
+    # llama.cpp answers from the q8_0 export: its text can differ from this process's, so only a URL asked for
+    torch_or_asked = health.get("engine", "torch") == "torch" or args.server != "auto"
+    same = (torch_or_asked and health.get("status") == "ok" and health.get("lake") == str(paths.lake_dir().resolve())
             and health.get("champion") == champion and health.get("on_unverified") == spec.on_unverified
             and (args.decode_weights is None or health.get("decode_weights") == spec.decode_weights))
     return url if same else None

@@ -68,6 +68,14 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{p.label_correctness} vs {p.reference_label_correctness} -> "
               f"{'pass' if p.passed else 'FAIL'} ({p.rule})")
     print(f"export took {time.perf_counter() - started:.0f} s ({', '.join(f'{k} {v} s' for k, v in result.seconds.items())})")
+    if result.passed:  # what `finpipe serve --engine auto|llama.cpp` finds and runs for this run
+        from finpipe.inference.exported import export_pointer, record_export
+
+        if record := record_export(lake_dir, payload["run_id"], result.files):
+            print(f"recorded for `finpipe serve`: {export_pointer(lake_dir, payload['run_id'])} ({record.outtype}, "
+                  f"sha256 {record.sha256[:12]}...)")
+    else:
+        print("not recorded for `finpipe serve`: the parity check failed", file=sys.stderr)
     print(f"run with: cd {shlex.quote(str(result.folder))} && ollama create finpipe -f Modelfile && ollama run finpipe")
     return 0 if result.passed else 1
 

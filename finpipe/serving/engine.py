@@ -9,6 +9,9 @@ sampled ones (a batch's other rows would draw from the same random numbers).
 Every generation checks, after each token, whether its request is cancelled (a streaming client went away) or has
 reached one of its stop strings: either ends it there, so a departed client frees the worker at once instead of
 holding every other client for up to the generation timeout.
+
+A model run by llama.cpp (``LoadedModel.engine == "llama.cpp"``, ``finpipe.serving.gguf_engine``) is generated the
+same way, one request at a time: llama.cpp requests are never batched.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Job:
     loaded: LoadedModel
     messages: list[dict[str, str]]
     sampling: Sampling
-    streamer: object | None = None  # a TextIteratorStreamer for streamed requests
+    streamer: object | None = None  # streamed requests: a TextIteratorStreamer (PyTorch), a TextStream (llama.cpp)
     stop: tuple[str, ...] = ()  # the answer ends before the first of these
     seed: int | None = None  # seeds the sampler: the same seed and sampling give the same answer
     cancel: threading.Event = field(default_factory=threading.Event)  # set when nobody waits for the answer
@@ -46,6 +49,8 @@ class Served(Generated):
     """A generation as the server hands it back: ``stopped`` when a stop string cut it (finish_reason "stop")."""
 
     stopped: bool = False
+    queued_s: float = 0.0  # from submission to the start of its generation
+    wall_s: float = 0.0  # the generation's wall time (a batch's: each of its rows waited for all of it)
 
 
 class Engine:
@@ -70,8 +75,11 @@ class Engine:
                            type_="server_error", code="server_busy") from None
         return job.future
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> bool:
+        """Stop taking jobs; with ``wait_s``, wait that long for the worker to end. True when it has ended."""
         self._stop.set()
+        self._worker.join(wait_s)
+        return not self._worker.is_alive()
 
     def _next(self) -> Job | None:
         if self._pending:
@@ -116,11 +124,17 @@ class Engine:
             if job.cancel.is_set():
                 self._drop(job)
                 continue
-            batch = [job] if job.streamer is not None or job.seeded else self._companions(job)
-            rebalance()
+            llama = job.loaded.engine == "llama.cpp"
+            batch = [job] if job.streamer is not None or job.seeded or llama else self._companions(job)
+            started = time.perf_counter()
             self.active = len(batch)
             try:
                 model, tokenizer = job.loaded.model, job.loaded.tokenizer
+                if llama:
+                    results = [_generate_gguf(job)]
+                    self._done(batch, results, started)
+                    continue
+                rebalance()
                 criteria = _ends(batch, tokenizer)
                 if job.seeded:
                     import torch
@@ -134,11 +148,7 @@ class Engine:
                 else:
                     results = generate_batch(model, tokenizer, [j.messages for j in batch], job.sampling,
                                              batch_size=len(batch), stopping_criteria=criteria)
-                for j, result in zip(batch, results):
-                    if j.cancel.is_set():
-                        self.cancelled += 1
-                        self.log(f"stopped a generation after {result.new_tokens} tokens: its client went away")
-                    j.future.set_result(_served(j, result))
+                self._done(batch, results, started)
             except Exception as exc:  # a failed generation fails its requests, never the worker
                 self.log(f"generation failed: {exc!r}")
                 for j in batch:
@@ -148,13 +158,32 @@ class Engine:
                     job.streamer.end()
             finally:
                 self.active = 0
-            self.served += len(batch)
-            self.batches += 1
+                self.served += len(batch)
+                self.batches += 1
+
+    def _done(self, batch: list[Job], results: list[Generated], started: float) -> None:
+        wall = time.perf_counter() - started
+        for j, result in zip(batch, results):
+            if j.cancel.is_set():
+                self.cancelled += 1
+                self.log(f"stopped a generation after {result.new_tokens} tokens: its client went away")
+            j.future.set_result(_served(j, result, started - j.queued_at, wall))
 
 
-def _served(job: Job, result: Generated) -> Served:
+def _generate_gguf(job: Job) -> Generated:
+    from finpipe.serving import gguf_engine
+
+    try:
+        return gguf_engine.generate(job.loaded.model, job.loaded.tokenizer, job.messages, job.sampling, stop=job.stop,
+                                    cancel=job.cancel, seed=job.seed, streamer=job.streamer)
+    finally:
+        if job.streamer is not None:
+            job.streamer.end()
+
+
+def _served(job: Job, result: Generated, queued_s: float = 0.0, wall_s: float = 0.0) -> Served:
     text, stopped = cut_at_stop(result.text, job.stop) if job.stop else (result.text, False)
-    return Served(**(asdict(result) | {"text": text}), stopped=stopped)
+    return Served(**(asdict(result) | {"text": text}), stopped=stopped, queued_s=queued_s, wall_s=wall_s)
 
 
 def _ends(batch: list[Job], tokenizer):
@@ -172,9 +201,18 @@ def _ends(batch: list[Job], tokenizer):
             for row, job in enumerate(batch):
                 if job.cancel.is_set():
                     done[row] = True
-                elif job.stop:
-                    text = tokenizer.decode(input_ids[row, self.start:], skip_special_tokens=True)
-                    done[row] = find_stop(text, job.stop) is not None
+                elif job.stop and stop_reached(tokenizer, input_ids[row, self.start:].tolist(), job.stop):
+                    done[row] = True
             return done
 
     return StoppingCriteriaList([Ends()])
+
+
+def stop_reached(tokenizer, ids: list[int], stops: tuple[str, ...]) -> bool:
+    """Whether the text of ``ids`` holds one of ``stops`` (``find_stop``'s rule). Checked after every token, so only a
+    stop string ending in the newest tokens can be new: the last few tokens are decoded (a token is at least a byte,
+    a character at most 4), and the whole text only when they hold one."""
+    window = 4 * max(len(s) for s in stops) + 4
+    if len(ids) > window and not any(s in tokenizer.decode(ids[-window:], skip_special_tokens=True) for s in stops):
+        return False
+    return find_stop(tokenizer.decode(ids, skip_special_tokens=True), stops) is not None

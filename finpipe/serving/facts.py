@@ -6,7 +6,8 @@ of statistics and prices of every ticker, copied into an in-memory DuckDB — an
 changes and can be read (a locked lake keeps the previous snapshot, and the answer says as of which date it is).
 A lake file that goes missing or is damaged after the first read keeps the last good snapshot too, and ``problem``
 says why (the server reports it as a degradation) until a readable lake is back. ``finpipe.inference.context.LakeFacts``
-runs its usual queries against the snapshot.
+runs its usual queries against the snapshot, and one ``LakeFacts`` per snapshot (``facts``) remembers their answers:
+a request grounds in microseconds instead of re-running the same queries (tickers, names, latest rows) each time.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class LakeSnapshot:
         self._refreshing = threading.Lock()
         self.loaded_at: float | None = None
         self.problem: str | None = None  # why the lake cannot be read now (the snapshot is older than the file)
+        self._facts = None  # the snapshot's CachedFacts, made on first use after each load
         self.refresh(force=True)
 
     def _file_stamp(self) -> tuple[int, int] | None:
@@ -110,6 +112,7 @@ class LakeSnapshot:
                 self._con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM _{name}")
                 self._con.unregister(f"_{name}")
             self._stamp, self.loaded_at, self._failed = stamp, time.time(), None
+            self._facts = None
         self._trouble(None)
         return True
 
@@ -123,3 +126,37 @@ class LakeSnapshot:
             cursor = self._con.execute(sql, params or [])
             columns = [d[0] for d in cursor.description]
             return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+    def facts(self):
+        """The ``LakeFacts`` of the snapshot as it is now, the same object until the snapshot is reloaded."""
+        with self._lock:
+            if self._facts is None:
+                self._facts = _cached_facts_class()(self)
+            return self._facts
+
+
+def _cached_facts_class():
+    from finpipe.inference.context import LakeFacts
+
+    class CachedFacts(LakeFacts):
+        """``LakeFacts`` whose rows are read once: the snapshot does not change under it (a reload makes a new one).
+        Each caller gets its own copy of a row."""
+
+        def __init__(self, lake) -> None:
+            super().__init__(lake)
+            self._latest: dict = {}
+            self._pairs: dict = {}
+
+        def latest(self, ticker: str) -> dict | None:
+            if ticker not in self._latest:
+                self._latest[ticker] = super().latest(ticker)
+            row = self._latest[ticker]
+            return None if row is None else dict(row)
+
+        def latest_pair(self, a: str, b: str) -> tuple[dict, dict] | None:
+            if (a, b) not in self._pairs:
+                self._pairs[(a, b)] = super().latest_pair(a, b)
+            pair = self._pairs[(a, b)]
+            return None if pair is None else (dict(pair[0]), dict(pair[1]))
+
+    return CachedFacts

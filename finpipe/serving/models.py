@@ -7,6 +7,10 @@ the champion pointer: a new champion is loaded beside the old one and then swapp
 load and none is dropped (a request keeps the model it started with). A pointer that breaks (cut off, naming a
 folder that is not there, an adapter that does not load) leaves the loaded champion serving and is reported as a
 problem (``/health`` and every answer say so) until the pointer is good again.
+
+The champion runs on an engine (``finpipe.serving.engine_choice``): PyTorch, or llama.cpp on its recorded GGUF export
+(``finpipe.inference.exported``; the file's SHA-256 is checked before it loads). Other models always run on PyTorch,
+at the precision decided once per server (``torch_dtype``), never measured again on a reload.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finpipe.serving.engine_choice import champion_candidates, check_engine
 from finpipe.serving.protocol import ApiError
 
 CHAMPION_ALIASES = ("champion", "finpipe")
@@ -27,21 +32,39 @@ CHAMPION_ALIASES = ("champion", "finpipe")
 class LoadedModel:
     id: str  # run id, or "base"
     label: str
-    model: object
+    model: object  # a transformers model, or a gguf_engine.GgufModel
     tokenizer: object
     base: dict
     adapter_path: str | None
     loaded_at: float = field(default_factory=time.time)
+    engine: str = "torch"  # or "llama.cpp"
+    precision: str = ""  # "bfloat16, int8 decode steps", "q8_0", ...
+    gguf: object | None = None  # the GgufRecord it runs
 
     @property
     def context_length(self) -> int:
+        if self.engine == "llama.cpp":
+            return self.model.n_ctx
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
 
+def _key(model_id: str, gguf) -> str:
+    """A loaded model's key: the same run on llama.cpp and on PyTorch are two models."""
+    return model_id if gguf is None else f"{model_id}@{gguf.path}"
+
+
 class ModelStore:
-    def __init__(self, lake_dir: Path, capacity: int = 2, log=print, decode=None):
+    def __init__(self, lake_dir: Path, capacity: int = 2, log=print, decode=None, engine: str = "torch",
+                 gguf: str | None = None):
         self.lake_dir, self.capacity, self.log = Path(lake_dir), capacity, log
         self.decode = decode  # a DecodeSpec: int8 decode steps on a CPU
+        self.engine = check_engine(engine)  # how the champion runs: auto, torch or llama.cpp
+        self.gguf = gguf  # a GGUF file given by hand for the champion (serve --gguf)
+        self.engine_note: str | None = None  # why the champion does not run on llama.cpp, where auto would have it
+        self._champion_gguf = None  # the GgufRecord the champion runs on, None: PyTorch
+        self._dtype = None  # PyTorch's precision, decided once (torch_dtype)
+        self._deciding = threading.Lock()
+        self.bf16_speedup: float | None = None
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Lock] = {}
@@ -56,13 +79,18 @@ class ModelStore:
     # ------------------------------------------------------------------ names
 
     def _pointer_stamp(self) -> tuple | None:
+        from finpipe.inference.exported import exports_dir
         from finpipe.models import registry
 
         try:
             stat = registry.champion_pointer(self.lake_dir).stat()
         except OSError:
             return None
-        return stat.st_mtime_ns, stat.st_size
+        try:  # an export recorded (or replaced) for the champion is a change to act on too
+            exports = exports_dir(self.lake_dir).stat().st_mtime_ns
+        except OSError:
+            exports = None
+        return stat.st_mtime_ns, stat.st_size, exports
 
     def adapters(self) -> list[str]:
         """Run ids of every adapter kept in the lake."""
@@ -129,17 +157,33 @@ class ModelStore:
 
     # ------------------------------------------------------------------ loading
 
-    def preflight(self, name: str) -> tuple[tuple[str, dict, str | None], object, int]:
+    def target(self, name: str) -> tuple[str, dict, str | None, object | None]:
+        """``resolve``'s (model id, base, adapter) and the GgufRecord the model runs on (the champion's on llama.cpp;
+        None: PyTorch), read together: a champion swapped in between never pairs one run with another's file."""
+        with self._lock:
+            model_id, base, adapter = self.resolve(name)
+            return model_id, base, adapter, (self._champion_gguf if model_id == self.champion_id else None)
+
+    def preflight(self, name: str) -> tuple[tuple[str, dict, str | None, object | None], object, int]:
         """(the resolved model, its tokenizer, its context length) without loading its weights: a request is checked
         in full (prompt length included) before any model is loaded or another evicted for it."""
-        model_id, base, adapter = target = self.resolve(name)
+        model_id, base, adapter, gguf = target = self.target(name)
         with self._lock:
-            loaded = self._loaded.get(model_id)
+            loaded = self._loaded.get(_key(model_id, gguf))
         if loaded is not None:
             return target, loaded.tokenizer, loaded.context_length
+        self._require_base(base)
+        tokenizer = self._tokenizer(model_id, base, adapter)
+        try:
+            config = json.loads((Path(base["path"]) / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise self._unavailable(model_id, exc) from exc
+        return target, tokenizer, int(config.get("max_position_embeddings") or 2048)
+
+    def _tokenizer(self, model_id: str, base: dict, adapter: str | None):
+        """finpipe's tokenizer of the model (the adapter's own, else the base's), loaded once per folder."""
         from finpipe.models.safe_loading import load_tokenizer
 
-        self._require_base(base)
         folder = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else base["path"]
         with self._lock:
             tokenizer = self._tokenizers.get(folder)
@@ -150,36 +194,35 @@ class ModelStore:
                 raise self._unavailable(model_id, exc) from exc
             with self._lock:
                 self._tokenizers[folder] = tokenizer
-        try:
-            config = json.loads((Path(base["path"]) / "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise self._unavailable(model_id, exc) from exc
-        return target, tokenizer, int(config.get("max_position_embeddings") or 2048)
+        return tokenizer
 
     def get(self, name: str) -> LoadedModel:
-        return self.load(*self.resolve(name))
+        return self.load(*self.target(name))
 
-    def load(self, model_id: str, base: dict, adapter: str | None) -> LoadedModel:
+    def load(self, model_id: str, base: dict, adapter: str | None, gguf=None) -> LoadedModel:
         """The model, loaded once however many requests ask for it at once; a load that fails is a 503 naming why."""
+        key = _key(model_id, gguf)
         with self._lock:
-            if model_id in self._loaded:
-                self._loaded.move_to_end(model_id)
-                return self._loaded[model_id]
-            gate = self._loading.setdefault(model_id, threading.Lock())
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            gate = self._loading.setdefault(key, threading.Lock())
         with gate:
             with self._lock:
-                if model_id in self._loaded:
-                    return self._loaded[model_id]
+                if key in self._loaded:
+                    return self._loaded[key]
             try:
-                loaded = self._load(model_id, base, adapter)
+                loaded = self._load_gguf(model_id, base, adapter, gguf) if gguf is not None \
+                    else self._load(model_id, base, adapter)
             except ApiError:
                 raise
             except Exception as exc:  # a missing or corrupt adapter: the request gets why, the server keeps going
                 raise self._unavailable(model_id, exc) from exc
             with self._lock:
-                self._loaded[model_id] = loaded
+                self._loaded[key] = loaded
+                champion = _key(self.champion_id, self._champion_gguf) if self.champion_id else None
                 while len(self._loaded) > self.capacity:  # never the champion, never the model just loaded
-                    evicted = next((k for k in self._loaded if k not in (self.champion_id, model_id)), None)
+                    evicted = next((k for k in self._loaded if k not in (champion, key)), None)
                     if evicted is None:
                         break
                     del self._loaded[evicted]
@@ -198,23 +241,72 @@ class ModelStore:
             raise ApiError(503, f"the base model folder {base['path']} is missing: run `finpipe run`",
                            type_="server_error", param="model", code="model_unavailable")
 
+    def torch_dtype(self):
+        """PyTorch's precision for every model this server loads, decided once (the first time it is needed: at the
+        start when the champion runs on PyTorch): ``runtime.inference_dtype`` measures whether bf16 pays on this CPU,
+        and a measurement taken later, under load, could decide otherwise for a reloaded champion."""
+        with self._deciding:
+            if self._dtype is None:
+                import os
+
+                from finpipe import runtime
+
+                device = runtime.accelerator()
+                self._dtype = runtime.inference_dtype(device)
+                if device == "cpu" and runtime.cpu_supports_bf16() and os.environ.get("FINPIPE_CPU_BF16") not in ("0", "1"):
+                    self.bf16_speedup = runtime.cpu_bf16_speedup()
+            return self._dtype
+
+    def precision_line(self) -> str | None:
+        """The PyTorch precision decision in words, None before it is made."""
+        if self._dtype is None:
+            return None
+        said = str(self._dtype).removeprefix("torch.")
+        if self.bf16_speedup is not None:
+            said += f" (bf16 measured {self.bf16_speedup:.2f}x fp32 at the start)"
+        return said
+
     def _load(self, model_id: str, base: dict, adapter: str | None) -> LoadedModel:
         from finpipe.evaluation.generation import load_chat_model
         from finpipe.models.int8_decode import uses_int8_decode
 
         started = time.perf_counter()
         self._require_base(base)
-        model, tokenizer = load_chat_model(base["path"], adapter, merge=adapter is not None, decode=self.decode)
-        weights = str(next(model.parameters()).dtype).removeprefix("torch.")
-        self.log(f"loaded {model_id} in {time.perf_counter() - started:.1f} s ({weights} weights"
-                 + (", int8 decode steps)" if uses_int8_decode(model) else ")"))
+        model, tokenizer = load_chat_model(base["path"], adapter, merge=adapter is not None, decode=self.decode,
+                                           dtype=self.torch_dtype())
+        precision = str(next(model.parameters()).dtype).removeprefix("torch.") + \
+            (", int8 decode steps" if uses_int8_decode(model) else "")
+        self.log(f"loaded {model_id} in {time.perf_counter() - started:.1f} s (PyTorch, {precision})")
         label = f"adapter {model_id} on {base['name']}" if adapter else f"base {base['name']}"
-        return LoadedModel(model_id, label, model, tokenizer, base, adapter)
+        return LoadedModel(model_id, label, model, tokenizer, base, adapter, engine="torch", precision=precision)
+
+    def _load_gguf(self, model_id: str, base: dict, adapter: str | None, gguf) -> LoadedModel:
+        """The run's GGUF export in llama.cpp, after checking the file is the one its export recorded; with finpipe's
+        tokenizer of the run, which makes its prompts and reads its answers."""
+        from finpipe.inference.exported import check_hash
+        from finpipe.runtime import cpu_share
+        from finpipe.serving import gguf_engine
+
+        started = time.perf_counter()
+        check_hash(gguf)
+        tokenizer = self._tokenizer(model_id, base, adapter)
+        model = gguf_engine.load(gguf.path, cpu_share())
+        self.log(f"loaded {model_id} in {time.perf_counter() - started:.1f} s (llama.cpp, {model.precision} GGUF "
+                 f"{gguf.path}, {model.threads} threads)")
+        return LoadedModel(model_id, f"adapter {model_id} on {base['name']}, GGUF", model, tokenizer, base, adapter,
+                           engine="llama.cpp", precision=model.precision, gguf=gguf)
+
+    def champion_model(self) -> LoadedModel | None:
+        with self._lock:
+            if self.champion_id is None:
+                return None
+            return self._loaded.get(_key(self.champion_id, self._champion_gguf))
 
     @property
     def loaded_ids(self) -> list[str]:
+        """The loaded models' ids (a run on llama.cpp as ``<run id> (llama.cpp)``)."""
         with self._lock:
-            return list(self._loaded)
+            return [m.id + (" (llama.cpp)" if m.engine == "llama.cpp" else "") for m in self._loaded.values()]
 
     # ------------------------------------------------------------------ health
 
@@ -244,7 +336,8 @@ class ModelStore:
     def can_answer(self) -> bool:
         """Whether any request can be answered by a model: the champion or the base is loaded, or the base can be."""
         with self._lock:
-            if (self.champion_id is not None and self.champion_id in self._loaded) or "base" in self._loaded:
+            champion = _key(self.champion_id, self._champion_gguf) if self.champion_id is not None else None
+            if champion in self._loaded or "base" in self._loaded:
                 return True
         return self.base_problem() is None
 
@@ -272,17 +365,33 @@ class ModelStore:
             return self.note_problem(f"the champion pointer {pointer} names {champion['run_id']} at {champion['path']}, "
                                  f"which does not exist{keeping}")
         self._champion_stamp = stamp
-        if champion["run_id"] == self.champion_id:
+        run_id = champion["run_id"]
+        try:  # on which engine (finpipe.serving.engine_choice): a GGUF export to try first, or PyTorch only
+            candidates, note = champion_candidates(self.lake_dir, self.engine, self.gguf, run_id)
+        except (ValueError, FileNotFoundError, ImportError) as exc:  # --engine llama.cpp and no usable export
+            return self.note_problem(f"the champion {run_id} cannot run on llama.cpp: {exc}{keeping}")
+        if run_id == self.champion_id and candidates[0] == self._champion_gguf:
             return self.note_problem(None)
-        try:
-            self.load(champion["run_id"], champion["base"], champion["path"])  # before it becomes current
-        except ApiError as exc:
-            return self.note_problem(f"the champion pointer {pointer} names {champion['run_id']}, which cannot be "
-                                 f"loaded ({exc.message}){keeping}")
+        failed = []
+        for gguf in candidates:
+            try:
+                loaded = self.load(run_id, champion["base"], champion["path"], gguf)  # before it becomes current
+                break
+            except ApiError as exc:
+                failed.append(exc.message)
+        else:
+            return self.note_problem(f"the champion pointer {pointer} names {run_id}, which cannot be "
+                                     f"loaded ({'; '.join(failed)}){keeping}")
+        if failed:  # auto: its GGUF did not load, PyTorch did
+            note = f"{failed[0]}: running it on PyTorch"
         with self._lock:
-            previous, self.champion_id, self._champion = self.champion_id, champion["run_id"], champion
+            previous, self.champion_id, self._champion = self.champion_id, run_id, champion
+            self._champion_gguf, self.engine_note = loaded.gguf, note
             self.champion_problem = None
-        self.log(f"champion is now {champion['run_id']}" + (f" (was {previous})" if previous else ""))
+        if note:
+            self.log(note)
+        self.log(f"champion is now {run_id} on {loaded.engine} ({loaded.precision})"
+                 + (f" (was {previous})" if previous and previous != run_id else ""))
         return True
 
     def note_problem(self, problem: str | None) -> bool:
@@ -304,5 +413,12 @@ class ModelStore:
         self._watcher = threading.Thread(target=loop, name="champion-watcher", daemon=True)
         self._watcher.start()
 
-    def stop(self) -> None:
+    def stop(self, close: bool = False) -> None:
+        """Stop watching the champion; ``close`` (nothing generates any more): free llama.cpp's models now, while the
+        interpreter is whole (llama-cpp-python freeing them at exit prints a TypeError)."""
         self._stop.set()
+        if close:
+            with self._lock:
+                models = [m for m in self._loaded.values() if m.engine == "llama.cpp"]
+            for loaded in models:
+                loaded.model.llm.close()
