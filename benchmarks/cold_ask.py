@@ -33,14 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _lake_copy(lake: Path, into: Path) -> Path:
-    """The lake file and its model pointers (not the model folders, which pointers name by absolute path)."""
+    """The lake file, its model pointers and folders: everything ``ask`` reads but the merged-weights cache."""
     into.mkdir(parents=True)
     shutil.copy2(lake / "finpipe.duckdb", into / "finpipe.duckdb")
-    for pointer in (lake / "models").rglob("*.json"):
-        if pointer.parent.name in ("adapters", "base"):
-            target = into / pointer.relative_to(lake)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(pointer, target)
+    for kind in ("adapters", "base"):  # copies: pointers that lead out of their lake are refused
+        (into / "models" / kind).mkdir(parents=True)
+        for entry in (lake / "models" / kind).iterdir():
+            target = into / "models" / kind / entry.name
+            if entry.is_dir() and not entry.name.startswith("_"):
+                shutil.copytree(entry, target)
+            elif entry.suffix == ".json":
+                shutil.copy2(entry, target)
     return into
 
 
@@ -55,7 +58,7 @@ def _run(tree: Path, lake: Path, question: str, timings: bool) -> dict[str, Any]
         raise SystemExit(f"finpipe ask failed in {tree} ({done.returncode}):\n{done.stderr[-2000:]}")
     row: dict[str, Any] = {"wall_s": round(wall, 3), "answer": done.stdout.strip()}
     if timings := re.search(r"timings: (.*); ([\d.]+) s since finpipe started", done.stderr):
-        for name, seconds in re.findall(r"([a-z][a-z ]+?) ([\d.]+) s", timings.group(1)):
+        for name, seconds in re.findall(r"([a-z][a-z -]+?) ([\d.]+) s", timings.group(1)):
             row[name.strip()] = float(seconds)
         row["interpreter start and exit"] = round(wall - float(timings.group(2)), 3)
     elif generated := re.search(r"(\d+) tokens in ([\d.]+) s", done.stderr):

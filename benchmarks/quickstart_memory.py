@@ -110,16 +110,22 @@ def per_step(samples: list[tuple[float, float]], steps: list[dict[str, Any]]) ->
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
+    parser.add_argument("--lake", help="run into this (new) lake folder and keep it, with run.log beside it (default: "
+                        "a temporary folder)")
     parser.add_argument("run_options", nargs="*", help="options for `finpipe run` (after --)")
     args = parser.parse_args(argv)
     result: dict[str, Any] = {"machine": _common.machine(torch_needed=False)}
     with tempfile.TemporaryDirectory(prefix="finpipe-memory-") as tmp:
-        lake = Path(tmp) / "lake"
+        if args.lake:
+            if Path(args.lake).exists():
+                raise SystemExit(f"--lake {args.lake} exists: give a new folder")
+        lake = Path(args.lake).resolve() if args.lake else Path(tmp) / "lake"
         env = os.environ | {"FINPIPE_LAKE_DIR": str(lake), "DAGSTER_HOME": str(lake / "dagster_home"),
                             "DAGSTER_DISABLE_TELEMETRY": "1"}
         command = [str(Path(sys.executable).with_name("finpipe")), "run", *args.run_options]
         started = time.time()
-        with open(Path(tmp) / "run.log", "w") as log:
+        log_path = lake.with_name(lake.name + ".run.log")
+        with open(log_path, "w") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
             holder: dict[str, Any] = {}
             thread = threading.Thread(target=lambda: holder.update(zip(("samples", "hwm"), sample(process))))
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             thread.join()
         if process.returncode != 0:
             raise SystemExit(f"finpipe run failed ({process.returncode}):\n"
-                             + (Path(tmp) / "run.log").read_text()[-3000:])
+                             + log_path.read_text()[-3000:])
         samples = holder["samples"]
         rows = per_step(samples, step_windows(lake / "dagster_home"))
     peak = max(mb for _, mb in samples)
