@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 from finpipe import runtime
+from finpipe.training import attention as grouped_attention
 
 CHECKPOINTING_MEMORY_SHARE = 0.3
 
@@ -28,7 +29,7 @@ class DevicePlan:
     fp16: bool
     optimizer: str  # TrainingArguments.optim
     quantization: str = "none"  # resolved: "nf4" (QLoRA) | "none" (LoRA)
-    attention: str = "sdpa"  # attn_implementation for training: "eager" on CPU (faster for short sequences)
+    attention: str = "sdpa"  # attn_implementation for training: eager-style on a CPU in bf16 (see plan_device)
     gradient_checkpointing: bool = False
     note: str = ""
     facts: dict = field(default_factory=dict)  # CPU model and flags, oneDNN kernels, memory estimate, reasons
@@ -80,7 +81,8 @@ def plan_device(quantization: str = "auto", gradient_checkpointing: str = "auto"
         where = f"CUDA ({facts['gpu']})"
     else:
         bf16 = runtime.cpu_bf16_pays()
-        device, dtype, optimizer = "cpu", "bfloat16" if bf16 else "float32", "adamw_torch"
+        # fused AdamW: one kernel per adapter tensor instead of ~10 small ops each (transformers' own default)
+        device, dtype, optimizer = "cpu", "bfloat16" if bf16 else "float32", "adamw_torch_fused"
         facts |= {"cpu": runtime.cpu_model(), "cpu_flags": runtime.cpu_flags(), "threads": torch.get_num_threads()}
         if bf16:
             facts["onednn_bf16_kernels"] = runtime.onednn_bf16_isa()
@@ -119,7 +121,9 @@ def plan_device(quantization: str = "auto", gradient_checkpointing: str = "auto"
     note = (f"{where}: {method}, {precision} compute, gradient checkpointing "
             f"{'on' if checkpointing else 'off'}, {'paged 8-bit AdamW' if cuda else 'AdamW'}")
     # on a CPU, PyTorch's SDPA kernel is slower than plain attention in bf16 and faster in fp32 (docs/training.md);
-    # on CUDA, SDPA's fused kernels win
-    attention = "sdpa" if cuda or dtype == "float32" else "eager"
+    # in bf16, eager attention per key/value head group where the architecture's eager attention is Llama's
+    # (finpipe.training.attention); on CUDA, SDPA's fused kernels win
+    attention = "sdpa" if cuda or dtype == "float32" else \
+        grouped_attention.NAME if grouped_attention.supports(model_config) else "eager"
     return DevicePlan(device, dtype, dtype == "bfloat16", dtype == "float16", optimizer, quantization, attention,
                       checkpointing, note, facts)

