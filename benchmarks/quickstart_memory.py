@@ -3,11 +3,14 @@
     python -m benchmarks.quickstart_memory [--json PATH] [-- finpipe run options...]
 
 Runs ``finpipe run`` (the Quickstart's first command; extra options after ``--``) in a fresh temporary lake and
-samples the resident memory of its whole process tree every 0.2 s (``/proc``), then reads the run's own Dagster
-event log (the steps' start and end times) and reports each step's peak: the largest sampled total while that
-step ran. Steps of one ``dg.materialize`` run in one process, so a step's peak includes what earlier steps left
-resident; the table also shows the total when each step started. The overall peak is checked against
-``/proc``'s own high-water mark of the ``finpipe run`` process (VmHWM), which no sampler can miss.
+samples the memory of its whole process tree every 0.2 s (``/proc``), then reads the run's own Dagster event log
+(the steps' start and end times) and reports each step's peak: the largest sampled total while that step ran. The
+data stages run in the ``finpipe run`` process, so a step's peak there includes what earlier steps left resident; the
+model stage's steps each run in a process of their own (a forkserver's children). The tree's total is given as
+resident memory (RSS: pages shared between the forkserver and its children count once per process, an upper bound)
+and as proportional set size (PSS: each shared page split between its sharers, what the tree really holds). The
+largest single process's high-water mark (VmHWM, which no sampler can miss) is what ``/usr/bin/time -v`` reports as
+"Maximum resident set size".
 """
 
 from __future__ import annotations
@@ -65,16 +68,30 @@ def _hwm_mb(pid: int) -> float | None:
     return None
 
 
-def sample(process: subprocess.Popen) -> tuple[list[tuple[float, float]], float | None]:
-    """(time, MB of the process tree) samples until ``process`` exits, and its own high-water mark."""
-    samples: list[tuple[float, float]] = []
-    hwm: list[float] = []
+def _pss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return 0.0
+    return 0.0
+
+
+def sample(process: subprocess.Popen) -> tuple[list[tuple[float, float, float]], float | None]:
+    """(time, RSS MB of the process tree, PSS MB of the tree) samples until ``process`` exits, and the largest
+    high-water mark of any one process of the tree."""
+    samples: list[tuple[float, float, float]] = []
+    hwm: dict[int, float] = {}
     while process.poll() is None:
-        samples.append((time.time(), sum(_rss_mb(p) for p in _tree(process.pid))))
-        if (mark := _hwm_mb(process.pid)) is not None:
-            hwm.append(mark)
+        tree = _tree(process.pid)
+        samples.append((time.time(), sum(_rss_mb(p) for p in tree), sum(_pss_mb(p) for p in tree)))
+        for pid in tree:
+            if (mark := _hwm_mb(pid)) is not None:
+                hwm[pid] = max(mark, hwm.get(pid, 0.0))
         time.sleep(SAMPLE_EVERY_S)
-    return samples, max(hwm) if hwm else None
+    return samples, max(hwm.values()) if hwm else None
 
 
 def step_windows(dagster_home: Path) -> list[dict[str, Any]]:
@@ -96,14 +113,15 @@ def step_windows(dagster_home: Path) -> list[dict[str, Any]]:
     return sorted((s for s in steps.values() if s["end"] is not None), key=lambda s: s["start"])
 
 
-def per_step(samples: list[tuple[float, float]], steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def per_step(samples: list[tuple[float, float, float]], steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for step in steps:
-        inside = [mb for t, mb in samples if step["start"] <= t <= step["end"]]
-        before = [mb for t, mb in samples if t <= step["start"]]
+        inside = [(rss, pss) for t, rss, pss in samples if step["start"] <= t <= step["end"]]
+        before = [rss for t, rss, _ in samples if t <= step["start"]]
         rows.append({"step": step["step"], "seconds": round(step["end"] - step["start"], 1),
                      "rss_at_start_mb": round(before[-1]) if before else None,
-                     "peak_mb": round(max(inside)) if inside else None})
+                     "peak_mb": round(max(r for r, _ in inside)) if inside else None,
+                     "peak_pss_mb": round(max(p for _, p in inside)) if inside else None})
     return rows
 
 
@@ -137,12 +155,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              + log_path.read_text()[-3000:])
         samples = holder["samples"]
         rows = per_step(samples, step_windows(lake / "dagster_home"))
-    peak = max(mb for _, mb in samples)
     result |= {"command": " ".join(["finpipe", "run", *args.run_options]), "wall_s": round(time.time() - started),
-               "peak_mb_sampled": round(peak), "peak_mb_hwm": round(holder["hwm"] or 0), "steps": rows}
-    table = _common.format_table(rows, ["step", "seconds", "rss_at_start_mb", "peak_mb"])
-    table += (f"\nwhole run: {result['wall_s']} s; peak {result['peak_mb_sampled']} MB sampled, "
-              f"{result['peak_mb_hwm']} MB high-water mark of the finpipe process")
+               "peak_mb_sampled": round(max(rss for _, rss, _ in samples)),
+               "peak_pss_mb_sampled": round(max(pss for _, _, pss in samples)),
+               "peak_mb_largest_process_hwm": round(holder["hwm"] or 0), "steps": rows}
+    table = _common.format_table(rows, ["step", "seconds", "rss_at_start_mb", "peak_mb", "peak_pss_mb"])
+    table += (f"\nwhole run: {result['wall_s']} s; the process tree's peak {result['peak_mb_sampled']} MB RSS, "
+              f"{result['peak_pss_mb_sampled']} MB PSS (sampled); the largest process's high-water mark "
+              f"{result['peak_mb_largest_process_hwm']} MB")
     return _common.finish(NAME, result, args.json, table)
 
 

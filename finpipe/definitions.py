@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 import finpipe.defs
+from finpipe.defs import jobs
 from finpipe.defs.resources import LAKE_WRITER_LIMITS, build_resources
 
 #: Launched runs (UI, schedule, sensor, `dagster job launch`) run each step in its own process, as many at once as
@@ -67,3 +68,17 @@ def in_groups(*groups: str) -> list:
     keys = {k for a in assets for k in a.keys}
     checks = [c for c in defs.asset_checks if {k.asset_key for k in c.check_keys} & keys]
     return [*assets, *checks]
+
+
+def job_with_resources(name: str, resources: dict) -> dg.JobDefinition:
+    """The named job ``name`` over every loaded asset and check, bound to ``resources`` (the CLI's, built after it
+    set the environment for this run), to run in process."""
+    return dg.Definitions(assets=list(defs.assets or []), asset_checks=list(defs.asset_checks or []),
+                          jobs=[job for job in defs.jobs or [] if job.name == name],
+                          resources=resources).resolve_job_def(name)
+
+
+def train_evaluate_promote() -> dg.JobDefinition:
+    """The model stage's job as the code location resolves it (its resources, the lake-safe multiprocess executor):
+    ``dg.reconstructable`` needs a module-level function, which each step process imports again."""
+    return defs.resolve_job_def(jobs.TRAIN_EVALUATE_PROMOTE)

@@ -37,13 +37,19 @@ def test_the_code_location_holds_exactly_the_documented_definitions():
         checks.setdefault(key.asset_key.to_user_string(), set()).add(key.name)
     assert checks == CHECKS
     assert {k.name for k in graph.asset_check_keys if graph.get_check_spec(k).blocking} == BLOCKING
-    assert {j.name for j in defs.jobs} == {"nightly_retrain"}
+    # the named jobs `finpipe run` launches, one per stage of the lineage, and the nightly one
+    assert {j.name for j in defs.jobs} == {"nightly_retrain", "ingest_prices", "build_datasets",
+                                           "pretrain_scratch_gpt", "train_evaluate_promote"}
     assert {s.name for s in defs.schedules} == {"nightly_schedule"}
     assert {s.name for s in defs.sensors} == {"refresh_on_new_prices", "snapshot_lake_after_success"}
     assert set(defs.resources) == {"lake", "market_data", "huggingface"}
     assert defs.executor.name == "multiprocess_lake_safe"
     repository = defs.get_repository_def()  # binds resources and jobs: fails on any missing resource
     assert repository.get_job("nightly_retrain")
+    stage = {node.name for node in repository.get_job("train_evaluate_promote").nodes_in_topological_order}
+    assert {"base_model", "qlora_adapter", "adapter_evaluation", "evaluation_report", "champion_adapter",
+            "adapter_evaluation_adapter_beats_base_on_val_loss"} <= stage  # its blocking checks run in it
+    assert repository.get_job("train_evaluate_promote").executor_def.name == "multiprocess_lake_safe"
 
 
 def test_a_stage_is_its_groups_assets_and_their_checks():

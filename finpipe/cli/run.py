@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
-    from finpipe.definitions import in_groups
+    from finpipe.defs import jobs
     from finpipe.defs.partitions import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
     from finpipe.defs.resources import build_resources
 
@@ -92,10 +92,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Run 1: the partitioned prices, the whole range in one run. Run 2: everything derived from them.
     # Run 3: base model, adapter, evaluation, report and promotion.
     print(f"finpipe: [1/3] ingesting {market.universe} from {source.name}, {first_key} .. {last_key}")
-    ingest = dg.materialize(
-        in_groups("market_data"), resources=resources, instance=instance, raise_on_error=False,
-        tags={PARTITION_RANGE_START_TAG: first_key, PARTITION_RANGE_END_TAG: last_key}, run_config=run_config,
-    )
+    ingest = _run_in_process(jobs.INGEST_PRICES, resources, instance, run_config,
+                             tags={PARTITION_RANGE_START_TAG: first_key, PARTITION_RANGE_END_TAG: last_key})
     if code := _report(ingest, "ingestion"):
         return code
     lake = resources["lake"]
@@ -109,8 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     print("finpipe: [2/3] statistics, instruction samples (quality gates), train/validation split")
-    derived = dg.materialize(in_groups("statistics", "datasets"), resources=resources, instance=instance,
-                             raise_on_error=False, run_config=run_config)
+    derived = _run_in_process(jobs.BUILD_DATASETS, resources, instance, run_config)
     if code := _report(derived, "derived assets"):
         return code
     split = derived.asset_materializations_for_node("dataset_split")[0].metadata
@@ -125,23 +122,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     scratch_ops = {"ops": {"scratch_gpt": ops.pop("scratch_gpt")}} if "scratch_gpt" in ops else {}
     if args.base == "scratch":  # finpipe's own GPT is pretrained first, in its own run
         print("finpipe: pretraining finpipe's own GPT (scratch_gpt)")
-        if code := _report(dg.materialize(in_groups("scratch"), resources=resources, instance=instance,
-                                          raise_on_error=False, run_config=run_config | scratch_ops), "scratch GPT"):
+        if code := _report(_run_in_process(jobs.PRETRAIN_SCRATCH_GPT, resources, instance,
+                                           run_config | scratch_ops), "scratch GPT"):
             return code
     training = ops["qlora_adapter"]["config"]
     budget = [f"{training['max_minutes']} min" if "max_minutes" in training else None,
               f"{training['max_steps']} steps" if training.get("max_steps") else None]
     print(f"finpipe: [3/3] base model ({args.base}), adapter ({training.get('quantization', 'auto')}; budget "
           f"{' / '.join(b for b in budget if b) or 'the default'}), evaluation, report, promotion")
-    models = dg.materialize(in_groups("models", "evaluation"), resources=resources, instance=instance,
-                            raise_on_error=False,
-                            run_config=run_config | {"ops": ops})
+    models = _run_in_own_processes(jobs.TRAIN_EVALUATE_PROMOTE, instance, run_config | {"ops": ops})
     if code := _report(models, "model"):
         return code
     report = _print_model_stage(models)
     _snapshot_after_run()
     print(f"report: {report}")  # the last line: the one a user opens
     return 0
+
+
+def _run_in_process(job_name: str, resources: dict, instance, run_config: dict, tags: dict | None = None):
+    """One stage's named job (``finpipe.defs.jobs``), run in this process with ``resources``: the data stages,
+    light and quick, whose thousands of events a step process per partition would only slow down."""
+    from finpipe.definitions import job_with_resources
+
+    return job_with_resources(job_name, resources).execute_in_process(run_config=run_config, instance=instance, tags=tags, raise_on_error=False)
+
+
+def _run_in_own_processes(job_name: str, instance, run_config: dict):
+    """One stage's named job run by finpipe's multiprocess executor, one step at a time, each step in its own
+    process: the model stage, so that what training leaves resident (and its peak) is gone before the evaluation
+    loads its models (the Quickstart's peak memory, docs/benchmarks.md). Steps run from the definitions as loaded
+    in a fresh process: the environment (``FINPIPE_*``) set by ``cmd_run`` reaches them, in-process state does not."""
+    import dagster as dg
+
+    from finpipe import definitions
+
+    one_at_a_time = {"execution": {"config": {"max_concurrent": 1}}}
+    return dg.execute_job(dg.reconstructable(getattr(definitions, job_name)), instance=instance,
+                          run_config=run_config | one_at_a_time, raise_on_error=False)
 
 
 def _model_stage_ops(args: argparse.Namespace) -> dict:

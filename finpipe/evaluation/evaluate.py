@@ -55,8 +55,9 @@ class EvalSpec:
     golden_paraphrase_share: float = setting(0.5, "share of golden questions asked in a held-out wording (used once)")
     loss_samples: int = setting(21, "validation samples for the teacher-forced loss (spread over the families)")
     max_new_tokens: int = setting(96, "longest generated answer (greedy; the longest reference is ~82 tokens)")
-    batch_size: int = setting(128, "answers generated at once (on a CPU a decoding step costs far less than that many "
-                              "single steps; the 70-question golden set in one batch: a split 64 + 6 cost 10 s more)")
+    batch_size: int = setting(16, "answers generated at once: 16 is as fast as 128 on a 2-core CPU and bounds memory "
+                                  "(the 152 end-to-end answers: 81 s and 2.1 GB at 16, 88 s and 8.7 GB at 128; "
+                                  "docs/benchmarks.md)")
     regression_tolerance: float = setting(0.05, "allowed drop vs the champion on each strict golden metric")
     forgetting_tolerance: float = setting(0.10, "allowed drop vs the base model on the forgetting probe")
     seed: int = setting(0, "seed of the subsets and the bootstrap")
