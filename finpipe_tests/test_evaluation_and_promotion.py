@@ -290,10 +290,13 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
     champion_bytes = champion_pointer.read_bytes()
     champion = registry.read_pointer(champion_pointer)  # paths resolved against the lake
 
-    # a weaker challenger (2 small steps): evaluated, reported, refused; the champion stays
-    worse_ops = ops | {"qlora_adapter": {"config": TRAIN | {"learning_rate": 3e-3, "max_steps": 2, "eval_points": 1}}}
+    # a weaker challenger (2 small steps), trained by two processes (torch.distributed, gloo): evaluated, reported,
+    # refused; the champion stays
+    worse_ops = ops | {"qlora_adapter": {"config": TRAIN | {"learning_rate": 3e-3, "max_steps": 2, "eval_points": 1,
+                                                            "processes": 2}}}
     second = materialize(lineage, resources, worse_ops)
     assert second.success
+    assert (meta(first, "qlora_adapter")["processes"], meta(second, "qlora_adapter")["processes"]) == (1, 2)
     refused = meta(second, "champion_adapter")
     assert refused["promoted"] is False and refused["champion"] == champion["run_id"], refused["reason"]
     assert "does not improve on the champion" in refused["reason"] or "regresses" in refused["reason"]
@@ -304,6 +307,8 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
     runs = registry.RunRegistry(PriceLake(isolated_lake / "finpipe.duckdb")).runs()
     assert dict(zip(runs["run_id"], runs["status"])) == {champion["run_id"]: "champion",
                                                          meta(second, "adapter_evaluation")["run_id"]: "rejected"}
+    assert dict(zip(runs["run_id"], runs["train_processes"])) == {champion["run_id"]: 1,
+                                                                  meta(second, "adapter_evaluation")["run_id"]: 2}
     # the previous champion stays loadable with plain peft
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), champion["path"])
 

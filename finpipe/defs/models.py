@@ -161,8 +161,14 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
     job_dir = adapters / "_jobs" / fingerprint
     run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{context.run_id[:8]}"
     adapter_dir = adapters / run_id
-    report = train_adapter(base["path"], read_jsonl(train_path), read_jsonl(val_path), job_dir, adapter_dir, spec,
-                           log=context.log.info, init_adapter=init_adapter, init_tokens=init_tokens)
+    if spec.processes > 1:  # the same training under torch.distributed.run, one rank per process (or GPU)
+        from finpipe.training.launch import train_in_processes
+
+        report = train_in_processes(base["path"], train_path, val_path, job_dir, adapter_dir, spec,
+                                    log=context.log.info, init_adapter=init_adapter, init_tokens=init_tokens)
+    else:
+        report = train_adapter(base["path"], read_jsonl(train_path), read_jsonl(val_path), job_dir, adapter_dir,
+                               spec, log=context.log.info, init_adapter=init_adapter, init_tokens=init_tokens)
     png = loss_curve_png(report.train_losses, report.eval_losses, adapter_dir / "loss.png",
                          f"{'QLoRA' if report.quantization == 'nf4' else 'LoRA'} adapter on {base['name']}")
     registry.write_pointer(registry.latest_adapter_pointer(lake.directory),
@@ -184,6 +190,7 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
         "initial_val_loss": report.initial_eval_loss,
         "best_val_loss": report.best_eval_loss,
         "steps": report.steps,
+        "processes": report.processes,
         "stopped_early": report.stopped_early,
         "resumed_from": report.resumed_from or "",
         "warm_start": report.warm_start or "",

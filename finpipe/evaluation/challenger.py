@@ -166,5 +166,6 @@ def registry_row(evaluation: dict, training_report: dict, train_window: tuple[st
         "golden_quality": quality_score(golden),
         "forgetting_probe": (adapter.get("forgetting") or {}).get("score"),
         "train_tokens": training_report.get("cumulative_train_tokens") or training_report.get("train_tokens"),
+        "train_processes": training_report.get("processes", 1),
         "metrics_json": {"adapter": adapter, "base": base}, "status": "evaluated",
     }

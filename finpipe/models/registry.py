@@ -188,6 +188,7 @@ CREATE TABLE IF NOT EXISTS model_runs (
     golden_quality            DOUBLE,
     forgetting_probe          DOUBLE,
     train_tokens              BIGINT,
+    train_processes           INTEGER,
     metrics_json    VARCHAR,
     status          VARCHAR NOT NULL,   -- evaluated | champion | rejected | retired
     decided_at      TIMESTAMP,
@@ -198,7 +199,7 @@ RUN_STATUSES = ("evaluated", "champion", "rejected", "retired")
 #: columns added since the table was first shipped: a lake written by an older finpipe gains them on first use
 ADDED_COLUMNS = {"golden_number_correctness": "DOUBLE", "golden_label_correctness": "DOUBLE",
                  "golden_exact_match": "DOUBLE", "golden_quality": "DOUBLE", "forgetting_probe": "DOUBLE",
-                 "train_tokens": "BIGINT"}
+                 "train_tokens": "BIGINT", "train_processes": "INTEGER"}
 
 
 class RunRegistry:

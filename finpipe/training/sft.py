@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import contextlib
 import resource
 import shutil
 import time
@@ -68,6 +69,7 @@ class TrainReport:
     curve: list[dict] = field(default_factory=list)  # learning curve: tokens, val loss, strict metrics
     cumulative_train_tokens: int = 0  # this run's tokens plus those of the adapter it warm-started from
     train_samples: int = 0  # after label balancing
+    processes: int = 1  # the ranks that trained it (torch.distributed), each on its share of every global batch
 
 
 #: answer positions projected through the vocabulary at a time: a chunk's logits are the loss's only
@@ -161,6 +163,8 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = LOSS_
     doubled the time of a step (benchmarks/training_throughput.py)."""
     import torch
 
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # its forward is the whole LM: gradients are
+        model = model.module  # averaged by share_gradients' hooks instead (DDP's own stay idle without its forward)
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(causal, causal.base_model_prefix)
     kwargs = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if inputs.get(k) is not None}
@@ -170,6 +174,36 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None, chunk: int = LOSS_
     loss = head_cross_entropy(causal.get_output_embeddings(), hidden[mask], target[mask], chunk)
     count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
     return loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+
+
+def share_gradients(trainer) -> None:
+    """Under torch.distributed, make every rank train the same adapter on the global batch: the trainable weights are
+    copied from rank 0, and each gradient is averaged over the ranks as soon as its last micro-batch is accumulated.
+
+    DistributedDataParallel cannot do it here: ``answer_loss`` runs the backbone and the LM head itself, not the
+    model's forward that DDP's wrapper times its reduction by, and the Trainer does not even wrap a model that its
+    initial evaluation prepared first (accelerate's ``_is_accelerate_prepared``): without this each rank trained its
+    own copy on its own half of the batch (found by the two-process test, which compares with one process)."""
+    import torch
+    import torch.distributed as dist
+
+    from finpipe.training.budget import _distributed
+
+    if not _distributed():
+        return
+    model = trainer.model
+    ranks = dist.get_world_size()
+
+    def average(param) -> None:
+        if param.grad is not None and trainer.accelerator.sync_gradients:  # the last micro-batch of a step
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)  # gloo has no AVG
+            param.grad.div_(ranks)
+
+    for param in model.parameters():
+        if param.requires_grad:
+            with torch.no_grad():
+                dist.broadcast(param.data, src=0)
+            param.register_post_accumulate_grad_hook(average)
 
 
 def answer_loss_trainer_class(base):
@@ -270,13 +304,17 @@ def reachable_samples(spec: AdapterSpec, device: str) -> int | None:
     """How many training samples the budget can possibly consume (None: no cap), and for batches grouped by length at
     least ``LENGTH_GROUPING_BATCHES`` batches' worth: the sampler pairs samples of similar length within a shuffled
     pool, and a run of 6 steps capped at its 12 samples paired them at random (9.4% padding instead of 0.2%)."""
+    from finpipe.training.launch import world_size
+
     caps = []
+    ranks = world_size()  # each optimizer step takes batch_size samples on every rank
     if spec.max_steps > 0:
         grouped = spec.group_by_length and not spec.packing
-        caps.append(max(spec.max_steps, LENGTH_GROUPING_BATCHES if grouped else 0) * spec.batch_size * spec.grad_accum)
+        caps.append(max(spec.max_steps, LENGTH_GROUPING_BATCHES if grouped else 0) * spec.batch_size * spec.grad_accum
+                    * ranks)
     if spec.max_minutes > 0:
-        rate = ASSUMED_TOKENS_PER_S["cuda"] if device == "cuda" else \
-            ASSUMED_TOKENS_PER_S["cpu_per_core"] * (os.cpu_count() or 1)
+        rate = ASSUMED_TOKENS_PER_S["cuda"] * ranks if device == "cuda" else \
+            ASSUMED_TOKENS_PER_S["cpu_per_core"] * (os.cpu_count() or 1)  # CPU ranks share the same cores
         caps.append(int(spec.max_minutes * 60 * rate / MEAN_SAMPLE_TOKENS) + 1)
     return min(caps) if caps else None
 
@@ -350,11 +388,28 @@ def sft_config(spec: AdapterSpec, plan: DevicePlan, job_dir: Path, max_seq_len: 
         train_sampling_strategy="group_by_length" if spec.group_by_length and not spec.packing else "random",
         assistant_only_loss=True,  # TRL then projects only the answer positions through the vocabulary
         gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # DDP: reentrant checkpointing marks LoRA twice
+        ddp_find_unused_parameters=False,  # every adapter weight gets a gradient: no graph walk per step
         bf16=plan.bf16, fp16=plan.fp16, use_cpu=plan.device == "cpu", optim=plan.optimizer,
         include_num_input_tokens_seen="non_padding",
         prediction_loss_only=True,  # evaluation needs the loss; answer_loss computes no logits to return
         seed=spec.seed, data_seed=spec.seed, dataloader_num_workers=0, disable_tqdm=True, dataset_num_proc=None,
     )
+
+
+@contextlib.contextmanager
+def _main_rank_first():
+    """Under a distributed launch, the main rank runs the block before the others (accelerate's own barrier);
+    alone, just the block."""
+    from finpipe.training.launch import world_size
+
+    if world_size() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
 
 
 def train_adapter(
@@ -391,7 +446,8 @@ def train_adapter(
     if spec.general_replay_share > 0:
         from finpipe.training.replay import general_replay
 
-        replay = general_replay(base_dir, replay_cache or Path(job_dir).parent / "general_replay", log=log)
+        with _main_rank_first():  # under torchrun: rank 0 generates and caches it, the other ranks read the cache
+            replay = general_replay(base_dir, replay_cache or Path(job_dir).parent / "general_replay", log=log)
     data = prepare_data(spec, tokenizer, train, val, accelerator(), replay)
 
     # 2. device plan (precision, LoRA or QLoRA, checkpointing) for this machine
@@ -413,6 +469,7 @@ def train_adapter(
                         init_tokens, callbacks, log)
     trainer = run.trainer
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    share_gradients(trainer)
 
     # 5. train (resuming the newest complete checkpoint of this job, if any)
     resume = last_complete_checkpoint(job_dir, log)
@@ -454,6 +511,7 @@ def train_adapter(
         peak_rss_delta_mb=round(rss.delta_mb, 1), method_facts=method_facts, device_plan=plan.as_dict(),
         max_seq_len=data.max_seq_len, stopped_by=run.budget.stopped_by, curve=run.curve.points,
         cumulative_train_tokens=init_tokens + tokens, train_samples=len(data.train),
+        processes=trainer.args.world_size,
     )
     save_adapter(trainer, tokenizer, report, job_dir, adapter_dir)
     return report

@@ -68,6 +68,9 @@ class AdapterSpec:
                                             "evaluation: the learning curve (0 = loss only)")
     logging_steps: int = setting(5, "steps between training-loss logs")
     seed: int = setting(42, "seed of initialization, data order and balancing")
+    processes: int = setting(1, "training processes (DDP ranks: one per GPU on CUDA, gloo ranks on a CPU), each "
+                                "training batch_size samples per step; above 1 the training runs under "
+                                "torch.distributed.run (finpipe.training.launch)")
     # AdaLoRA: every targeted matrix starts at rank adalora_init_r; the total budget shrinks (cubic schedule) to an
     # average of adalora_target_r per matrix. The schedule is given as fractions of max_steps: no reallocation for the
     # first tinit steps, then budgeting, the last tfinal steps (>= 1) train the final ranks; reallocate every deltaT.
@@ -96,7 +99,8 @@ class AdapterSpec:
         if self.gradient_checkpointing not in GRADIENT_CHECKPOINTING:
             problems.append(f"gradient_checkpointing must be one of {GRADIENT_CHECKPOINTING}, "
                             f"got {self.gradient_checkpointing!r}")
-        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "eval_points", "logging_steps"):
+        for name in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "eval_points", "logging_steps",
+                     "processes"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_minutes", "max_steps", "max_epochs", "max_seq_len", "curve_answers_per_family"):
