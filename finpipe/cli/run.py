@@ -144,7 +144,8 @@ def _run_in_process(job_name: str, resources: dict, instance, run_config: dict, 
     light and quick, whose thousands of events a step process per partition would only slow down."""
     from finpipe.definitions import job_with_resources
 
-    return job_with_resources(job_name, resources).execute_in_process(run_config=run_config, instance=instance, tags=tags, raise_on_error=False)
+    return job_with_resources(job_name, resources).execute_in_process(run_config=run_config, instance=instance,
+                                                                      tags=tags, raise_on_error=False)
 
 
 def _run_in_own_processes(job_name: str, instance, run_config: dict):

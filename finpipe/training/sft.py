@@ -16,9 +16,9 @@ same job after an interruption resumes from the newest complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import contextlib
 import resource
 import shutil
 import time
