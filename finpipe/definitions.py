@@ -82,3 +82,9 @@ def train_evaluate_promote() -> dg.JobDefinition:
     """The model stage's job as the code location resolves it (its resources, the lake-safe multiprocess executor):
     ``dg.reconstructable`` needs a module-level function, which each step process imports again."""
     return defs.resolve_job_def(jobs.TRAIN_EVALUATE_PROMOTE)
+
+
+def build_datasets() -> dg.JobDefinition:
+    """The data stage's job, for ``dg.reconstructable``: its quality gates import Great Expectations and pandas, which
+    then stay out of the ``finpipe run`` process."""
+    return defs.resolve_job_def(jobs.BUILD_DATASETS)

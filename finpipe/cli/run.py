@@ -107,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     print("finpipe: [2/3] statistics, instruction samples (quality gates), train/validation split")
-    derived = _run_in_process(jobs.BUILD_DATASETS, resources, instance, run_config)
+    derived = _run_in_own_processes(jobs.BUILD_DATASETS, instance, run_config)
     if code := _report(derived, "derived assets"):
         return code
     split = derived.asset_materializations_for_node("dataset_split")[0].metadata
@@ -140,8 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_in_process(job_name: str, resources: dict, instance, run_config: dict, tags: dict | None = None):
-    """One stage's named job (``finpipe.defs.jobs``), run in this process with ``resources``: the data stages,
-    light and quick, whose thousands of events a step process per partition would only slow down."""
+    """One stage's named job (``finpipe.defs.jobs``), run in this process with ``resources``: the ingest, light and
+    quick, one step over the whole range of partitions, with thousands of events."""
     from finpipe.definitions import job_with_resources
 
     return job_with_resources(job_name, resources).execute_in_process(run_config=run_config, instance=instance,
@@ -150,9 +150,10 @@ def _run_in_process(job_name: str, resources: dict, instance, run_config: dict, 
 
 def _run_in_own_processes(job_name: str, instance, run_config: dict):
     """One stage's named job run by finpipe's multiprocess executor, one step at a time, each step in its own
-    process: the model stage, so that what training leaves resident (and its peak) is gone before the evaluation
-    loads its models (the Quickstart's peak memory, docs/benchmarks.md). Steps run from the definitions as loaded
-    in a fresh process: the environment (``FINPIPE_*``) set by ``cmd_run`` reaches them, in-process state does not."""
+    process: the datasets (their quality gates import Great Expectations and pandas, ~350 MB that would stay in this
+    process) and the model stage (what training leaves resident is gone before the evaluation loads its models): the
+    Quickstart's peak memory, docs/benchmarks.md. Steps run from the definitions as loaded in a fresh process: the
+    environment (``FINPIPE_*``) set by ``cmd_run`` reaches them, in-process state does not."""
     import dagster as dg
 
     from finpipe import definitions

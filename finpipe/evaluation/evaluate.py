@@ -78,7 +78,8 @@ class EvalSpec:
 
     def cache_key(self) -> str:
         """What makes two evaluations of one model on one golden set interchangeable."""
-        return f"v{SCORER_VERSION}-t{self.max_new_tokens}-s{self.seed}"
+        # the batch too: bf16 padding moves an answer or two between batch sizes
+        return f"v{SCORER_VERSION}-t{self.max_new_tokens}-s{self.seed}-b{self.batch_size}"
 
 
 @dataclass
@@ -229,11 +230,11 @@ def score_set(model, tokenizer, loss_samples: Sequence[Sample], answer_samples: 
     )
 
 
-def forgetting_probe(model, tokenizer) -> dict:
+def forgetting_probe(model, tokenizer, batch_size: int = EvalSpec.batch_size) -> dict:
     """The forgetting probe's score and its answers (``finpipe.evaluation.forgetting``)."""
     from finpipe.evaluation.forgetting import MAX_NEW_TOKENS, probe_chats, score_probe
 
-    answers = generate_batch(model, tokenizer, probe_chats(), Sampling(max_new_tokens=MAX_NEW_TOKENS), 64)
+    answers = generate_batch(model, tokenizer, probe_chats(), Sampling(max_new_tokens=MAX_NEW_TOKENS), batch_size)
     score, rows = score_probe([a.text for a in answers])
     return {"score": score, "rows": [{"question": r.question, "answer": r.answer, "right": r.right} for r in rows]}
 
@@ -289,7 +290,7 @@ def evaluate_variant(name: str, model, tokenizer, val_loss_samples: Sequence[Sam
                                spec.seed)
     if with_forgetting:
         log(f"evaluating {name}: forgetting probe")
-        forgetting = forgetting_probe(model, tokenizer)
+        forgetting = forgetting_probe(model, tokenizer, spec.batch_size)
     return ModelScores(name=name, val=val_scores, golden=golden_scores, forgetting=forgetting, end_to_end=e2e)
 
 
