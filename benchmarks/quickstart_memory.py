@@ -57,26 +57,24 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
-def _hwm_mb(pid: int) -> float | None:
+def _field_mb(path: str, field: str) -> float | None:
+    """A ``/proc`` file's ``field:`` line (in kB) in MB; None when the process is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         return None
     return None
 
 
+def _hwm_mb(pid: int) -> float | None:
+    return _field_mb(f"/proc/{pid}/status", "VmHWM")
+
+
 def _pss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return 0.0
-    return 0.0
+    return _field_mb(f"/proc/{pid}/smaps_rollup", "Pss") or 0.0
 
 
 def sample(process: subprocess.Popen) -> tuple[list[tuple[float, float, float]], float | None]:

@@ -130,3 +130,19 @@ def test_a_killed_rank_fails_the_launch_and_the_rerun_resumes_its_checkpoint(tmp
     assert report["steps"] == 400 and report["processes"] == 2
     assert report["resumed_from"] and Path(report["resumed_from"]).name.startswith("checkpoint-")
     assert int(Path(report["resumed_from"]).name.split("-")[1]) >= checkpoints[0]
+
+
+def test_torchrun_launched_by_hand_trains_one_adapter_written_once(tmp_path, tiny_model, split):
+    """What `accelerate launch --multi_gpu` or torchrun run by a user do: the ranks of one run, whatever --processes."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "finpipe.training", "--base", str(tiny_model), "--train", str(split[0]), "--val", str(split[1]),
+               "--out", str(tmp_path / "adapter"), "--quantization", "none", "--max-steps", "2", "--eval-points", "2",
+               "--batch-size", "2", "--max-val-samples", "4"]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"adapter_dir"') == 1  # one report, from rank 0
+    report = json.loads((tmp_path / "adapter" / "training_report.json").read_text())
+    assert report["steps"] == 2 and report["processes"] == 2
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not list(tmp_path.glob(".adapter.tmp-*"))  # no second writer left a half-renamed folder

@@ -246,35 +246,6 @@ def test_the_multi_gpu_script_runs_finpipe_training_with_its_real_options():
     assert {"--processes", "--base", "--train", "--val", "--out", "--job-dir"} <= options <= known
 
 
-@pytest.mark.slow  # starts torch.distributed worker processes
-def test_training_on_two_processes_writes_one_adapter(tmp_path, tiny_model):
-    """What `accelerate launch --multi_gpu` does on GPUs, on CPU: torch.distributed (gloo) with two processes."""
-    import subprocess
-
-    from finpipe.instructions.samples import Sample, write_jsonl
-
-    def sample(i: int) -> Sample:
-        day = f"2013-01-{i + 1:02d}"
-        return Sample(id=f"s{i}", family="close", tickers=["AAPL"], as_of=day, messages=[
-            {"role": "system", "content": "You are finpipe."},
-            {"role": "user", "content": f"Where did AAPL close on {day}?"},
-            {"role": "assistant", "content": f"AAPL closed at {400 + i}.25 on {day}."}])
-
-    write_jsonl([sample(i) for i in range(16)], tmp_path / "train.jsonl")
-    write_jsonl([sample(i) for i in range(16, 20)], tmp_path / "val.jsonl")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "finpipe.training", "--base", str(tiny_model), "--train", str(tmp_path / "train.jsonl"),
-           "--val", str(tmp_path / "val.jsonl"), "--out", str(tmp_path / "adapter"), "--quantization", "none",
-           "--max-steps", "2", "--eval-points", "2", "--batch-size", "2", "--max-val-samples", "4"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count('"adapter_dir"') == 1  # one report, from rank 0
-    report = json.loads((tmp_path / "adapter" / "training_report.json").read_text())
-    assert report["steps"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    assert not list(tmp_path.glob(".adapter.tmp-*"))  # no second writer left a half-renamed folder
-
-
 def test_the_k8s_code_location_puts_only_the_training_step_on_a_gpu(tmp_path):
     pytest.importorskip("dagster_k8s", reason="dagster-k8s is not installed (pip install dagster-k8s==<dagster's "
                                               "0.x twin>); the YAML itself is checked without it")
