@@ -296,6 +296,11 @@ def test_the_k8s_code_location_puts_only_the_training_step_on_a_gpu(tmp_path):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert {"secretRef": {"name": "finpipe-secrets"}} in container["envFrom"]
     assert {"mountPath": "/lake", "name": "lake"} in container["volumeMounts"]
+    for spec in (pod, ingest["spec"]["template"]["spec"]):  # every step: the one shared (ReadWriteMany) lake volume
+        assert {"name": "lake", "persistentVolumeClaim": {"claimName": "finpipe-lake"}} in spec["volumes"]
+        # secrets only by reference: no value of HF_TOKEN or the proxy in the pod spec
+        env = spec["containers"][0].get("env") or []
+        assert not any(e["name"] in ("HF_TOKEN", "FINPIPE_YAHOO_PROXY") and "value" in e for e in env)
     assert container["securityContext"]["runAsNonRoot"] is True
     cpu_pod = ingest["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in json.dumps(cpu_pod) and "nodeSelector" not in cpu_pod
