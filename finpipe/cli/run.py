@@ -19,13 +19,19 @@ from finpipe.cli import EXIT_BAD_INPUT, EXIT_LAKE_CORRUPT, EXIT_LAKE_LOCKED
 DEFAULT_HISTORY_DAYS = 13 * 365 + 3
 
 
+#: the instance config finpipe writes: telemetry off; the logs Dagster writes outside a run's own loggers (a step
+#: process announcing itself) at INFO, not DEBUG, like the console logger of `finpipe run`
+INSTANCE_CONFIG = "telemetry:\n  enabled: false\npython_logs:\n  python_log_level: INFO\n"
+PREVIOUS_INSTANCE_CONFIGS = ("telemetry:\n  enabled: false\n",)
+
+
 def _prepare_dagster_home() -> Path:
     """A persistent Dagster instance under the lake, so `finpipe run` history shows in `finpipe ui`."""
     home = paths.dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+    if not config.exists() or config.read_text() in PREVIOUS_INSTANCE_CONFIGS:  # only a file finpipe wrote itself
+        config.write_text(INSTANCE_CONFIG)
     os.environ["DAGSTER_HOME"] = str(home)
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
     _event_log_without_fsync()
