@@ -38,29 +38,10 @@ def lr_factor(progress: float, warmup_ratio: float, schedule: str = "cosine") ->
     return 0.5 * (1 + math.cos(math.pi * decay))
 
 
-def _distributed() -> bool:
-    """Whether this process is one rank of several (torch.distributed initialised by the Trainer's accelerator)."""
-    import sys
-
-    dist = getattr(sys.modules.get("torch"), "distributed", None)
-    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
-
-
-def _max_across_ranks(value: float) -> float:
-    """The largest ``value`` of all ranks. Under DDP each rank must take the same decisions (learning rate, evaluation,
-    stop) at the same step: a rank stopping alone would leave the others waiting in their next all-reduce forever,
-    and ranks on different learning rates would drift apart."""
-    import torch
-    import torch.distributed as dist
-
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
-
-
 def budget_callback_class():
     from transformers import TrainerCallback
+
+    from finpipe.training.launch import distributed, max_across_ranks
 
     class TrainingBudget(TrainerCallback):
         """Stops training when the budget is spent, asks for evaluations (and checkpoints) at the progress marks,
@@ -87,7 +68,7 @@ def budget_callback_class():
                 return 0.0
 
         def elapsed(self) -> float:
-            running = time.perf_counter() - self.started if self.started is not None and not _distributed() else 0.0
+            running = time.perf_counter() - self.started if self.started is not None and not distributed() else 0.0
             return self.elapsed_before + self.trained_s + running
 
         def progress(self) -> float:
@@ -117,8 +98,8 @@ def budget_callback_class():
             if self.started is not None:
                 self.trained_s += time.perf_counter() - self.started
                 self.started = None
-            if _distributed():  # every rank on the slowest rank's clock: the same schedule, marks and stop
-                self.trained_s = _max_across_ranks(self.trained_s)
+            if distributed():  # every rank on the slowest rank's clock: the same schedule, marks and stop
+                self.trained_s = max_across_ranks(self.trained_s)
             self.step, self.epoch = state.global_step, state.epoch or 0.0
             progress = self.progress()
             tenth = min(10, int(progress * 10 + 1e-9))

@@ -45,6 +45,27 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
+def distributed() -> bool:
+    """Whether this process is one rank of several (torch.distributed initialised by the Trainer's accelerator)."""
+    import sys
+
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def max_across_ranks(value: float) -> float:
+    """The largest ``value`` of all ranks. Under DDP each rank must take the same decisions (learning rate, evaluation,
+    stop) at the same step: a rank stopping alone would leave the others waiting in their next all-reduce forever,
+    and ranks on different learning rates would drift apart."""
+    import torch
+    import torch.distributed as dist
+
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def launch_command(base_dir: str | Path, train_path: Path, val_path: Path, job_dir: Path, adapter_dir: Path,
                    spec: AdapterSpec, init_adapter: str | Path | None = None, init_tokens: int = 0,
                    replay_cache: Path | None = None) -> list[str]:

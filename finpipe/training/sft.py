@@ -187,9 +187,9 @@ def share_gradients(trainer) -> None:
     import torch
     import torch.distributed as dist
 
-    from finpipe.training.budget import _distributed
+    from finpipe.training.launch import distributed
 
-    if not _distributed():
+    if not distributed():
         return
     model = trainer.model
     ranks = dist.get_world_size()
