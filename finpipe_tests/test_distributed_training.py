@@ -146,3 +146,28 @@ def test_torchrun_launched_by_hand_trains_one_adapter_written_once(tmp_path, tin
     assert report["steps"] == 2 and report["processes"] == 2
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert not list(tmp_path.glob(".adapter.tmp-*"))  # no second writer left a half-renamed folder
+
+
+def test_ranks_outnumbering_the_gpus_share_them_over_gloo(monkeypatch):
+    """NCCL refuses two ranks on one GPU ("Duplicate GPU detected", seen on a lent H200: docs/operations.md), so
+    there the ranks share the GPU over gloo; with a GPU per rank, or on a CPU, the Trainer keeps its default. The GPU
+    count is the outside world here, hence faked."""
+    import torch
+
+    from finpipe.training import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launch.gpus_outnumbered()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert not launch.gpus_outnumbered()  # one GPU each: NCCL
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two machines of two ranks and two GPUs each
+    assert not launch.gpus_outnumbered()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not launch.gpus_outnumbered()  # CPU ranks: gloo anyway
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert not launch.gpus_outnumbered() and launch.share_gpus_if_outnumbered() is None

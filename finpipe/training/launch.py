@@ -53,6 +53,31 @@ def distributed() -> bool:
     return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
+def gpus_outnumbered() -> bool:
+    """More ranks on this node than GPUs: two ranks on a one-GPU workstation, the multi-GPU path tried small."""
+    import torch
+
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or world_size()
+    return world_size() > 1 and torch.cuda.is_available() and ranks_here > torch.cuda.device_count()
+
+
+def share_gpus_if_outnumbered(log: Callable[[str], None] = print) -> str | None:
+    """Where ranks outnumber GPUs, they share them round-robin and talk over gloo (NCCL refuses two ranks on one
+    GPU: "Duplicate GPU detected"). Returns the DDP backend the Trainer must then use, None where each rank has a GPU
+    of its own (NCCL) or there is none. Runs before anything creates accelerate's state, which puts a rank on
+    ``cuda:LOCAL_RANK`` and picks NCCL for any CUDA rank."""
+    if not gpus_outnumbered():
+        return None
+    import torch
+    from accelerate import PartialState
+
+    gpus = torch.cuda.device_count()
+    os.environ["LOCAL_RANK"] = str(int(os.environ.get("LOCAL_RANK", "0") or 0) % gpus)
+    PartialState(backend="gloo")
+    log(f"{world_size()} ranks share {gpus} GPU(s), over gloo: NCCL needs one GPU per rank")
+    return "gloo"
+
+
 def max_across_ranks(value: float) -> float:
     """The largest ``value`` of all ranks. Under DDP each rank must take the same decisions (learning rate, evaluation,
     stop) at the same step: a rank stopping alone would leave the others waiting in their next all-reduce forever,

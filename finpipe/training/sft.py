@@ -31,6 +31,7 @@ from finpipe.instructions.balance import balance_by_label
 from finpipe.instructions.samples import Sample
 from finpipe.models.files import atomic_dir, folder_size
 from finpipe.training.device import DevicePlan, plan_device
+from finpipe.training.launch import gpus_outnumbered, share_gpus_if_outnumbered
 from finpipe.training.memory import RssPeak, cap_matmul_caches
 from finpipe.training.spec import AdapterSpec, fit_sequence_length
 
@@ -236,8 +237,8 @@ def load_base(base_dir: str | Path, quantization: str, plan: DevicePlan):
     device = plan.device
     if plan.attention == attention.NAME:
         attention.register()
-    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one process per GPU (accelerate launch, torchrun)
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one process per GPU (accelerate launch, torchrun) or
+        device = f"cuda:{os.environ['LOCAL_RANK']}"        # ranks sharing GPUs (launch.share_gpus_if_outnumbered)
     placement = {"device_map": {"": device}, "attn_implementation": plan.attention}
     if quantization == "nf4":
         return load_quantized_causal_lm(base_dir, 4, dtype, **placement)
@@ -390,6 +391,7 @@ def sft_config(spec: AdapterSpec, plan: DevicePlan, job_dir: Path, max_seq_len: 
         gradient_checkpointing=plan.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},  # DDP: reentrant checkpointing marks LoRA twice
         ddp_find_unused_parameters=False,  # every adapter weight gets a gradient: no graph walk per step
+        ddp_backend="gloo" if plan.device == "cuda" and gpus_outnumbered() else None,  # else NCCL (GPU) or gloo (CPU)
         bf16=plan.bf16, fp16=plan.fp16, use_cpu=plan.device == "cpu", optim=plan.optimizer,
         include_num_input_tokens_seen="non_padding",
         prediction_loss_only=True,  # evaluation needs the loss; answer_loss computes no logits to return
@@ -440,6 +442,7 @@ def train_adapter(
 
     cap_matmul_caches()  # before the first matmul (the replay's generation, the bf16 probe): RSS stays flat
     claim_cpu_share()  # this process's share of the cores, re-checked at every step
+    share_gpus_if_outnumbered(log)
 
     tokenizer = load_tokenizer(base_dir)
     replay = []
