@@ -142,8 +142,13 @@ def test_a_refused_run_says_so_in_its_model_card_and_no_absolute_path_is_recorde
 
     RunRegistry(PriceLake(isolated_lake / LAKE_DB_NAME)).record({
         "run_id": "r1", "created_at": "2026-12-01 10:00:00", "base_model": "tiny", "quantization": "none",
-        "config_hash": "x", "adapter_path": "r1", "status": "rejected",
+        "config_hash": "x", "adapter_path": "r1", "status": "rejected", "val_cutoff": "2012-06-29",
         "reason": "exact match 0.100 below the champion's 0.500"})
+    from finpipe.paths import DatasetFiles
+
+    split = DatasetFiles.of(isolated_lake).split_manifest  # the lake's split has moved on since that run
+    split.parent.mkdir(parents=True, exist_ok=True)
+    split.write_text(json.dumps({"cutoff": "2013-01-15"}))
     out = tmp_path / "export"
     export_gguf(tiny["base"], tiny["adapter"], out, "finpipe-r1", ("f32",), lineage=adapter_lineage(isolated_lake,
                                                                                                    champion),
@@ -151,6 +156,7 @@ def test_a_refused_run_says_so_in_its_model_card_and_no_absolute_path_is_recorde
     card, manifest = (out / "README.md").read_text(), (out / EXPORT_MANIFEST).read_text()
     assert "**Not promoted: finpipe's promotion refused this run** (exact match 0.100 below the champion's 0.500)" \
         in card
+    assert "validation after 2012-06-29" in card and "2013-01-15" not in card  # the run's own split
     for text in (card, manifest):  # this machine's layout stays on this machine
         for local in (tiny["base"], tiny["adapter"], isolated_lake, tmp_path):
             assert str(local) not in text

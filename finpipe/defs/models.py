@@ -136,8 +136,9 @@ AdapterTrainingConfig = config_class(
     group_name="models",
     kinds={"pytorch"},
     description="A (Q)LoRA adapter trained with TRL's SFTTrainer on the training split (loss on assistant "
-    "tokens, packing, cosine schedule, eval + early stopping + best checkpoint), saved as a standard PEFT "
-    "folder in models/adapters/<run id>; models/adapters/latest.json names the newest.",
+    "tokens only, label-balanced batches grouped by length, cosine schedule within a time budget, evaluations + "
+    "early stopping + best checkpoint), saved as a standard PEFT folder in models/adapters/<run id>; "
+    "models/adapters/latest.json names the newest. QLoRA (4-bit base) on CUDA, plain LoRA on a CPU by default.",
 )
 def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConfig,
                   lake: LakeResource) -> dg.MaterializeResult:

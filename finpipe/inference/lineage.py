@@ -38,7 +38,7 @@ def adapter_lineage(lake_dir: Path, pointer: dict) -> dict:
            "training": _read(adapter / "training_report.json"),
            "evaluation": _read(adapter / "evaluation" / "evaluation.json"),
            "gates": passed_gates(_read(datasets.gate_report)),
-           "val_cutoff": _read(datasets.split_manifest).get("cutoff")}
+           "val_cutoff": _read(datasets.split_manifest).get("cutoff")}  # until the registry's row says
     db = lake_dir / LAKE_DB_NAME
     if db.exists():
         lake = PriceLake(db)
@@ -48,6 +48,8 @@ def adapter_lineage(lake_dir: Path, pointer: dict) -> dict:
         if "model_runs" in tables:
             row = RunRegistry(lake).get(pointer["run_id"]) or {}
             out |= {k: str(row[k]) if row.get(k) is not None else None for k in ("train_first", "train_last")}
+            if row.get("val_cutoff") is not None:  # the adapter's own split, not the lake's current one
+                out["val_cutoff"] = str(row["val_cutoff"])
             # the registry's verdict: a model card of a run promotion refused says so
             out |= {k: row.get(k) for k in ("status", "reason")}
     return out
