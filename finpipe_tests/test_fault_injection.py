@@ -637,7 +637,7 @@ class TrainingJob:
                              self.job, self.target, AdapterSpec(**TRAIN_SPEC), log=lambda *a: None)
 
     def temp_dirs(self) -> list[Path]:
-        return sorted(self.adapters.glob(f".{self.target.name}.tmp-*"))
+        return sorted(self.adapters.glob(f".{self.target.name}.tmp-*"))  # with finpipe's marker beside each folder
 
     def adapter_folders(self) -> list[str]:
         """What a listing of the adapters folder offers as adapters: visible folders with an adapter_config.json."""
@@ -692,10 +692,14 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_from_the_last_complete_on
     training_job.assert_complete(report)
 
 
-def test_sigkill_while_the_adapter_is_moved_into_place_leaves_only_a_hidden_temp_folder(training_job):
+def test_sigkill_while_the_adapter_is_moved_into_place_leaves_only_a_hidden_temp_folder_the_rerun_removes(
+        training_job):
+    from finpipe.models.files import WRITER_SUFFIX
+
     training_job.kill_at("adapter")
     assert not training_job.target.exists()
-    (leftover,) = training_job.temp_dirs()  # the killed run's complete-looking adapter, under a hidden temp name
+    leftover, marker = training_job.temp_dirs()  # the killed run's complete-looking adapter, under a hidden temp name
+    assert marker.name == leftover.name + WRITER_SUFFIX  # and the marker naming its (dead) writer
     assert (leftover / "adapter_model.safetensors").is_file() and not (leftover / "training_report.json").exists()
     assert training_job.adapter_folders() == ["run-1"]  # never taken for an adapter
     assert training_job.state() == training_job.snapshot
@@ -708,4 +712,4 @@ def test_sigkill_while_the_adapter_is_moved_into_place_leaves_only_a_hidden_temp
     assert report.steps in (8, 9) and [step for step, _ in report.train_losses][:4] == [2, 4, 6, 8]
     training_job.assert_complete(report)
     assert training_job.adapter_folders() == ["run-1", "run-2"]
-    assert training_job.temp_dirs() == [leftover]  # the killed run's temp folder stays hidden garbage
+    assert training_job.temp_dirs() == []  # the next write of the same folder removed what the killed one left

@@ -189,3 +189,55 @@ def test_cli_export_gguf_prints_files_and_parity(champion, isolated_lake, tmp_pa
     assert "gguf: " in out and "f16" in out
     assert "parity: finpipe-r1.f16.gguf (transformers GGUF loader): 3/3 answers identical" in out
     assert (tmp_path / "out" / "Modelfile").exists() and Path(tmp_path / "out" / "README.md").exists()
+
+
+def test_a_terminated_export_removes_its_temporary_folders_and_a_killed_ones_are_removed_by_the_next(
+        champion, isolated_lake, tmp_path):
+    """SIGTERM (``timeout``, a service manager) ends an export as Ctrl-C does, its hidden temporary folders removed;
+    what a SIGKILL leaves behind (it cannot be caught) is removed by the next export of the same folder, and nothing
+    without finpipe's marker, or still being written, is touched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from finpipe.cli import EXIT_INTERRUPTED
+    from finpipe.models.files import WRITER_SUFFIX
+
+    out = tmp_path / "exports" / "gguf"
+    command = [sys.executable, "-m", "finpipe.cli", "export", "--gguf", str(out), "--gguf-types", "f32,bf16"]
+
+    def hidden() -> list[str]:
+        return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) if out.parent.exists() else []
+
+    def export_until_merging(sig: int) -> int:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not any(".merge-" in name for name in hidden()) and process.poll() is None:
+            assert time.monotonic() < deadline, "the export never started merging"
+            time.sleep(0.02)
+        assert process.poll() is None, process.stderr.read()  # caught while it works
+        process.send_signal(sig)
+        process.communicate(timeout=60)
+        return process.returncode
+
+    assert export_until_merging(signal.SIGTERM) == EXIT_INTERRUPTED
+    assert hidden() == [] and not out.exists()  # nothing left, nothing half-written
+
+    assert export_until_merging(signal.SIGKILL) == -signal.SIGKILL
+    left = hidden()
+    assert any(".tmp-" in n for n in left) and any(".merge-" in n for n in left)
+    assert all(any(f"{n}{WRITER_SUFFIX}" == m for m in left) for n in left if not n.endswith(WRITER_SUFFIX))
+    # beside them: a user's hidden folder with a similar name, and a marker of a writer that still runs
+    mine = out.parent / ".gguf.tmp-mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    running = out.parent / ".gguf.tmp-running"
+    running.mkdir()
+    (out.parent / f".gguf.tmp-running{WRITER_SUFFIX}").write_text(json.dumps({"pid": os.getpid(),
+                                                                               "host": os.uname().nodename}))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert hidden() == [".gguf.tmp-mine", ".gguf.tmp-running", f".gguf.tmp-running{WRITER_SUFFIX}"]
+    assert (mine / "notes.txt").read_text() == "mine"

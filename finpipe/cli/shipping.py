@@ -11,9 +11,21 @@ from finpipe.cli import EXIT_ADDRESS_IN_USE
 from finpipe.cli.answers import _quiet_transformers, _resolve_model
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (``timeout``, a service manager, ``kill``) ends an export as Ctrl-C does: its temporary folders, hundreds
+    of MB, are removed on the way out instead of being left hidden beside the target."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Merge the adapter into its base: a plain Hugging Face folder (--merged) or GGUF files for llama.cpp and
     Ollama with a Modelfile, a model card and a parity check (--gguf)."""
+    _terminate_as_interrupt()
     if args.adapter == "none":
         raise ValueError("export merges an adapter: --adapter none has nothing to merge")
     if bool(args.merged) == bool(args.gguf):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from finpipe.models.files import atomic_dir, folder_size
+from finpipe.models.files import atomic_dir, folder_size, scratch_dir
 
 EXPORT_MANIFEST = "finpipe_export.json"
 
@@ -196,7 +196,6 @@ def export_gguf(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
     """The adapter merged into its base and written as GGUF files (one per ``outtypes``), an Ollama Modelfile, a
     model card (README.md) and the parity check of every file against the merged model on ``golden`` (parity.json).
     Written atomically into ``out_dir``; ``force`` replaces only a previous finpipe export."""
-    import tempfile
     import time
 
     from finpipe.inference.gguf_export import OUTTYPES, write_gguf
@@ -211,8 +210,7 @@ def export_gguf(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Pa
     previous = check_target(out_dir, force, [base_dir, adapter_dir])
     seconds: dict[str, float] = {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.merge-") as work, \
-            atomic_dir(out_dir, discard_old=_discard(previous)) as tmp:
+    with atomic_dir(out_dir, discard_old=_discard(previous)) as tmp, scratch_dir(out_dir, "merge") as work:
         started = time.perf_counter()
         merged = Path(work) / "merged"
         export_merged(base_dir, adapter_dir, merged)

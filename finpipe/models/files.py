@@ -1,9 +1,14 @@
-"""Atomic folder writes: build in a temporary sibling, then rename into place."""
+"""Atomic folder writes: build in a temporary sibling, then rename into place. Each temporary sibling has a marker
+beside it naming the process writing it, so a later write of the same target removes what a killed one left (and
+only that: a folder without finpipe's marker, or one whose writer still runs, is never touched)."""
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +23,9 @@ def atomic_dir(target: Path, discard_old: Callable[[Path], None] | None = None) 
     ``target``, renamed aside, is then removed whole, or handed to ``discard_old`` (which removes what it knows).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    marker = _claim(tmp)
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
@@ -35,6 +42,64 @@ def atomic_dir(target: Path, discard_old: Callable[[Path], None] | None = None) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+@contextmanager
+def scratch_dir(beside: Path, label: str) -> Iterator[Path]:
+    """A temporary working folder next to ``beside`` (the same filesystem: its files can be renamed into place),
+    removed on exit; one a killed process left is removed by the next write of ``beside``."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(dir=beside.parent, prefix=f".{beside.name}.{label}-"))
+    marker = _claim(folder)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+
+
+#: the marker beside a temporary folder: which process on which host writes it
+WRITER_SUFFIX = ".finpipe-writer"
+
+
+def _claim(folder: Path) -> Path:
+    marker = folder.with_name(folder.name + WRITER_SUFFIX)
+    marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    return marker
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Remove the temporary siblings of ``target`` (``atomic_dir``'s, ``scratch_dir``'s) whose writer died (a SIGKILL,
+    a power cut). Only folders with finpipe's marker whose process no longer runs on this host are removed: a marker
+    from another host (a shared volume) cannot be checked and is left alone. Returns the folders removed."""
+    removed = []
+    host = socket.gethostname()
+    for marker in target.parent.glob(f".{glob.escape(target.name)}.*{WRITER_SUFFIX}"):
+        try:
+            writer = json.loads(marker.read_text())
+            pid = int(writer["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a marker finpipe wrote
+        if writer.get("host") != host or _running(pid):
+            continue
+        folder = marker.with_name(marker.name.removesuffix(WRITER_SUFFIX))
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        marker.unlink(missing_ok=True)
+    return removed
 
 
 def file_digest(path: Path) -> str:
