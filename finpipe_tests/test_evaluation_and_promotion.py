@@ -263,6 +263,11 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
                       "no_golden_regression_vs_champion": True}
     html, markdown = Path(report["html"]).read_text(), Path(report["markdown"]).read_text()
     assert "<th>golden set</th><th>base</th><th>adapter</th>" in html and "data:image/png;base64," in html
+    # the verdict first: before the summary, in one sentence, with the headline numbers
+    assert html.index("<div class='verdict promoted'><p><b>Promoted: this adapter is the new champion. First "
+                      "champion") < html.index("<ul>")
+    assert markdown.splitlines()[2].startswith("> **Promoted: this adapter is the new champion.")
+    assert "> this adapter: golden number correctness " in markdown and "forgetting probe" in markdown.splitlines()[3]
     for section in ("number correctness", "label correctness", "exact match", "Training wording vs held-out wording",
                     "Forgetting probe", "Learning curve: strict metrics vs training tokens", "promote: first champion",
                     "trained as", "LoRA (unquantized base)"):
@@ -302,7 +307,10 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
     assert "does not improve on the champion" in refused["reason"] or "regresses" in refused["reason"]
     second_eval = json.loads((Path(meta(second, "adapter_evaluation")["path"])).read_text())
     assert second_eval["variants"]["champion"]["golden"]["loss"] < second_eval["variants"]["adapter"]["golden"]["loss"]
-    assert "keep the champion" in Path(meta(second, "evaluation_report")["html"]).read_text()
+    second_html = Path(meta(second, "evaluation_report")["html"]).read_text()
+    assert "keep the champion" in second_html
+    assert "<div class='verdict kept'><p><b>Not promoted: the champion stays." in second_html
+    assert f"<p>champion {champion['run_id']}: golden number correctness " in second_html
     assert champion_pointer.read_bytes() == champion_bytes
     runs = registry.RunRegistry(PriceLake(isolated_lake / "finpipe.duckdb")).runs()
     assert dict(zip(runs["run_id"], runs["status"])) == {champion["run_id"]: "champion",
@@ -477,3 +485,16 @@ def test_the_general_replay_never_asks_a_probe_question_and_its_answers_are_righ
         result = {"+": a + b, "plus": a + b, "-": a - b, "minus": a - b, "*": a * b, "times": a * b,
                   "/": a / b, "divided by": a / b}[op]
         assert float(p.accepted) == result and result == int(result) > 0, p
+
+
+def test_the_report_cuts_answers_visibly_and_shows_only_measured_metrics():
+    from finpipe.evaluation.report import cut, metrics_rows
+
+    answer = "AAPL closed at 430.47 on 2013-03-01, down 2.1% over 5 sessions, with volatility at 31.2% annualized."
+    assert cut(answer, 200) == answer
+    short = cut(answer, 40)
+    assert short == "AAPL closed at 430.47 on 2013-03-01…" and len(short) <= 40  # at a word, marked
+    scored = {"golden": {"overall": {"number_correctness": 0.9}, "loss": 1.2}, "val": None, "forgetting": None}
+    rows = {r["metric"]: r for r in metrics_rows({"adapter": scored, "base": scored | {"golden": None}})}
+    assert rows["golden number correctness"] == {"metric": "golden number correctness", "adapter": 0.9, "base": None}
+    assert not any(m.startswith("val ") or m.startswith("latency") or m == "forgetting probe" for m in rows), rows

@@ -90,7 +90,7 @@ class SetScores:
     overall: dict[str, float | None]
     per_family: dict[str, dict[str, float | None]]
     rows: list[dict] = field(default_factory=list)  # one per generated answer (answer text, metrics, timing)
-    latency_s: float = 0.0  # seconds for one answer (batch 1)
+    latency_s: float | None = None  # seconds for one answer (batch 1); None: not measured (no answer samples)
     tokens_per_s: float = 0.0  # generated tokens / generation seconds (batch 1)
     ci: dict[str, list[float] | None] = field(default_factory=dict)  # headline metric -> 95% bootstrap interval
     parts: dict[str, dict[str, float | None]] = field(default_factory=dict)  # golden part -> metric means
@@ -225,7 +225,7 @@ def score_set(model, tokenizer, loss_samples: Sequence[Sample], answer_samples: 
     single = generate(model, tokenizer, answer_samples[0].messages[:-1], sampling) if answer_samples else None
     return SetScores(
         loss=round(loss, 4), overall=summary["overall"], per_family=summary["per_family"], rows=rows,
-        latency_s=round(single.seconds, 3) if single else 0.0,
+        latency_s=round(single.seconds, 3) if single else None,
         tokens_per_s=round(single.tokens_per_s, 1) if single else 0.0, ci=summary["ci"], parts=summary["parts"],
     )
 

@@ -50,7 +50,7 @@ def metrics_rows(variants: dict[str, dict | None]) -> list[dict]:
                                                   for name, s in variants.items()})
     rows.append({"metric": "latency of one answer (s)"} | {name: ((s or {}).get("val") or {}).get("latency_s")
                                                            for name, s in variants.items()})
-    return rows
+    return [r for r in rows if any(v is not None for k, v in r.items() if k != "metric")]  # measured only
 
 
 def headline_rows(variants: dict[str, dict | None]) -> list[dict]:
@@ -109,6 +109,14 @@ def wild_family_rows(variants: dict[str, dict | None]) -> list[dict]:
     return rows
 
 
+def cut(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, cut at a word and marked with "…" when it had to be cut."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit - 1]
+    return (head.rsplit(" ", 1)[0] if " " in head else head).rstrip(" ,;:") + "…"
+
+
 def wild_misses(e2e_answers: dict[str, list[dict]], limit: int = 8) -> list[dict]:
     """The challenger's wild and unanswerable answers that were wrong, with what was wrong."""
     out = []
@@ -117,7 +125,7 @@ def wild_misses(e2e_answers: dict[str, list[dict]], limit: int = 8) -> list[dict
             row.get("number_correctness", 1) < 1 or (row.get("label_correctness") or 1) < 1 or not row.get("relevance")))
         if row["part"] in ("wild", "unanswerable") and wrong:
             out.append({"question": row["question"], "family": row["family"], "grounded as": row.get("grounded_as"),
-                        "answer": row["answer"][:160], "wrong": "; ".join(row.get("problems") or [])[:200]})
+                        "answer": cut(row["answer"], 160), "wrong": cut("; ".join(row.get("problems") or []), 200)})
     return out[:limit]
 
 
@@ -142,7 +150,7 @@ def forgetting_rows(variants: dict[str, dict | None]) -> list[dict]:
         return []
     questions = list(next(iter(probes.values())))
     differing = [q for q in questions if len({p[q]["right"] for p in probes.values() if q in p}) > 1] or questions
-    return [{"question": q} | {n: ("right: " if p[q]["right"] else "wrong: ") + p[q]["answer"][:90]
+    return [{"question": q} | {n: ("right: " if p[q]["right"] else "wrong: ") + cut(p[q]["answer"], 90)
                                for n, p in probes.items() if q in p} for q in differing]
 
 
@@ -186,7 +194,7 @@ def family_bars_png(variants: dict[str, dict | None], path: Path, where: str = "
 
     shown = {n: s for n, s in variants.items() if s and s.get(where)}
     families = sorted({f for s in shown.values() for f in s[where]["per_family"]})
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4), dpi=100, sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.4), dpi=100, sharey=True)  # 960 px: inside the page and the UI
     width = 0.8 / max(1, len(shown))
     for ax, metric in zip(axes, STRICT_METRICS):
         for i, (name, scores) in enumerate(shown.items()):
@@ -196,9 +204,9 @@ def family_bars_png(variants: dict[str, dict | None], path: Path, where: str = "
         ax.set_title(f"{LABELS[metric]} per family ({where})")
         ax.set_ylim(0, 1.05)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the rotated family names stay inside the image
     plt.close(fig)
     return path
 
@@ -224,6 +232,30 @@ def sample_answers(golden_answers: dict[str, list[dict]], per_family: int = 1) -
     return out
 
 
+def verdict(evaluation: dict, decision) -> tuple[str, list[tuple[str, str]]]:
+    """The report's first words: promoted or not and why, in one sentence, then the headline numbers of the
+    challenger (and of the champion it was compared with)."""
+    sentence = ("Promoted: this adapter is the new champion. " if decision.promote
+                else "Not promoted: the champion stays. ") + decision.reason[:1].upper() + decision.reason[1:]
+    numbers = []
+    for name in ("adapter", "champion"):
+        scores = evaluation["variants"].get(name) or {}
+        golden = (scores.get("golden") or {}).get("overall") or {}
+        if not golden:
+            continue
+        parts = (((scores.get("end_to_end") or {}).get("summary") or {}).get("parts") or {}).get("wild") or {}
+        wild = parts.get("means") or {}
+        said = [f"golden {LABELS[m]} {golden[m]:.3f}" for m in HEADLINE_METRICS if golden.get(m) is not None]
+        said += [f"wild questions end to end: numbers {wild['number_correctness']:.3f}"] \
+            if wild.get("number_correctness") is not None else []
+        forgetting = (scores.get("forgetting") or {}).get("score")
+        said += [f"forgetting probe {forgetting:.3f}"] if forgetting is not None else []
+        label = "this adapter" if name == "adapter" else f"champion {evaluation['champion']['run_id']}" \
+            if evaluation.get("champion") else "champion"
+        numbers.append((label, ", ".join(said)))
+    return sentence, numbers
+
+
 def md_table(rows: list[dict], columns: list[str]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return lines + ["| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |" for r in rows]
@@ -240,15 +272,17 @@ def html_images(images: dict[str, Path]) -> str:
                    f"{base64.b64encode(p.read_bytes()).decode()}'>" for c, p in images.items())
 
 
-def html_page(title: str, summary: list[tuple[str, str]], body: str) -> str:
+def html_page(title: str, summary: list[tuple[str, str]], body: str, verdict_box: str = "") -> str:
     """A self-contained page: inline CSS, images as data URIs; opens from disk, no network."""
     esc = html.escape
     items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in summary)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>
 body{{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}
-th{{background:#f4f4f4}}img{{max-width:100%}}.sample{{margin:1em 0}}.bad{{color:#a00;font-size:90%}}</style></head><body>
-<h1>{esc(title)}</h1><ul>{items}</ul>{body}</body></html>"""
+th{{background:#f4f4f4}}img{{max-width:100%}}.sample{{margin:1em 0}}.bad{{color:#a00;font-size:90%}}
+.verdict{{border:2px solid;border-radius:6px;padding:.6em 1em;margin:1em 0}}.verdict p{{margin:.3em 0}}
+.promoted{{border-color:#2a7;background:#effaf3}}.kept{{border-color:#c80;background:#fff8ec}}</style></head><body>
+<h1>{esc(title)}</h1>{verdict_box}<ul>{items}</ul>{body}</body></html>"""
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -315,7 +349,9 @@ def render_evaluation(evaluation: dict, training: dict, decision, out_dir: Path)
     ]
     examples = sample_answers(evaluation.get("golden_answers") or {})
 
-    md = [f"# finpipe evaluation — {evaluation['run_id']}", ""] + [f"- **{k}**: {v}" for k, v in summary]
+    sentence, headline = verdict(evaluation, decision)
+    md = [f"# finpipe evaluation — {evaluation['run_id']}", "", f"> **{sentence}**"] + \
+        [f"> {who}: {numbers}  " for who, numbers in headline] + [""] + [f"- **{k}**: {v}" for k, v in summary]
     for title, rows, note in sections:
         md += ["", f"## {title}", ""] + ([note, ""] if note else []) + (md_table(rows, _columns(rows)) if rows else ["–"])
     for caption, image in images.items():
@@ -343,7 +379,9 @@ def render_evaluation(evaluation: dict, training: dict, decision, out_dir: Path)
             body += f"<tr><th>{esc(name)}</th><td>{esc(answer or '(empty)')}{bad}</td></tr>"
         body += "</table></div>"
     html_path = out_dir / "report.html"
-    html_path.write_text(html_page(f"finpipe evaluation — {evaluation['run_id']}", summary, body))
+    verdict_box = (f"<div class='verdict {'promoted' if decision.promote else 'kept'}'><p><b>{esc(sentence)}</b></p>"
+                   + "".join(f"<p>{esc(who)}: {esc(numbers)}</p>" for who, numbers in headline) + "</div>")
+    html_path.write_text(html_page(f"finpipe evaluation — {evaluation['run_id']}", summary, body, verdict_box))
     return md_path, html_path, images
 
 
