@@ -356,11 +356,19 @@ def test_the_nightly_schedule_runs_weekdays_after_the_us_close_over_the_document
 
     import zoneinfo
 
+    from finpipe.defs.resources import MarketDataResource
+
     when = dt.datetime(2026, 11, 25, 18, 30, tzinfo=zoneinfo.ZoneInfo("America/New_York"))  # 23:30 UTC
-    request = nightly_schedule(dg.build_schedule_context(scheduled_execution_time=when))
+    live = {"market_data": MarketDataResource(source="yahoo")}
+    request = nightly_schedule(dg.build_schedule_context(scheduled_execution_time=when, resources=live))
     assert request.partition_key == "2026-11-25" and request.run_key == "nightly-2026-11-25"
     assert request.run_config["ops"]["qlora_adapter"]["config"]["warm_start"] == "champion"
     assert "2026-11-25" in job.partitions_def.get_partition_keys(dt.datetime(2026, 11, 26, 1, tzinfo=dt.timezone.utc))
+    # the default offline replay ends in 2013: the schedule says why it skips instead of starting a run that fails
+    replay = {"market_data": MarketDataResource()}
+    skipped = nightly_schedule(dg.build_schedule_context(scheduled_execution_time=when, resources=replay))
+    assert isinstance(skipped, dg.SkipReason) and "serves prices up to 2013-03-01 only" in skipped.skip_message
+    assert "FINPIPE_SOURCE=yahoo" in skipped.skip_message
 
 
 def test_a_new_price_partition_makes_statistics_and_datasets_refresh(lake_resources):
@@ -498,3 +506,35 @@ def test_the_report_cuts_answers_visibly_and_shows_only_measured_metrics():
     rows = {r["metric"]: r for r in metrics_rows({"adapter": scored, "base": scored | {"golden": None}})}
     assert rows["golden number correctness"] == {"metric": "golden number correctness", "adapter": 0.9, "base": None}
     assert not any(m.startswith("val ") or m.startswith("latency") or m == "forgetting probe" for m in rows), rows
+
+
+def test_a_simulated_night_runs_through_the_schedules_own_job(lake_resources, isolated_lake, tiny_base):
+    """A night as the schedule starts it, offline: the replay's clock at 2013-02-28 (FINPIPE_REPLAY_AS_OF in a
+    deployment), the schedule's run request for that evening, executed as the `nightly_retrain` job with the request's
+    partition, tags and run config (warm start from the champion). The new session lands in the lake and the night's
+    adapter is trained, evaluated and promoted."""
+    import zoneinfo
+
+    from finpipe.definitions import job_with_resources
+    from finpipe.defs.automation import nightly_retrain, nightly_schedule
+    from finpipe.defs.resources import HuggingFaceResource
+    from finpipe.market.lake import PriceLake
+    from finpipe.models import registry
+    from finpipe_tests.helpers import ingest
+
+    resources = lake_resources(replay_as_of="2013-02-28") | {"huggingface": HuggingFaceResource()}
+    ingest(resources, last="2013-02-27")  # the lake as the night before left it
+    evening = dt.datetime(2013, 2, 28, 18, 30, tzinfo=zoneinfo.ZoneInfo("America/New_York"))
+    request = nightly_schedule(dg.build_schedule_context(scheduled_execution_time=evening, resources=resources))
+    assert isinstance(request, dg.RunRequest) and request.partition_key == "2013-02-28"
+    tiny_ops = {"base_model": {"config": {"model": str(tiny_base)}},
+                "qlora_adapter": {"config": TRAIN | request.run_config["ops"]["qlora_adapter"]["config"]},
+                "adapter_evaluation": {"config": EVAL}}
+    night = job_with_resources(nightly_retrain.name, resources).execute_in_process(
+        run_config={"ops": tiny_ops}, partition_key=request.partition_key, tags=request.tags)
+    assert night.success and night.dagster_run.tags["finpipe/trigger"] == "nightly"
+    lake = PriceLake(isolated_lake / "finpipe.duckdb")
+    assert lake.query("SELECT max(date) AS last FROM prices")["last"][0] == dt.date(2013, 2, 28)
+    promoted = {k: v.value for k, v in night.asset_materializations_for_node("champion_adapter")[0].metadata.items()}
+    assert promoted["promoted"] is True  # the first night: no champion yet, so no warm start either
+    assert registry.read_pointer(registry.champion_pointer(isolated_lake))["run_id"] == promoted["champion"]

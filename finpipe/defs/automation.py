@@ -22,7 +22,7 @@ from finpipe.defs.datasets import dataset_split, instruction_samples
 from finpipe.defs.evaluation import adapter_evaluation, champion_adapter, evaluation_report
 from finpipe.defs.market_data import daily_prices
 from finpipe.defs.models import base_model, qlora_adapter
-from finpipe.defs.resources import LakeResource
+from finpipe.defs.resources import LakeResource, MarketDataResource
 from finpipe.defs.statistics import price_statistics
 
 NIGHTLY_CRON = os.environ.get("FINPIPE_NIGHTLY_CRON", "30 18 * * 1-5")
@@ -63,11 +63,19 @@ NIGHTLY_RUN_CONFIG = {"ops": {"qlora_adapter": {"config": {"warm_start": "champi
 @dg.schedule(job=nightly_retrain, cron_schedule=NIGHTLY_CRON, execution_timezone=NIGHTLY_TIMEZONE,
              default_status=dg.DefaultScheduleStatus.STOPPED,
              description="Weekdays after the close: the day's partition through training, evaluation and promotion.")
-def nightly_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+def nightly_schedule(context: dg.ScheduleEvaluationContext,
+                     market_data: MarketDataResource) -> dg.RunRequest | dg.SkipReason:
     # the partition is the trading day that just closed, in the exchange's timezone (a manual evaluation
     # in the UI has no scheduled time: then it is today there)
     when = context.scheduled_execution_time or dt.datetime.now(zoneinfo.ZoneInfo(NIGHTLY_TIMEZONE))
     day = when.astimezone(zoneinfo.ZoneInfo(NIGHTLY_TIMEZONE)).date()
+    source = market_data.price_source()
+    served_until = source.available_until()
+    if served_until is not None and day > served_until:  # the offline replay: a run could only fail
+        return dg.SkipReason(
+            f"no run for {day}: the {source.name} source serves prices up to {served_until} only. Nightly "
+            f"retraining needs a live source: FINPIPE_SOURCE=yahoo (docs/operations.md, 'Nightly retraining'); "
+            f"FINPIPE_REPLAY_AS_OF replays a past night offline.")
     return dg.RunRequest(run_key=f"nightly-{day.isoformat()}", partition_key=day.isoformat(),
                          run_config=NIGHTLY_RUN_CONFIG, tags={"finpipe/trigger": "nightly"})
 

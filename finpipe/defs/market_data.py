@@ -24,7 +24,10 @@ from finpipe.market.lake import CorruptLakeError
     op_tags=LAKE_WRITER_TAGS,
     kinds={"duckdb", "polars"},
     description="Daily OHLCV bars for the configured universe, upserted into the lake table `prices` "
-    "(primary key ticker, date); invalid rows go to `price_rejects` with the reason.",
+    "(primary key ticker, date); invalid rows go to `price_rejects` with the reason. One partition per weekday "
+    "since 2000 so that any source's history fits; a lake holds the window you ingest, and the other partitions "
+    "show as missing. The offline replay (the default source) serves 2000-03-01..2013-03-01 only: materialize "
+    "a range inside it (`finpipe run` does); days after it need FINPIPE_SOURCE=yahoo.",
 )
 def daily_prices(
     context: dg.AssetExecutionContext, lake: LakeResource, market_data: MarketDataResource
