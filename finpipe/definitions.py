@@ -14,6 +14,7 @@ import dagster as dg
 
 import finpipe.defs
 from finpipe.defs import jobs
+from finpipe.defs.console import LOGGERS
 from finpipe.defs.resources import LAKE_WRITER_LIMITS, build_resources
 
 #: Launched runs (UI, schedule, sensor, `dagster job launch`) run each step in its own process, as many at once as
@@ -56,7 +57,8 @@ def autoloaded() -> dg.Definitions:
 def definitions_with_executor(executor) -> dg.Definitions:
     """finpipe's definitions run by ``executor`` (deploy/ swaps in the Kubernetes or Celery executor; locally it is
     ``multiprocess_lake_safe``)."""
-    return dg.Definitions.merge(autoloaded(), dg.Definitions(resources=build_resources(), executor=executor))
+    return dg.Definitions.merge(autoloaded(), dg.Definitions(resources=build_resources(), executor=executor,
+                                                             loggers=LOGGERS))
 
 
 defs = definitions_with_executor(multiprocess_lake_safe)
@@ -75,7 +77,7 @@ def job_with_resources(name: str, resources: dict) -> dg.JobDefinition:
     set the environment for this run), to run in process."""
     return dg.Definitions(assets=list(defs.assets or []), asset_checks=list(defs.asset_checks or []),
                           jobs=[job for job in defs.jobs or [] if job.name == name],
-                          resources=resources).resolve_job_def(name)
+                          resources=resources, loggers=LOGGERS).resolve_job_def(name)
 
 
 def train_evaluate_promote() -> dg.JobDefinition:

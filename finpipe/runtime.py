@@ -226,3 +226,12 @@ def rebalance(force: bool = False) -> int:
         torch.set_num_threads(threads)
         _state["threads"] = threads
     return threads
+
+
+def quiet_library_deprecations() -> None:
+    """No FutureWarnings that transformers, peft or TRL raise about their own internals (TRL reading a renamed
+    transformers property, say): nothing a finpipe user can act on, printed in the middle of a run. finpipe's own
+    calls use the current names."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)(\.|$)")

@@ -3,6 +3,7 @@ and nothing is lost. Every input here is one a user actually tried (issue 14).""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -313,11 +314,15 @@ def test_a_run_launched_outside_the_cli_leaves_a_snapshot_once(lake_resources, i
     assert on_success() is None and list_snapshots(db) == [taken]  # the same lake: no second copy
 
 
+#: a line of the runs' console logger (finpipe.defs.console): "HH:MM:SS step: message"
+DAGSTER_LINE = re.compile(r"\d\d:\d\d:\d\d [\w.\[\]-]+: ")
+
+
 def finpipe_run_error(err: str) -> str:
     """The one line ``finpipe run`` ends a failed run with: Dagster's own log lines aside, there is exactly one,
     and no stack trace anywhere."""
     assert "Stack Trace" not in err and "Traceback" not in err, err
-    lines = [line for line in err.strip().splitlines() if line.strip() and " - dagster - " not in line]
+    lines = [line for line in err.strip().splitlines() if line.strip() and not DAGSTER_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 

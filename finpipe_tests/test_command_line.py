@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,10 @@ def test_finpipe_run_quickstart_path_builds_lake_datasets_base_adapter_and_repor
     done = run([str(BIN / "finpipe"), "run", "--start", "2011-03-02", "--max-steps", "4", "--eval-max-new-tokens", "12"],
                cli_env, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
+    # a quiet console: no library progress bars, no warnings, one short prefix ("HH:MM:SS step: ") per log line
+    assert "it/s]" not in done.stderr and "%|" not in done.stderr, done.stderr[-3000:]
+    assert "Warning" not in done.stderr and " - dagster - " not in done.stderr, done.stderr[-3000:]
+    assert re.search(r"^\d\d:\d\d:\d\d qlora_adapter: training on ", done.stderr, re.M), done.stderr[-3000:]
     report = done.stdout.strip().splitlines()[-1]  # the run ends with the report's path
     assert report.startswith("report: ") and report.endswith("/evaluation/report.html")
     html = Path(report.removeprefix("report: ")).read_text()

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="YAML", help="run config for the model stage (the Launchpad's format), e.g. "
                      "configs/train-60-minutes.yaml; the options above override it")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--verbose", action="store_true", help="Dagster's full prefix on every line (job, run id, step) "
+                     "and the libraries' progress bars")
     run.set_defaults(func=cmd_run)
 
     ui = sub.add_parser("ui", help="start the Dagster UI (dg dev) on 127.0.0.1")

@@ -55,12 +55,12 @@ def _facts():
 
 def _quiet_transformers() -> None:
     """No weight-loading progress bars or library deprecation warnings between a question and its answer."""
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
+    from finpipe.runtime import quiet_library_deprecations
+
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.|peft\.")
+    quiet_library_deprecations()
 
 
 def _answer_spec(args: argparse.Namespace):

@@ -38,6 +38,19 @@ def _prepare_dagster_home() -> Path:
     return home
 
 
+#: the libraries' own switches for their progress bars (huggingface_hub and transformers, datasets, any other tqdm)
+PROGRESS_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")
+
+
+def _quiet_progress_bars(verbose: bool) -> None:
+    """No library progress bars (weight loading, dataset maps, GGUF conversion) unless ``--verbose``: finpipe says
+    what each long step is doing itself, with the time left. Set in the environment, so that every step process
+    inherits it; a variable the user set stays as it is."""
+    if not verbose:
+        for name in PROGRESS_BAR_SWITCHES:
+            os.environ.setdefault(name, "1")
+
+
 def _event_log_without_fsync() -> None:
     """Dagster's SQLite run history without an fsync per commit, in this process only.
 
@@ -93,7 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     first_key, last_key = _partition_keys(start, end)
     instance = dg.DagsterInstance.get()
-    run_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+    run_config = {"loggers": {"console": {"config": {"log_level": args.log_level, "verbose": args.verbose}}}}
+    _quiet_progress_bars(args.verbose)
 
     # Run 1: the partitioned prices, the whole range in one run. Run 2: everything derived from them.
     # Run 3: base model, adapter, evaluation, report and promotion.
@@ -103,10 +117,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if code := _report(ingest, "ingestion"):
         return code
     lake = resources["lake"]
-    print(lake.prices_lake().query(
+    per_ticker = lake.prices_lake().query(
         "SELECT ticker, count(*) AS rows, min(date) AS first, max(date) AS last, any_value(source) AS source "
-        "FROM prices GROUP BY ticker ORDER BY ticker"
-    ))
+        "FROM prices GROUP BY ticker ORDER BY ticker")
+    for row in per_ticker.iter_rows(named=True):  # one line each: a table would wrap in a narrow terminal
+        print(f"  {row['ticker']:<8} {row['rows']:>6,} sessions  {row['first']} .. {row['last']}  ({row['source']})")
     print(f"lake: {lake.db_path}")
     if args.only_lake:
         _snapshot_after_run()
@@ -450,6 +465,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown PEFT methods {unknown}; the study covers {', '.join(STUDY_METHODS)}")
     resources, instance = build_resources(), dg.DagsterInstance.get()
     run_config = {"loggers": {"console": {"config": {"log_level": args.log_level}}}}
+    _quiet_progress_bars(False)
     peft_ops = {"ops": {"peft_method_run": {"config": {"max_steps": args.max_steps} if args.max_steps else {}}}}
     reports = []
     if not args.skip_peft:

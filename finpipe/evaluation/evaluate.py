@@ -230,11 +230,12 @@ def score_set(model, tokenizer, loss_samples: Sequence[Sample], answer_samples: 
     )
 
 
-def forgetting_probe(model, tokenizer, batch_size: int = EvalSpec.batch_size) -> dict:
-    """The forgetting probe's score and its answers (``finpipe.evaluation.forgetting``)."""
+def forgetting_probe(model, tokenizer, batch_size: int = EvalSpec.batch_size, log=None) -> dict:
+    """The forgetting probe's score and its answers (``finpipe.evaluation.forgetting``); ``log`` hears its progress."""
     from finpipe.evaluation.forgetting import MAX_NEW_TOKENS, probe_chats, score_probe
 
-    answers = generate_batch(model, tokenizer, probe_chats(), Sampling(max_new_tokens=MAX_NEW_TOKENS), batch_size)
+    answers = generate_batch(model, tokenizer, probe_chats(), Sampling(max_new_tokens=MAX_NEW_TOKENS), batch_size,
+                             progress=log)
     score, rows = score_probe([a.text for a in answers])
     return {"score": score, "rows": [{"question": r.question, "answer": r.answer, "right": r.right} for r in rows]}
 
@@ -290,7 +291,7 @@ def evaluate_variant(name: str, model, tokenizer, val_loss_samples: Sequence[Sam
                                spec.seed)
     if with_forgetting:
         log(f"evaluating {name}: forgetting probe")
-        forgetting = forgetting_probe(model, tokenizer, spec.batch_size)
+        forgetting = forgetting_probe(model, tokenizer, spec.batch_size, log)
     return ModelScores(name=name, val=val_scores, golden=golden_scores, forgetting=forgetting, end_to_end=e2e)
 
 

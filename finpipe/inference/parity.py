@@ -56,11 +56,11 @@ def _rounded(model, outtype: str):
     return model
 
 
-def _answers(model, tokenizer, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:
+def _answers(model, tokenizer, samples: Sequence[Sample], max_new_tokens: int, log=None) -> list[str]:
     from finpipe.evaluation.generation import Sampling, generate_batch
 
     out = generate_batch(model, tokenizer, [s.messages[:-1] for s in samples], Sampling(max_new_tokens=max_new_tokens),
-                         batch_size=64)
+                         batch_size=64, progress=log)
     return [g.text for g in out]
 
 
@@ -88,7 +88,7 @@ def check_gguf(gguf_path: Path, outtype: str, merged_dir: Path, samples: Sequenc
     if key not in cache:
         log(f"parity: reference answers of the merged model at {key} ({len(samples)} golden questions)")
         reference = _rounded(load_causal_lm(merged_dir, dtype=torch.float32, device_map={"": "cpu"}), outtype)
-        cache[key] = _answers(reference.eval(), load_tokenizer(merged_dir), samples, max_new_tokens)
+        cache[key] = _answers(reference.eval(), load_tokenizer(merged_dir), samples, max_new_tokens, log)
         del reference
         release_memory()
     log(f"parity: {gguf_path.name} read back by the {READER}")
@@ -97,7 +97,7 @@ def check_gguf(gguf_path: Path, outtype: str, merged_dir: Path, samples: Sequenc
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     if not tokenizer.chat_template:  # the file carries it; a reader that drops it gets finpipe's template back
         tokenizer.chat_template = load_tokenizer(merged_dir).chat_template
-    answers = _answers(model, tokenizer, samples, max_new_tokens)
+    answers = _answers(model, tokenizer, samples, max_new_tokens, log)
     del model
     release_memory()
     return _verdict(gguf_path.name, outtype, READER, samples, answers, cache[key],

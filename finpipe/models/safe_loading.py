@@ -90,6 +90,9 @@ def load_peft_adapter(model, folder: str | Path, **kwargs):
     """``PeftModel.from_pretrained(model, folder)`` for a safetensors adapter only."""
     from peft import PeftModel
 
+    from finpipe.runtime import quiet_library_deprecations
+
+    quiet_library_deprecations()  # peft reads transformers' renamed is_gradient_checkpointing for every adapter
     folder = require_safetensors_adapter(folder)
     try:
         return PeftModel.from_pretrained(model, str(folder), **kwargs)

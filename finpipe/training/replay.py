@@ -81,7 +81,7 @@ def general_replay(base_dir: str | Path, cache_dir: Path, log: Callable[[str], N
 
     def answer(items, sampling: Sampling):
         chats = [[{"role": "user", "content": p.prompt}] for p in items]
-        return generate_batch(model, tokenizer, chats, sampling, batch_size=len(chats))  # one batch
+        return generate_batch(model, tokenizer, chats, sampling, batch_size=len(chats), progress=log)  # one batch
 
     def keep(item, generated) -> bool:  # a cut-off answer would teach stopping mid-sentence
         return generated.new_tokens < MAX_NEW_TOKENS and is_kept(item, generated.text)

@@ -17,6 +17,7 @@ same job after an interruption resumes from the newest complete checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -372,6 +373,9 @@ def sft_config(spec: AdapterSpec, plan: DevicePlan, job_dir: Path, max_seq_len: 
     from trl import SFTConfig
 
     never = 10**9  # evaluations and checkpoints come from the budget's progress marks, not a step interval
+    # transformers 5.x renamed gradient checkpointing to activation checkpointing (the old names warn)
+    renamed = "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if renamed else "gradient_checkpointing"
     return SFTConfig(
         output_dir=str(job_dir),
         max_steps=spec.max_steps or -1,
@@ -388,8 +392,8 @@ def sft_config(spec: AdapterSpec, plan: DevicePlan, job_dir: Path, max_seq_len: 
         packing=spec.packing,
         train_sampling_strategy="group_by_length" if spec.group_by_length and not spec.packing else "random",
         assistant_only_loss=True,  # TRL then projects only the answer positions through the vocabulary
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # DDP: reentrant checkpointing marks LoRA twice
+        **{checkpointing: plan.gradient_checkpointing,
+           f"{checkpointing}_kwargs": {"use_reentrant": False}},  # DDP: reentrant checkpointing marks LoRA twice
         ddp_find_unused_parameters=False,  # every adapter weight gets a gradient: no graph walk per step
         ddp_backend="gloo" if plan.device == "cuda" and gpus_outnumbered() else None,  # else NCCL (GPU) or gloo (CPU)
         bf16=plan.bf16, fp16=plan.fp16, use_cpu=plan.device == "cpu", optim=plan.optimizer,
@@ -435,11 +439,12 @@ def train_adapter(
     from transformers import AutoConfig
 
     from finpipe.models.safe_loading import load_tokenizer
-    from finpipe.runtime import accelerator, claim_cpu_share
+    from finpipe.runtime import accelerator, claim_cpu_share, quiet_library_deprecations
     from finpipe.training import peft_methods
 
     # 1. data, sized to the budget
 
+    quiet_library_deprecations()
     cap_matmul_caches()  # before the first matmul (the replay's generation, the bf16 probe): RSS stays flat
     claim_cpu_share()  # this process's share of the cores, re-checked at every step
     share_gpus_if_outnumbered(log)
