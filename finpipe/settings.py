@@ -45,8 +45,9 @@ def non_finite(spec: Any) -> list[str]:
             if isinstance(getattr(spec, f.name), float) and not math.isfinite(getattr(spec, f.name))]
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` as a command line or an environment variable spells it (1/0, yes/no, on/off)."""
+    lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
     if lowered in ("0", "false", "no", "off"):
@@ -58,7 +59,7 @@ def add_options(parser: argparse.ArgumentParser, spec_cls: type, only: Iterable[
                 defaults: dict[str, Any] | None = None) -> None:
     """``--field-name VALUE`` for each field (default None: unset options leave the spec's default in place)."""
     for name, kind, default, _help in fields_of(spec_cls, only):
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_parse_bool if kind is bool else kind,
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=parse_bool if kind is bool else kind,
                             default=None, metavar=kind.__name__.upper(),
                             help=help_with_default(spec_cls, name, (defaults or {}).get(name, default)))
 

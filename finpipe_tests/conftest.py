@@ -14,6 +14,7 @@ from finpipe.instructions.builder import DatasetSpec, build_samples
 from finpipe.market.lake import PriceLake
 from finpipe.models import registry
 from finpipe.paths import LAKE_DB_NAME
+from finpipe.tracking import ENVIRONMENT as TRACKING_ENVIRONMENT
 from finpipe_tests.helpers import ingest, lake_inputs, make_tiny_llama, tiny_split
 
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
@@ -23,18 +24,20 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 def isolated_lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     lake_dir = tmp_path / "lake"
     monkeypatch.setenv("FINPIPE_LAKE_DIR", str(lake_dir))
-    for var in ("FINPIPE_SOURCE", "FINPIPE_UNIVERSE", "FINPIPE_REPLAY_AS_OF", "DAGSTER_HOME"):
+    for var in ("FINPIPE_SOURCE", "FINPIPE_UNIVERSE", "FINPIPE_REPLAY_AS_OF", "DAGSTER_HOME", "MLFLOW_TRACKING_URI",
+                *TRACKING_ENVIRONMENT.values()):
         monkeypatch.delenv(var, raising=False)
     return lake_dir
 
 
 @pytest.fixture
 def lake_resources(isolated_lake: Path):
-    """Dagster resources over the test's own lake; call with MarketDataResource overrides."""
-    from finpipe.defs.resources import LakeResource, MarketDataResource
+    """Dagster resources over the test's own lake (MLflow tracking off); call with MarketDataResource overrides."""
+    from finpipe.defs.resources import LakeResource, MarketDataResource, TrackingResource
 
     def build(**market):
-        return {"lake": LakeResource(lake_dir=str(isolated_lake)), "market_data": MarketDataResource(**market)}
+        return {"lake": LakeResource(lake_dir=str(isolated_lake)), "market_data": MarketDataResource(**market),
+                "tracking": TrackingResource()}
 
     return build
 

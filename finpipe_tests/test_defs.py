@@ -42,7 +42,7 @@ def test_the_code_location_holds_exactly_the_documented_definitions():
                                            "pretrain_scratch_gpt", "train_evaluate_promote"}
     assert {s.name for s in defs.schedules} == {"nightly_schedule"}
     assert {s.name for s in defs.sensors} == {"refresh_on_new_prices", "snapshot_lake_after_success"}
-    assert set(defs.resources) == {"lake", "market_data", "huggingface"}
+    assert set(defs.resources) == {"lake", "market_data", "huggingface", "tracking"}
     assert defs.executor.name == "multiprocess_lake_safe"
     repository = defs.get_repository_def()  # binds resources and jobs: fails on any missing resource
     assert repository.get_job("nightly_retrain")

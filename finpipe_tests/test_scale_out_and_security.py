@@ -506,16 +506,19 @@ def test_secrets_come_only_from_the_environment(monkeypatch):
 
     monkeypatch.setenv("HF_TOKEN", "hf_canary_token_for_the_test")
     monkeypatch.setenv("FINPIPE_YAHOO_PROXY", "http://user:canary_password@proxy.corp:3128")
+    monkeypatch.setenv("FINPIPE_MLFLOW_TRACKING_URI", "https://user:canary_mlflow@mlflow.corp")
     resources = build_resources()
     defs = dg.Definitions(assets=[a for a in in_groups("market_data", "statistics", "datasets", "models")
                                   if not isinstance(a, dg.AssetChecksDefinition)], resources=resources)
     # what the UI and the code server ship: resource config, job snapshots, run config schemas
     snapshot = serialize_value(RepositorySnap.from_def(defs.get_repository_def()))
-    assert "hf_canary" not in snapshot and "canary_password" not in snapshot
+    assert "hf_canary" not in snapshot and "canary_password" not in snapshot and "canary_mlflow" not in snapshot
     assert '"HF_TOKEN"' in snapshot and '"FINPIPE_YAHOO_PROXY"' in snapshot  # referenced by name only
+    assert '"FINPIPE_MLFLOW_TRACKING_URI"' in snapshot
     # ...and resolved when a run initializes the resources
     assert resources["huggingface"].process_config_and_initialize().token == "hf_canary_token_for_the_test"
     assert resources["market_data"].process_config_and_initialize().yahoo_proxy.endswith("@proxy.corp:3128")
+    assert resources["tracking"].process_config_and_initialize().tracking_uri.endswith("canary_mlflow@mlflow.corp")
     # without the variables there is nothing to leak and nothing required
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.delenv("FINPIPE_YAHOO_PROXY")

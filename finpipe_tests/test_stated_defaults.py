@@ -17,7 +17,7 @@ from finpipe.paths import REPO_ROOT
 SPEC_MODULES = ("finpipe.evaluation.generation", "finpipe.evaluation.evaluate", "finpipe.training.spec",
                 "finpipe.instructions.split", "finpipe.instructions.builder", "finpipe.inference.answering",
                 "finpipe.studies.compression", "finpipe.studies.peft_study", "finpipe.models.scratch",
-                "finpipe.serving.app")
+                "finpipe.serving.app", "finpipe.tracking")
 #: how prose states a default: "`eval_points`, 2 by default", "`max_minutes` (2.5 by default", "`x` (default: 3"
 STATED = (re.compile(r"`(?P<name>[a-z_]+)`(?:,| \()\s*(?P<value>[\w.]+)(?: [a-z ]{0,24})? by default"),
           re.compile(r"`(?P<name>[a-z_]+)` \(default:? (?P<value>[\w.]+)"))

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from finpipe.settings import help_with_default as _spec_help
     from finpipe.studies.compression import CompressionSpec
     from finpipe.studies.peft_study import PeftStudySpec
+    from finpipe.tracking import TrackingSpec
     from finpipe.training.spec import QUANTIZATIONS, AdapterSpec
 
     parser = argparse.ArgumentParser(prog="finpipe", description=__doc__.splitlines()[0])
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-max-new-tokens", type=int, help=_spec_help(EvalSpec, "max_new_tokens"))
     run.add_argument("--config", metavar="YAML", help="run config for the model stage (the Launchpad's format), e.g. "
                      "configs/train-60-minutes.yaml; the options above override it")
+    run.add_argument("--mlflow", action="store_true",
+                     help=_spec_help(TrackingSpec, "enabled", "off") + "; or FINPIPE_MLFLOW=1 (docs/tracking.md)")
+    run.add_argument("--mlflow-tracking-uri", metavar="URI", help=_spec_help(TrackingSpec, "tracking_uri", "the lake's")
+                     + "; turns tracking on; or FINPIPE_MLFLOW_TRACKING_URI")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--verbose", action="store_true", help="Dagster's full prefix on every line (job, run id, step) "
                      "and the libraries' progress bars")
@@ -68,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ui = sub.add_parser("ui", help="start the Dagster UI (dg dev) on 127.0.0.1")
     ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--port", type=int, help="3000 for Dagster's UI, 5000 for MLflow's")
+    ui.add_argument("--mlflow", action="store_true", help="MLflow's UI instead, on the runs finpipe tracked (the lake's "
+                    "store, or FINPIPE_MLFLOW_TRACKING_URI): docs/tracking.md")
     ui.set_defaults(func=cmd_ui)
 
     sql = sub.add_parser("sql", help="run a read-only SQL query against the lake")

@@ -88,6 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ["FINPIPE_UNIVERSE"] = args.universe
     if args.tickers:
         os.environ["FINPIPE_TICKERS"] = args.tickers
+    tracking_from_options(args)
 
     import dagster as dg
 
@@ -158,6 +159,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     _snapshot_after_run()
     print(f"report: {report}")  # the last line: the one a user opens
     return 0
+
+
+def tracking_from_options(args: argparse.Namespace):
+    """``--mlflow`` and ``--mlflow-tracking-uri`` into the environment, where the model stage's step processes read
+    them (``FINPIPE_MLFLOW``, ``FINPIPE_MLFLOW_TRACKING_URI``); a URI turns tracking on. Checked now: tracking asked for
+    without the ``[mlflow]`` extra is one line before any work, not a warning after training."""
+    import importlib.util
+
+    from finpipe.tracking import ENVIRONMENT, TrackingSpec
+
+    if getattr(args, "mlflow_tracking_uri", None):
+        os.environ[ENVIRONMENT["tracking_uri"]] = args.mlflow_tracking_uri
+        args.mlflow = True
+    if getattr(args, "mlflow", False):
+        os.environ[ENVIRONMENT["enabled"]] = "1"
+    spec = TrackingSpec.from_env()  # a malformed FINPIPE_MLFLOW* variable: ValueError, exit 2
+    if spec.enabled and importlib.util.find_spec("mlflow") is None:
+        raise ValueError("MLflow tracking is on (--mlflow or FINPIPE_MLFLOW) but mlflow is not installed: "
+                         "pip install -e '.[mlflow]' (or turn tracking off)")
+    return spec
 
 
 def _run_in_process(job_name: str, resources: dict, instance, run_config: dict, tags: dict | None = None):
@@ -285,7 +306,25 @@ def _print_model_stage(models) -> str:
           f"{shown(evaluation['adapter_forgetting_probe'])}")
     print(("promotion: promoted " if promotion["promoted"] else "promotion: kept the champion, ")
           + f"{promotion['challenger'] if promotion['promoted'] else promotion['champion'] or 'none'} ({promotion['reason']})")
+    _print_tracking(adapter, evaluation, report, promotion)
     return report["html"]
+
+
+def _print_tracking(*steps: dict) -> None:
+    """The adapter's MLflow run and how to see it, and what was not logged (nothing when tracking is off)."""
+    from finpipe.tracking import is_server, ui_command
+
+    training = steps[0]
+    if "mlflow_tracking_uri" not in training:
+        return
+    uri = training["mlflow_tracking_uri"]
+    if training.get("mlflow_run_id"):
+        version = f", model version {training['mlflow_model_version']}" if training.get("mlflow_model_version") else ""
+        print(f"mlflow: run {training['mlflow_run_id']}{version} in {uri}: {training['mlflow_run']}"
+              + ("" if is_server(uri) else f" (after `{ui_command(uri, paths.lake_dir())}`)"))
+    missing = [item for step in steps for item in (step.get("mlflow_missing") or [])]
+    if missing:
+        print(f"mlflow: not logged: {', '.join(dict.fromkeys(missing))}", file=sys.stderr)
 
 
 def _config_ops(path: str | None) -> dict:
@@ -432,9 +471,12 @@ def _snapshot_after_run() -> None:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """Start the Dagster UI (``dg dev`` on the project; ``dagster dev -w workspace.yaml`` where dg is missing) on
-    127.0.0.1 with finpipe's persistent instance."""
+    127.0.0.1 with finpipe's persistent instance; with ``--mlflow``, MLflow's UI on the tracked runs instead."""
+    args.port = args.port if args.port is not None else (MLFLOW_UI_PORT if getattr(args, "mlflow", False) else 3000)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if getattr(args, "mlflow", False):
+        return _mlflow_ui(args)
     _prepare_dagster_home()
     bin_dir = Path(sys.executable).parent  # the venv's own tools: `.venv/bin/finpipe ui` needs no activated venv
     dg_cli, dagster_cli = bin_dir / "dg", bin_dir / "dagster"
@@ -446,6 +488,37 @@ def cmd_ui(args: argparse.Namespace) -> int:
     else:
         raise FileNotFoundError(f"neither dg nor dagster is installed next to {sys.executable}: run scripts/setup.sh")
     os.chdir(paths.REPO_ROOT)
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
+MLFLOW_UI_PORT = 5000
+
+
+def _mlflow_ui(args: argparse.Namespace) -> int:
+    """``mlflow ui`` on the lake's store (runs in its SQLite database, artifacts in its folder); a tracking server
+    shows its runs itself."""
+    import importlib.util
+
+    from finpipe.tracking import TrackingSpec, artifact_root, is_server, shown_uri, tracking_uri
+
+    uri = tracking_uri(TrackingSpec.from_env(), paths.lake_dir())
+    if is_server(uri):
+        print(f"the runs are on the tracking server {shown_uri(uri)}: open it in a browser")
+        return 0
+    found = importlib.util.find_spec("mlflow")
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    if found is None or not mlflow_cli.exists():
+        raise FileNotFoundError("mlflow is not installed: pip install -e '.[mlflow]' (docs/tracking.md)")
+    pages = Path(found.origin).parent / "server" / "js" / "build" / "index.html"
+    if not pages.exists():  # mlflow-skinny, the [mlflow] extra: the server and its API, not the built web pages
+        print("finpipe: MLflow's web pages are not installed (the [mlflow] extra has mlflow-skinny): the API answers, "
+              "the pages need the full package, `pip install mlflow` (docs/tracking.md)", file=sys.stderr)
+    argv = [str(mlflow_cli), "ui", "--backend-store-uri", uri, "--artifacts-destination",
+            str(artifact_root(paths.lake_dir())), "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # MLflow's job runner: not used by finpipe
+    print(f"finpipe: MLflow's UI on {shown_uri(uri)} at http://{args.host}:{args.port}", file=sys.stderr)
     os.execv(argv[0], argv)
     return 0  # not reached
 

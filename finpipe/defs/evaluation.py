@@ -10,9 +10,9 @@ import polars as pl
 
 from finpipe.defs.config import config_class
 from finpipe.defs.datasets import dataset_files, split_and_golden
-from finpipe.defs.metadata import markdown_table, markdown_with_inline_images
+from finpipe.defs.metadata import markdown_table, markdown_with_inline_images, tracking_metadata
 from finpipe.defs.models import qlora_adapter
-from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
+from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource, TrackingResource
 from finpipe.evaluation.challenger import EVALUATION_FILE, evaluation_dir
 from finpipe.evaluation.evaluate import HEADLINE_METRICS, EvalSpec
 from finpipe.evaluation.promotion import decide, golden_regressions
@@ -52,7 +52,7 @@ def _window(samples) -> tuple[str | None, str | None]:
     "into the model_runs registry.",
 )
 def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig,
-                       lake: LakeResource) -> dg.MaterializeResult:
+                       lake: LakeResource, tracking: TrackingResource) -> dg.MaterializeResult:
     from finpipe.evaluation.challenger import evaluate_challenger, registry_row, write_evaluation
 
     spec = EvalSpec(**config.model_dump())
@@ -72,8 +72,16 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluationConf
     out = write_evaluation(evaluation)
     report = json.loads((Path(latest["path"]) / "training_report.json").read_text())
     cutoff = json.loads(dataset_files(lake).split_manifest.read_text())["cutoff"]
+    tracked = {}
+    if tracking.enabled:
+        from finpipe.tracking import log_evaluation
+
+        outcome = log_evaluation(tracking.spec(), lake.directory, Path(latest["path"]), evaluation, out,
+                                 warn=context.log.warning)
+        tracked = _said(context, outcome)
     registry.RunRegistry(lake.prices_lake()).record(
-        registry_row(evaluation, report, _window(train), cutoff, latest.get("fingerprint", "")))
+        registry_row(evaluation, report, _window(train), cutoff, latest.get("fingerprint", ""),
+                     mlflow_run_id=tracked.get("mlflow_run_id")))
     from finpipe.evaluation.report import metrics_rows
 
     variants = evaluation["variants"]
@@ -95,7 +103,16 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluationConf
         "golden_set_created": created,
         "champion": champion["run_id"] if champion else "",
         "metrics": dg.MetadataValue.md(markdown_table(pl.DataFrame(metrics_rows(variants)), max_rows=60)),
+        **tracked,
     })
+
+
+def _said(context: dg.AssetExecutionContext, outcome) -> dict:
+    """A step's MLflow outcome as its metadata. An adapter without an MLflow run was said once already, by its
+    training step (or tracking was off then): here it is one info line, and the metadata records what is missing."""
+    if outcome.run_id is None and outcome.missing:
+        context.log.info(f"MLflow: not logged: {', '.join(outcome.missing)} ({outcome.error})")
+    return tracking_metadata(outcome.summary())
 
 
 @dg.asset_check(asset=adapter_evaluation, description="The adapter has a lower validation loss than its base model.")
@@ -148,7 +165,8 @@ def adapter_keeps_general_skills(lake: LakeResource) -> dg.AssetCheckResult:
     "metrics with intervals (base vs adapter vs champion), training vs held-out wording, paired differences, the "
     "forgetting probe, the learning curve, loss curves, per-family bars, sample answers with what was wrong.",
 )
-def evaluation_report(lake: LakeResource) -> dg.MaterializeResult:
+def evaluation_report(context: dg.AssetExecutionContext, lake: LakeResource,
+                      tracking: TrackingResource) -> dg.MaterializeResult:
     from finpipe.evaluation.report import render_evaluation
 
     evaluation = read_evaluation(lake)
@@ -157,11 +175,19 @@ def evaluation_report(lake: LakeResource) -> dg.MaterializeResult:
     training = json.loads((Path(evaluation["adapter_path"]) / "training_report.json").read_text())
     md_path, html_path, images = render_evaluation(evaluation, training, decision, out)
     ui_markdown = markdown_with_inline_images(md_path.read_text(), images)
+    tracked = {}
+    if tracking.enabled:
+        from finpipe.tracking import log_report
+
+        outcome = log_report(tracking.spec(), lake.directory, Path(evaluation["adapter_path"]),
+                             [html_path, md_path, *images.values()], warn=context.log.warning)
+        tracked = _said(context, outcome)
     return dg.MaterializeResult(metadata={
         "html": dg.MetadataValue.path(str(html_path)),
         "markdown": dg.MetadataValue.path(str(md_path)),
         "report": dg.MetadataValue.md(ui_markdown),
         "promote": decision.promote,
+        **tracked,
     })
 
 
@@ -198,7 +224,8 @@ def _merge_for_answers(context: dg.AssetExecutionContext, lake: LakeResource, ch
     "on the current champion's strict golden quality without regressing on any strict metric. A new champion is "
     "merged into its base once (models/merged/<run id>), so `finpipe ask` loads it without merging.",
 )
-def champion_adapter(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+def champion_adapter(context: dg.AssetExecutionContext, lake: LakeResource,
+                     tracking: TrackingResource) -> dg.MaterializeResult:
     evaluation = read_evaluation(lake)
     runs = registry.RunRegistry(lake.prices_lake())
     decision = _decision(evaluation)
@@ -215,6 +242,7 @@ def champion_adapter(context: dg.AssetExecutionContext, lake: LakeResource) -> d
         merged_folder = None
         runs.reject(evaluation["run_id"], decision.reason)
         context.log.warning(f"kept the champion ({previous['run_id'] if previous else 'none'}): {decision.reason}")
+    tracked = _track_promotion(context, tracking, lake, evaluation, decision) if tracking.enabled else {}
     champion = registry.read_pointer(pointer) if pointer.exists() else None
     history = runs.runs().select("run_id", "status", "val_loss", "golden_number_correctness",
                                  "golden_label_correctness", "golden_exact_match", "forgetting_probe", "reason").head(10)
@@ -228,4 +256,26 @@ def champion_adapter(context: dg.AssetExecutionContext, lake: LakeResource) -> d
         "merged_weights": dg.MetadataValue.path(str(merged_folder)) if merged_folder else "",
         "regressions": dg.MetadataValue.json(decision.regressions),
         "registry": dg.MetadataValue.md(markdown_table(history)),
+        **tracked,
     })
+
+
+def _track_promotion(context: dg.AssetExecutionContext, tracking: TrackingResource, lake: LakeResource,
+                     evaluation: dict, decision) -> dict:
+    """In the step that replaced champion.json (or kept it): the adapter's model card, and the @champion alias on its
+    model version when it was promoted (a refused one's version is tagged rejected; the alias stays)."""
+    from finpipe.inference.lineage import adapter_lineage
+    from finpipe.inference.model_card import adapter_card
+    from finpipe.models.files import atomic_write_text
+    from finpipe.tracking import log_promotion
+
+    adapter = {"run_id": evaluation["run_id"], "path": evaluation["adapter_path"], "base": evaluation["base"]}
+    card = evaluation_dir(evaluation["adapter_path"]) / "model_card.md"
+    try:  # tracking's own work: it never fails the promotion that already happened
+        atomic_write_text(card, adapter_card(adapter_lineage(lake.directory, adapter)))
+    except Exception as exc:
+        context.log.warning(f"model card not written ({type(exc).__name__}: {exc}): MLflow gets none")
+        card = None
+    outcome = log_promotion(tracking.spec(), lake.directory, Path(evaluation["adapter_path"]), decision.promote,
+                            decision.reason, card, warn=context.log.warning)
+    return _said(context, outcome) | ({"model_card": dg.MetadataValue.path(str(card))} if card else {})

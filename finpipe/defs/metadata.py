@@ -34,3 +34,19 @@ def markdown_with_inline_images(markdown: str, images: dict[str, Path]) -> str:
     for caption, image in images.items():
         markdown = markdown.replace(f"![{caption}]({image.name})", markdown_image(image, caption))
     return markdown
+
+
+def tracking_metadata(summary: dict) -> dict:
+    """``finpipe.tracking.Outcome.summary()`` as Dagster metadata: the MLflow run as a link, what was not logged as
+    JSON."""
+    import dagster as dg
+
+    out: dict = {}
+    for key, value in summary.items():
+        if key == "mlflow_run":
+            out[key] = dg.MetadataValue.url(value) if value else ""
+        elif isinstance(value, list):
+            out[key] = dg.MetadataValue.json(value)
+        else:
+            out[key] = value
+    return out

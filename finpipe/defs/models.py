@@ -10,8 +10,8 @@ from pydantic import Field
 
 from finpipe.defs.config import config_class
 from finpipe.defs.datasets import check_split_files, dataset_files, dataset_split
-from finpipe.defs.metadata import markdown_table
-from finpipe.defs.resources import HuggingFaceResource, LakeResource
+from finpipe.defs.metadata import markdown_table, tracking_metadata
+from finpipe.defs.resources import HuggingFaceResource, LakeResource, TrackingResource
 from finpipe.models import registry
 from finpipe.models.files import file_digest, folder_size
 from finpipe.models.scratch import ScratchGPTSpec
@@ -141,7 +141,7 @@ AdapterTrainingConfig = config_class(
     "models/adapters/latest.json names the newest. QLoRA (4-bit base) on CUDA, plain LoRA on a CPU by default.",
 )
 def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConfig,
-                  lake: LakeResource) -> dg.MaterializeResult:
+                  lake: LakeResource, tracking: TrackingResource) -> dg.MaterializeResult:
     from finpipe.instructions.samples import read_jsonl
     from finpipe.training.plots import loss_curve_png, markdown_image
     from finpipe.training.sft import train_adapter
@@ -175,6 +175,8 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
     registry.write_pointer(registry.latest_adapter_pointer(lake.directory),
                            {"run_id": run_id, "path": str(adapter_dir), "base": base, "fingerprint": fingerprint})
     shutil.rmtree(job_dir, ignore_errors=True)  # finished: checkpoints are only needed to resume
+    tracked = _track_training(context, tracking, lake, spec, config.warm_start, report, run_id, adapter_dir,
+                              base["name"]) if tracking.enabled else {}
     train_curve = pl.DataFrame(report.train_losses, schema={"step": pl.Int64, "train_loss": pl.Float64}, orient="row")
     val_curve = pl.DataFrame(report.eval_losses, schema={"step": pl.Int64, "val_loss": pl.Float64},
                              orient="row").unique("step", keep="last", maintain_order=True)
@@ -214,5 +216,29 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
         "loss_curve": dg.MetadataValue.md(markdown_image(png, "loss curves")),
         "losses": dg.MetadataValue.md(curves),
         "tensorboard": dg.MetadataValue.path(str(adapter_dir / "tensorboard")),
+        **tracked,
     })
 
+
+def _track_training(context: dg.AssetExecutionContext, tracking: TrackingResource, lake: LakeResource,
+                    spec: AdapterSpec, warm_start: str, report, run_id: str, adapter_dir: Path, base_name: str) -> dict:
+    """The adapter's MLflow run (finpipe.tracking.log_training), as this asset's metadata: the run's link, or what
+    could not be logged. Never raises."""
+    import dataclasses
+    import json
+
+    from finpipe.market.snapshots import list_snapshots
+    from finpipe.tracking import TrainingRecord, code_version, log_training, spec_params
+
+    files = dataset_files(lake)
+    train = json.loads(files.split_manifest.read_text())["files"]["train"]
+    newest = next(iter(list_snapshots(lake.db_path)), None)
+    record = TrainingRecord(
+        adapter_run_id=run_id, adapter_dir=adapter_dir, params=spec_params(spec, warm_start=warm_start),
+        report=dataclasses.asdict(report), base_model=base_name, dataset_name="finpipe-train", dataset_path=files.train,
+        dataset_digest=train["sha256"], dataset_rows=train["samples"], dagster_run_id=context.run_id,
+        lake_snapshot=newest.name if newest else "none", code_version=code_version())
+    outcome = log_training(tracking.spec(), lake.directory, record, warn=context.log.warning)
+    if outcome.run_id and not outcome.missing:
+        context.log.info(f"MLflow run {outcome.run_id}, model version {outcome.model_version}: {outcome.url}")
+    return tracking_metadata(outcome.summary())

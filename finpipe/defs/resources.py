@@ -1,10 +1,11 @@
-"""Dagster resources: where the lake is and which market data source feeds it.
+"""Dagster resources: where the lake is, which market data source feeds it, and whether MLflow tracks the models.
 
 Source selection is explicit: ``FINPIPE_SOURCE`` (replay | yahoo | simulated) overrides the default
 ``replay``; there is no silent fallback from one source to another.
 """
 
 
+import dataclasses
 import datetime as dt
 import os
 from pathlib import Path
@@ -13,9 +14,11 @@ import dagster as dg
 from pydantic import field_validator
 
 from finpipe import paths
+from finpipe.defs.config import config_class
 from finpipe.market.lake import PriceLake
 from finpipe.market.sources import REPLAY_LAST_DATE, SOURCE_KINDS, PriceSource, make_source
 from finpipe.market.universes import UNIVERSES, Universe, get_universe
+from finpipe.tracking import ENVIRONMENT, TrackingSpec
 
 #: DuckDB admits one writing process per lake file. Every asset that writes the lake is in this Dagster pool and
 #: carries LAKE_WRITER_TAGS: the executor's tag limit (LAKE_WRITER_LIMITS, finpipe.definitions) keeps two writers
@@ -134,6 +137,25 @@ class HuggingFaceResource(dg.ConfigurableResource):
     token: str = ""
 
 
+class TrackingResource(config_class(TrackingSpec, "TrackingSettings", base=dg.ConfigurableResource)):
+    """MLflow tracking of the models (``finpipe.tracking``): off unless ``enabled``; the fields are
+    ``TrackingSpec``'s, each with its environment variable (``FINPIPE_MLFLOW``, ``FINPIPE_MLFLOW_TRACKING_URI``...)."""
+
+    @classmethod
+    def from_env(cls) -> "TrackingResource":
+        spec = TrackingSpec.from_env()
+        fields = dataclasses.asdict(spec)
+        # a tracking server's URI may carry credentials (http://user:password@host): resolved at run time, never stored
+        for variable in (ENVIRONMENT["tracking_uri"], "MLFLOW_TRACKING_URI"):
+            if os.environ.get(variable, "").strip() == spec.tracking_uri and spec.tracking_uri:
+                fields["tracking_uri"] = dg.EnvVar(variable)
+                break
+        return cls(**fields)
+
+    def spec(self) -> TrackingSpec:
+        return TrackingSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrackingSpec)})
+
+
 def build_resources() -> dict:
     """The resources every finpipe asset runs with (secrets only from the environment, as ``dg.EnvVar``)."""
     token = dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else ""
@@ -141,4 +163,5 @@ def build_resources() -> dict:
         "lake": LakeResource(),
         "market_data": MarketDataResource.from_env(),
         "huggingface": HuggingFaceResource(token=token),
+        "tracking": TrackingResource.from_env(),
     }

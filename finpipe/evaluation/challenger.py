@@ -149,8 +149,8 @@ def write_evaluation(evaluation: dict) -> Path:
 
 
 def registry_row(evaluation: dict, training_report: dict, train_window: tuple[str | None, str | None],
-                 val_cutoff: str | None, fingerprint: str) -> dict:
-    """The ``model_runs`` row of an evaluated adapter."""
+                 val_cutoff: str | None, fingerprint: str, mlflow_run_id: str | None = None) -> dict:
+    """The ``model_runs`` row of an evaluated adapter (``mlflow_run_id``: its MLflow run, when tracking was on)."""
     adapter, base = evaluation["variants"]["adapter"], evaluation["variants"]["base"]
     golden = adapter["golden"]["overall"]
     return {
@@ -167,5 +167,5 @@ def registry_row(evaluation: dict, training_report: dict, train_window: tuple[st
         "forgetting_probe": (adapter.get("forgetting") or {}).get("score"),
         "train_tokens": training_report.get("cumulative_train_tokens") or training_report.get("train_tokens"),
         "train_processes": training_report.get("processes", 1),
-        "metrics_json": {"adapter": adapter, "base": base}, "status": "evaluated",
+        "metrics_json": {"adapter": adapter, "base": base}, "status": "evaluated", "mlflow_run_id": mlflow_run_id,
     }

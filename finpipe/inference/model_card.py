@@ -27,20 +27,15 @@ def _verdict(lineage: dict) -> list[str]:
     return []
 
 
-def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], license_note: str) -> str:
-    """Markdown with a YAML header. ``lineage``: run id, base name, training report fields, the data window and
-    sources, gates, the evaluation record; ``files``: the GGUF files; ``parity``: one row per checked file."""
-    evaluation = lineage.get("evaluation") or {}
-    adapter = (evaluation.get("variants") or {}).get("adapter") or {}
-    base = (evaluation.get("variants") or {}).get("base") or {}
-    training = lineage.get("training") or {}
-    lines = [
+def _opening(title: str, lineage: dict, tags: str) -> list[str]:
+    """The YAML header, the title, what the model does, and the registry's verdict."""
+    return [
         "---",
         "license: apache-2.0",
         f"base_model: {lineage.get('base_name', 'unknown')}",
-        "tags: [finpipe, gguf, finance, lora]",
+        f"tags: [{tags}]",
         "---",
-        f"# {name}",
+        f"# {title}",
         "",
         f"A financial data assistant fine-tuned by finpipe (run `{lineage.get('run_id')}`): "
         "it answers questions about a ticker's latest market data **given in the prompt** (a context block finpipe "
@@ -48,17 +43,11 @@ def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], 
         "relative performance by documented rules. It does not know prices on its own. Not investment advice.",
         "",
         *_verdict(lineage),
-        "## Files",
-        "",
-        "| file | type | size |",
-        "|---|---|---|",
-        *[f"| `{f['file']}` | {f['outtype']} | {f['size_bytes'] / 2**20:.1f} MiB |" for f in files],
-        "| `Modelfile` | Ollama | |",
-        "",
-        "Run it: `ollama create finpipe -f Modelfile && ollama run finpipe`, or "
-        f"`llama-cli -m {files[-1]['file'] if files else 'model.gguf'} -cnv` (llama.cpp). finpipe's own server "
-        "(`finpipe serve`) adds the market-data context and checks every number of the answer.",
-        "",
+    ]
+
+
+def _prompt_format() -> list[str]:
+    return [
         "## Prompt format",
         "",
         f"System: `{SYSTEM_PROMPT}`",
@@ -74,6 +63,13 @@ def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], 
         "Question: How volatile is AAPL right now?",
         "```",
         "",
+    ]
+
+
+def _lineage(lineage: dict) -> list[str]:
+    """The lineage section's lines on the base, the training, the data and its gates."""
+    training = lineage.get("training") or {}
+    return [
         "## Lineage",
         "",
         f"- base model: {lineage.get('base_name')} ({lineage.get('base_path')})",
@@ -83,15 +79,21 @@ def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], 
         f"- data: {lineage.get('data_sources')} prices {lineage.get('train_first')} .. {lineage.get('train_last')} "
         f"(training); validation after {lineage.get('val_cutoff')}",
         f"- dataset gates passed: {', '.join(lineage.get('gates') or []) or 'unknown'}",
-        "- merged: the LoRA adapter folded into the base weights (peft `merge_and_unload`, float32), then written "
-        "as GGUF with finpipe's exporter",
-        "",
+    ]
+
+
+def _scores(lineage: dict, this: str) -> list[str]:
+    """The golden-set scores of the base model and ``this`` (the model the card is about), with intervals."""
+    evaluation = lineage.get("evaluation") or {}
+    adapter = (evaluation.get("variants") or {}).get("adapter") or {}
+    base = (evaluation.get("variants") or {}).get("base") or {}
+    return [
         "## Scores (finpipe's frozen golden set, greedy, strict)",
         "",
         f"Golden set: {evaluation.get('golden_samples', '?')} questions (hash {evaluation.get('golden_hash', '?')}), "
         "half of them in wordings never used in training. 95% bootstrap intervals in brackets.",
         "",
-        "| metric | base model | this model |",
+        f"| metric | base model | {this} |",
         "|---|---|---|",
         *[f"| {label} | {_metric(base.get('golden'), key)} | {_metric(adapter.get('golden'), key)} |"
           for label, key in (("number correctness", "number_correctness"), ("label correctness", "label_correctness"),
@@ -99,6 +101,31 @@ def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], 
         f"| forgetting probe (general questions) | {(base.get('forgetting') or {}).get('score', '–')} | "
         f"{(adapter.get('forgetting') or {}).get('score', '–')} |",
         "",
+    ]
+
+
+def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], license_note: str) -> str:
+    """Markdown with a YAML header. ``lineage``: run id, base name, training report fields, the data window and
+    sources, gates, the evaluation record; ``files``: the GGUF files; ``parity``: one row per checked file."""
+    lines = [
+        *_opening(name, lineage, "finpipe, gguf, finance, lora"),
+        "## Files",
+        "",
+        "| file | type | size |",
+        "|---|---|---|",
+        *[f"| `{f['file']}` | {f['outtype']} | {f['size_bytes'] / 2**20:.1f} MiB |" for f in files],
+        "| `Modelfile` | Ollama | |",
+        "",
+        "Run it: `ollama create finpipe -f Modelfile && ollama run finpipe`, or "
+        f"`llama-cli -m {files[-1]['file'] if files else 'model.gguf'} -cnv` (llama.cpp). finpipe's own server "
+        "(`finpipe serve`) adds the market-data context and checks every number of the answer.",
+        "",
+        *_prompt_format(),
+        *_lineage(lineage),
+        "- merged: the LoRA adapter folded into the base weights (peft `merge_and_unload`, float32), then written "
+        "as GGUF with finpipe's exporter",
+        "",
+        *_scores(lineage, "this model"),
         "## Export check",
         "",
         "Each file was loaded back by a reader that did not write it (transformers' GGUF loader, and llama.cpp where "
@@ -118,3 +145,21 @@ def model_card(name: str, lineage: dict, files: list[dict], parity: list[dict], 
         "",
     ]
     return "\n".join(lines)
+
+
+def adapter_card(lineage: dict) -> str:
+    """The model card of an adapter as training saved it (a PEFT folder, no export): what MLflow keeps with the
+    adapter's run and model version. Same lineage and scores as an export's card."""
+    return "\n".join([
+        *_opening(f"finpipe adapter {lineage.get('run_id')}", lineage, "finpipe, peft, finance, lora"),
+        "## Files",
+        "",
+        "A PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`, the tokenizer): load it on its "
+        "base model with `peft.PeftModel.from_pretrained(base, folder)`, or ask finpipe (`finpipe ask`, `finpipe "
+        "serve`), which adds the market-data context and checks every number of the answer.",
+        "",
+        *_prompt_format(),
+        *_lineage(lineage),
+        "",
+        *_scores(lineage, "this adapter"),
+    ])

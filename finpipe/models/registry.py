@@ -199,7 +199,8 @@ RUN_STATUSES = ("evaluated", "champion", "rejected", "retired")
 #: columns added since the table was first shipped: a lake written by an older finpipe gains them on first use
 ADDED_COLUMNS = {"golden_number_correctness": "DOUBLE", "golden_label_correctness": "DOUBLE",
                  "golden_exact_match": "DOUBLE", "golden_quality": "DOUBLE", "forgetting_probe": "DOUBLE",
-                 "train_tokens": "BIGINT", "train_processes": "INTEGER"}
+                 "train_tokens": "BIGINT", "train_processes": "INTEGER",
+                 "mlflow_run_id": "VARCHAR"}  # the adapter's MLflow run, when tracking was on (finpipe.tracking)
 
 
 class RunRegistry:
