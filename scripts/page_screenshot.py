@@ -8,6 +8,7 @@ compare mode, in Debian's chromium-headless-shell driven by playwright (the brow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +18,27 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 QUESTIONS = ("How volatile is AAPL right now?", "Which did better over the last 30 trading days, AAPL or MSFT?")
 
 
+@contextlib.contextmanager
+def browser_page(width: int, height: int):
+    """A page of Debian's chromium-headless-shell (``playwright install`` cannot download a browser here)."""
+    executable = shutil.which("chromium-headless-shell")
+    if executable is None:
+        raise SystemExit("error: chromium-headless-shell is not installed (apt-get install chromium-headless-shell)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=ARGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
+
+
+def save(page, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the PNG to write")
@@ -24,15 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1100, help="window width in pixels (default: %(default)s)")
     parser.add_argument("--timeout-s", type=float, default=300, help="the longest wait for an answer")
     args = parser.parse_args(argv)
-    executable = shutil.which("chromium-headless-shell")
-    if executable is None:
-        print("error: chromium-headless-shell is not installed (apt-get install chromium-headless-shell)", file=sys.stderr)
-        return 2
-    from playwright.sync_api import expect, sync_playwright
+    with browser_page(args.width, 900) as page:
+        from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=ARGS)
-        page = browser.new_page(viewport={"width": args.width, "height": 900})
         page.goto(args.url.rstrip("/") + "/")
         expect(page.locator("#model option").first).to_be_attached()
         for compare, question in zip((False, True), QUESTIONS):
@@ -43,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         page.fill("#question", "")
         # a window as tall as the page: a full-page capture would leave the sticky question box over the answers
         page.set_viewport_size({"width": args.width, "height": page.evaluate("document.documentElement.scrollHeight")})
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(args.out))
-        browser.close()
+        save(page, args.out)
     print(f"wrote {args.out}")
     return 0
 
