@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from finpipe.models import registry
 from finpipe.paths import LAKE_DB_NAME, REPO_ROOT
-from finpipe_tests.helpers import free_port
+from finpipe_tests.helpers import free_port, stop_process_group
 
 BIN = Path(sys.executable).parent
 
@@ -151,12 +150,7 @@ def test_dagster_dev_serves_the_assets_over_graphql(cli_env):
                                             "scheduleState": {"status": "STOPPED"}}]
         assert {"name": "refresh_on_new_prices"} in repository["sensors"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc)
 
 
 def test_help_runs_and_sql_import_no_torch_pandas_or_dagster(lake):

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import dagster as dg
 import pytest
 
 from finpipe.paths import REPO_ROOT
-from finpipe_tests.helpers import free_port
+from finpipe_tests.helpers import free_port, stop_process_group
 
 # the tiny lineage of test_evaluation_and_promotion: a 2-layer base, 8 steps (a training loss at each), one-token
 # answers (promotion is decided by the golden loss, deterministically)
@@ -166,12 +165,7 @@ def serving(command: list[str], port: int, log: Path, env: dict | None = None):
             time.sleep(0.25)
         yield Server(uri, log)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process)
 
 
 @pytest.fixture(scope="module")
