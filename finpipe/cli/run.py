@@ -290,8 +290,9 @@ def _print_model_stage(models) -> str:
     report's path."""
     adapter = {k: v.value for k, v in models.asset_materializations_for_node("qlora_adapter")[0].metadata.items()}
     print(f"adapter: {adapter['path']}")
-    print(f"  trained as {adapter['trained_as']}, {adapter['device']} {adapter['precision']}: validation loss "
-          f"{adapter['initial_val_loss']} -> {adapter['best_val_loss']} in {adapter['steps']} steps "
+    print(f"  trained as {adapter['trained_as']}, {adapter['device']} {adapter['precision']}: loss on its "
+          f"{adapter.get('val_loss_samples', 'few')} validation samples {adapter['initial_val_loss']} -> "
+          f"{adapter['best_val_loss']} (the evaluation's validation loss is on more) in {adapter['steps']} steps "
           f"({adapter['train_tokens']:,} tokens, {adapter['wall_time_s']} s, {adapter['tokens_per_s']} tokens/s, "
           f"stopped by {adapter['stopped_by']}), peak {adapter['peak_memory_mb']} MB")
     meta = lambda node: {k: v.value for k, v in models.asset_materializations_for_node(node)[0].metadata.items()}  # noqa: E731

@@ -192,6 +192,7 @@ def qlora_adapter(context: dg.AssetExecutionContext, config: AdapterTrainingConf
         "total_params": report.total_params,
         "initial_val_loss": report.initial_eval_loss,
         "best_val_loss": report.best_eval_loss,
+        "val_loss_samples": spec.max_val_samples,  # the training's own small held-out sample, not the evaluation's
         "steps": report.steps,
         "processes": report.processes,
         "stopped_early": report.stopped_early,
