@@ -41,7 +41,7 @@ def test_the_code_location_holds_exactly_the_documented_definitions():
     assert {j.name for j in defs.jobs} == {"nightly_retrain", "ingest_prices", "build_datasets",
                                            "pretrain_scratch_gpt", "train_evaluate_promote"}
     assert {s.name for s in defs.schedules} == {"nightly_schedule"}
-    assert {s.name for s in defs.sensors} == {"refresh_on_new_prices", "snapshot_lake_after_success"}
+    assert {s.name for s in defs.sensors} == {"refresh_on_new_prices", "snapshot_lake_after_success", "retrain_on_drift"}
     assert set(defs.resources) == {"lake", "market_data", "huggingface", "tracking"}
     assert defs.executor.name == "multiprocess_lake_safe"
     repository = defs.get_repository_def()  # binds resources and jobs: fails on any missing resource

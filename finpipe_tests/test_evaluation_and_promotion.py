@@ -538,3 +538,5 @@ def test_a_simulated_night_runs_through_the_schedules_own_job(lake_resources, is
     promoted = {k: v.value for k, v in night.asset_materializations_for_node("champion_adapter")[0].metadata.items()}
     assert promoted["promoted"] is True  # the first night: no champion yet, so no warm start either
     assert registry.read_pointer(registry.champion_pointer(isolated_lake))["run_id"] == promoted["champion"]
+    recorded = registry.RunRegistry(lake).get(promoted["champion"])  # what started it, for `finpipe runs`
+    assert recorded["run_trigger"] == "nightly" and recorded["trigger_reason"] is None

@@ -16,7 +16,7 @@ RUNS_COLUMNS = {"run_id": "run_id", "created_at": "created", "status": "status",
                 "quantization": "quant", "train_last": "train_last", "val_cutoff": "val_cutoff",
                 "val_loss": "val_loss", "golden_number_correctness": "numbers", "golden_label_correctness": "labels",
                 "golden_exact_match": "exact", "forgetting_probe": "probe", "train_tokens": "tokens",
-                "reason": "reason"}
+                "run_trigger": "trigger", "reason": "reason", "trigger_reason": "trigger_reason"}
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

@@ -7,12 +7,17 @@
   ``0 18 * * 1-5`` / ``Asia/Kolkata`` for the India universe, close 15:30 IST). Off until switched on in the UI.
 - ``refresh_on_new_prices``: an automation-condition sensor; statistics and datasets are ``eager``, so any new
   price partition (a manual backfill, a late day) refreshes them without retraining.
+- ``retrain_on_drift``: a sensor; when the latest statistics have drifted from the champion's training window
+  (return, volatility and RSI distributions, the volatility regime, tickers it never saw:
+  ``finpipe.statistics.drift``) it requests a ``nightly_retrain`` run of the latest session, the reason in its tags.
+  Off until switched on in the UI, like the schedule.
 - ``snapshot_lake_after_success``: a run-status sensor; after every successful run of this code location (launched
   from the UI, the schedule or a sensor) it keeps a snapshot of the lake file, as the ``finpipe`` CLI does after
   its own runs, so a damaged lake loses at most one run however it was launched.
 """
 
 import datetime as dt
+import json
 import os
 import zoneinfo
 
@@ -60,6 +65,15 @@ nightly_retrain = dg.define_asset_job(
 NIGHTLY_RUN_CONFIG = {"ops": {"qlora_adapter": {"config": {"warm_start": "champion"}}}}
 
 
+#: what started a run (nightly, drift; none: manual) and why, as run tags; adapter_evaluation records both in
+#: model_runs (run_trigger, trigger_reason), which `finpipe runs` shows
+TRIGGER_TAG = "finpipe/trigger"
+DRIFT_REASON_TAG = "finpipe/drift_reason"
+DRIFT_SIGNALS_TAG = "finpipe/drift_signals"
+#: a run tag value is kept short (the sensor's log has the reason in full, with every score)
+MAX_TAG_CHARS = 250
+
+
 @dg.schedule(job=nightly_retrain, cron_schedule=NIGHTLY_CRON, execution_timezone=NIGHTLY_TIMEZONE,
              default_status=dg.DefaultScheduleStatus.STOPPED,
              description="Weekdays after the close: the day's partition through training, evaluation and promotion.")
@@ -77,7 +91,76 @@ def nightly_schedule(context: dg.ScheduleEvaluationContext,
             f"retraining needs a live source: FINPIPE_SOURCE=yahoo (docs/operations.md, 'Nightly retraining'); "
             f"FINPIPE_REPLAY_AS_OF replays a past night offline.")
     return dg.RunRequest(run_key=f"nightly-{day.isoformat()}", partition_key=day.isoformat(),
-                         run_config=NIGHTLY_RUN_CONFIG, tags={"finpipe/trigger": "nightly"})
+                         run_config=NIGHTLY_RUN_CONFIG, tags={TRIGGER_TAG: "nightly"})
+
+
+def _short(text: str, limit: int = MAX_TAG_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _drift_inputs(lake: LakeResource):
+    """(latest session, champion row {run_id, train_first, train_last} or None, statistics since train_first or None)
+    from one read-only connection."""
+    from finpipe.statistics.drift import FEATURES
+    from finpipe.statistics.refresh import STATISTICS_TABLE
+
+    with lake.prices_lake().connect(read_only=True) as con:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if STATISTICS_TABLE not in tables:
+            return None, None, None
+        latest = con.execute(f"SELECT max(date) FROM {STATISTICS_TABLE}").fetchall()[0][0]
+        if "model_runs" not in tables:
+            return latest, None, None
+        champion = con.execute("SELECT run_id, train_first, train_last FROM model_runs WHERE status = 'champion' "
+                               "ORDER BY decided_at DESC NULLS LAST LIMIT 1").fetchall()
+        champion = champion[0] if champion else None
+        if champion is None or champion[2] is None:
+            return latest, None, None
+        columns = ", ".join(["ticker", "date", *FEATURES])
+        since = champion[1] or dt.date.min
+        stats = con.sql(f"SELECT {columns} FROM {STATISTICS_TABLE} WHERE date >= ?", params=[since]).pl()
+    return latest, {"run_id": champion[0], "train_first": champion[1], "train_last": champion[2]}, stats
+
+
+@dg.sensor(job=nightly_retrain, minimum_interval_seconds=3600, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="Retrains when the latest statistics drift from the champion's training window (PSI and KS of "
+           "returns, volatility and RSI; the volatility regime; tickers it never saw): a nightly_retrain run of the "
+           "latest session, the reason in its tags. Each (latest session, champion) is evaluated once.")
+def retrain_on_drift(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.SensorResult:
+    from finpipe.market.lake import LakeLockedError
+    from finpipe.statistics.drift import DriftSpec, drift_since
+
+    try:
+        latest, champion, stats = _drift_inputs(lake)
+    except LakeLockedError:  # a run is writing the lake: look again at the next tick (the cursor is unchanged)
+        return dg.SensorResult(skip_reason="the lake is held by another process; drift is checked at the next tick")
+    except FileNotFoundError:
+        return dg.SensorResult(skip_reason=f"no lake at {lake.db_path} yet")
+    if latest is None:
+        return dg.SensorResult(skip_reason="no price_statistics in the lake yet")
+    if champion is None:
+        return dg.SensorResult(skip_reason="no champion yet: nothing to compare with (`finpipe run` promotes one)")
+    cursor = json.dumps({"latest": latest.isoformat(), "champion": champion["run_id"]}, sort_keys=True)
+    if context.cursor == cursor:
+        return dg.SensorResult(skip_reason=f"already checked: latest session {latest}, champion {champion['run_id']}")
+    report = drift_since(stats, champion["train_first"], champion["train_last"], DriftSpec())
+    if isinstance(report, str):  # too few sessions since the training window: look again when more land
+        return dg.SensorResult(skip_reason=f"champion {champion['run_id']}: {report}", cursor=cursor)
+    scores = ", ".join(f"{k} {v}" for k, v in report.scores().items() if v not in ("", None))
+    if not report.drifted:
+        return dg.SensorResult(skip_reason=f"{report.reason} [{scores}]", cursor=cursor)
+    partition = latest.isoformat()
+    if context.instance.get_run_records(dg.RunsFilter(job_name=nightly_retrain.name,
+                                                      tags={"dagster/partition": partition}), limit=1):
+        return dg.SensorResult(skip_reason=f"{report.reason}; a nightly_retrain run of {partition} already exists",
+                               cursor=cursor)
+    signals = [f.feature for f in report.features if f.drifted]
+    signals += ["volatility_regime"] * report.volatility_shift + ["new_tickers"] * bool(report.new_tickers)
+    context.log.info(f"drift: {report.reason} [{scores}]")
+    return dg.SensorResult(cursor=cursor, run_requests=[dg.RunRequest(
+        run_key=f"drift-{partition}", partition_key=partition, run_config=NIGHTLY_RUN_CONFIG,
+        tags={TRIGGER_TAG: "drift", DRIFT_REASON_TAG: _short(report.reason), DRIFT_SIGNALS_TAG: ",".join(signals),
+              "finpipe/drift_champion": champion["run_id"]})])
 
 
 refresh_on_new_prices = dg.AutomationConditionSensorDefinition(

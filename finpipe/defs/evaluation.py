@@ -79,15 +79,20 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluationConf
         outcome = log_evaluation(tracking.spec(), lake.directory, Path(latest["path"]), evaluation, out,
                                  warn=context.log.warning)
         tracked = _said(context, outcome)
+    from finpipe.defs.automation import DRIFT_REASON_TAG, TRIGGER_TAG
+
+    trigger, trigger_reason = context.run.tags.get(TRIGGER_TAG, "manual"), context.run.tags.get(DRIFT_REASON_TAG)
     registry.RunRegistry(lake.prices_lake()).record(
         registry_row(evaluation, report, _window(train), cutoff, latest.get("fingerprint", ""),
-                     mlflow_run_id=tracked.get("mlflow_run_id")))
+                     mlflow_run_id=tracked.get("mlflow_run_id"), trigger=trigger, trigger_reason=trigger_reason))
     from finpipe.evaluation.report import metrics_rows
 
     variants = evaluation["variants"]
     golden_scores = lambda name: (variants.get(name) or {}).get("golden") or {}  # noqa: E731
     return dg.MaterializeResult(metadata={
         "run_id": latest["run_id"],
+        "trigger": trigger,
+        **({"trigger_reason": trigger_reason} if trigger_reason else {}),
         "path": dg.MetadataValue.path(str(out)),
         "base_val_loss": variants["base"]["val"]["loss"],
         "adapter_val_loss": variants["adapter"]["val"]["loss"],

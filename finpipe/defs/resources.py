@@ -58,6 +58,10 @@ class MarketDataResource(dg.ConfigurableResource):
     tickers: list[str] = []
     replay_as_of: str = REPLAY_LAST_DATE.isoformat()
     simulation_seed: int = 7
+    # an explicit volatility shock of the simulated source (tests, demos of drift-aware retraining): from this
+    # ISO date on, the annual volatility is multiplied by simulation_shock_volatility; empty: no shock
+    simulation_shock_from: str = ""
+    simulation_shock_volatility: float = 1.0
     yahoo_timeout_s: float = 10.0
     yahoo_max_attempts: int = 3
     yahoo_backoff_s: float = 2.0
@@ -89,7 +93,15 @@ class MarketDataResource(dg.ConfigurableResource):
             raise ValueError(f"replay_as_of must be an ISO date (YYYY-MM-DD), got {value!r}") from None
         return value
 
-    @field_validator("yahoo_timeout_s", "yahoo_backoff_s", "yahoo_deadline_s")
+    @field_validator("simulation_shock_from")
+    @classmethod
+    def _iso_date_or_empty(cls, value: str) -> str:
+        try:
+            return dt.date.fromisoformat(value).isoformat() if value else value
+        except ValueError:
+            raise ValueError(f"simulation_shock_from must be an ISO date (YYYY-MM-DD) or empty, got {value!r}") from None
+
+    @field_validator("yahoo_timeout_s", "yahoo_backoff_s", "yahoo_deadline_s", "simulation_shock_volatility")
     @classmethod
     def _positive(cls, value: float) -> float:
         if value <= 0:
@@ -110,6 +122,8 @@ class MarketDataResource(dg.ConfigurableResource):
             universe=os.environ.get("FINPIPE_UNIVERSE", "us_core"),
             tickers=[t.strip() for t in os.environ.get("FINPIPE_TICKERS", "").split(",") if t.strip()],
             replay_as_of=os.environ.get("FINPIPE_REPLAY_AS_OF", REPLAY_LAST_DATE.isoformat()),
+            simulation_shock_from=os.environ.get("FINPIPE_SIMULATION_SHOCK_FROM", ""),
+            simulation_shock_volatility=float(os.environ.get("FINPIPE_SIMULATION_SHOCK_VOLATILITY", "1.0")),
             # a proxy URL may carry credentials (http://user:password@host): resolved at run time, never stored
             yahoo_proxy=dg.EnvVar("FINPIPE_YAHOO_PROXY") if os.environ.get("FINPIPE_YAHOO_PROXY") else "",
         )
@@ -123,6 +137,9 @@ class MarketDataResource(dg.ConfigurableResource):
             calendar=self.get_universe().calendar,
             replay_as_of=dt.date.fromisoformat(self.replay_as_of),
             simulation_seed=self.simulation_seed,
+            simulation_shock_from=(dt.date.fromisoformat(self.simulation_shock_from)
+                                   if self.simulation_shock_from else None),
+            simulation_shock_volatility=self.simulation_shock_volatility,
             yahoo_timeout_s=self.yahoo_timeout_s,
             yahoo_max_attempts=self.yahoo_max_attempts,
             yahoo_backoff_s=self.yahoo_backoff_s,

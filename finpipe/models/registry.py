@@ -200,7 +200,10 @@ RUN_STATUSES = ("evaluated", "champion", "rejected", "retired")
 ADDED_COLUMNS = {"golden_number_correctness": "DOUBLE", "golden_label_correctness": "DOUBLE",
                  "golden_exact_match": "DOUBLE", "golden_quality": "DOUBLE", "forgetting_probe": "DOUBLE",
                  "train_tokens": "BIGINT", "train_processes": "INTEGER",
-                 "mlflow_run_id": "VARCHAR"}  # the adapter's MLflow run, when tracking was on (finpipe.tracking)
+                 "mlflow_run_id": "VARCHAR",  # the adapter's MLflow run, when tracking was on (finpipe.tracking)
+                 # what started the run (its finpipe/trigger tag: nightly, drift; manual without one) and, for a
+                 # drift-triggered run, the sensor's reason (finpipe.statistics.drift)
+                 "run_trigger": "VARCHAR", "trigger_reason": "VARCHAR"}
 
 
 class RunRegistry:

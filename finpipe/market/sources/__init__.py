@@ -23,6 +23,8 @@ def make_source(
     calendar: str,
     replay_as_of: dt.date = REPLAY_LAST_DATE,
     simulation_seed: int = 7,
+    simulation_shock_from: dt.date | None = None,
+    simulation_shock_volatility: float = 1.0,
     yahoo_timeout_s: float = 10.0,
     yahoo_max_attempts: int = 3,
     yahoo_backoff_s: float = 2.0,
@@ -32,7 +34,8 @@ def make_source(
     if kind == "replay":
         return ReplaySource(as_of=replay_as_of)
     if kind == "simulated":
-        return SimulatedSource(calendar=calendar, seed=simulation_seed)
+        return SimulatedSource(calendar=calendar, seed=simulation_seed, shock_from=simulation_shock_from,
+                               shock_volatility=simulation_shock_volatility)
     if kind == "yahoo":
         return YahooSource(timeout_s=yahoo_timeout_s, max_attempts=yahoo_max_attempts, backoff_s=yahoo_backoff_s,
                            deadline_s=yahoo_deadline_s, proxy=yahoo_proxy or None)

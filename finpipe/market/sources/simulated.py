@@ -5,6 +5,11 @@ same ticker. Each ticker's path is generated from a fixed origin with a seed der
 (seed, ticker), so any sub-range request returns exactly the same numbers (idempotent re-ingest).
 The model is a geometric Brownian motion with intraday ranges and log-normal volume: it has the
 shape of market data, not its information. Never train a model you care about on it.
+
+A volatility shock is explicit and off by default: ``shock_from`` (a date) and ``shock_volatility`` (a multiplier of
+the annual volatility from that session on, e.g. 4.0) scale the same random draws, so every session before the shock
+is unchanged and a re-ingest stays idempotent. It exists to exercise drift-aware retraining
+(``finpipe.statistics.drift``; the resource fields ``simulation_shock_from`` / ``simulation_shock_volatility``).
 """
 
 from __future__ import annotations
@@ -30,9 +35,14 @@ class SimulatedSource:
     name = "simulated"
     simulated = True
 
-    def __init__(self, calendar: str, seed: int = 7) -> None:
+    def __init__(self, calendar: str, seed: int = 7, shock_from: dt.date | None = None,
+                 shock_volatility: float = 1.0) -> None:
+        if not (np.isfinite(shock_volatility) and shock_volatility > 0):
+            raise ValueError(f"shock_volatility must be a finite number > 0, got {shock_volatility}")
         self.calendar = calendar
         self.seed = seed
+        self.shock_from = shock_from
+        self.shock_volatility = shock_volatility
 
     def available_until(self) -> dt.date | None:
         return None
@@ -47,7 +57,10 @@ class SimulatedSource:
         n = len(days)
         dt_year = 1.0 / TRADING_DAYS_PER_YEAR
         shocks = stream["returns"].standard_normal(n)
-        log_ret = (ANNUAL_DRIFT - 0.5 * ANNUAL_VOLATILITY**2) * dt_year + ANNUAL_VOLATILITY * np.sqrt(dt_year) * shocks
+        volatility = np.full(n, ANNUAL_VOLATILITY)
+        if self.shock_from is not None:  # the regime change: same draws, scaled from the shock's session on
+            volatility[np.asarray([d >= self.shock_from for d in days], dtype=bool)] *= self.shock_volatility
+        log_ret = (ANNUAL_DRIFT - 0.5 * volatility**2) * dt_year + volatility * np.sqrt(dt_year) * shocks
         start_price = float(stream["price0"].uniform(50, 5000))
         close = start_price * np.exp(np.cumsum(log_ret))
         prev_close = np.concatenate([[start_price], close[:-1]])
