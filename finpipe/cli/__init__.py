@@ -20,14 +20,15 @@ import time
 STARTED = time.perf_counter()
 
 #: exit codes: 1 a run failed (its log says why), 2 bad input or configuration, 3 the lake is held by another
-#: process, 4 the lake file is unreadable, 5 the address `finpipe serve` would listen on is in use, 130 interrupted
+#: process, 4 the lake file is unreadable, 5 the address `finpipe serve` would listen on is in use, 130 interrupted;
+#: `finpipe reproduce`: 6 the rebuilt data differs from the run's, 7 a metric outside its recorded interval
 EXIT_UNEXPECTED, EXIT_BAD_INPUT, EXIT_LAKE_LOCKED, EXIT_LAKE_CORRUPT, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 EXIT_ADDRESS_IN_USE = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
     from finpipe.cli.answers import _inference_options, cmd_ask, cmd_chat, cmd_demo, cmd_evaluate
-    from finpipe.cli.lake import cmd_lake, cmd_runs, cmd_sql
+    from finpipe.cli.lake import cmd_lake, cmd_reproduce, cmd_runs, cmd_sql
     from finpipe.cli.run import DEFAULT_HISTORY_DAYS, _parse_date, cmd_run, cmd_study, cmd_ui
     from finpipe.cli.shipping import cmd_export, cmd_serve
     from finpipe.evaluation.evaluate import EvalSpec
@@ -145,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="print the run registry (evaluated adapters, metrics, status)")
     runs.add_argument("--limit", type=int, default=50, help="rows to print")
     runs.set_defaults(func=cmd_runs)
+
+    repro = sub.add_parser("reproduce", help="rebuild a run's data from the lake as it was, check its hashes, retrain "
+                           "it and compare the metrics with the recorded intervals (docs/tracking.md); exit 0 when "
+                           "identical data and metrics within interval, 6 data differs, 7 a metric outside its interval")
+    repro.add_argument("run", help="a run id (`finpipe runs`), champion or latest")
+    repro.add_argument("--skip-training", action="store_true", help="only rebuild the data and check its hashes")
+    repro.add_argument("--json", action="store_true", help="the report as JSON")
+    repro.set_defaults(func=cmd_reproduce)
 
     study = sub.add_parser("study", help="the PEFT method comparison and the compression study (after `run`)")
     study.add_argument("--methods", help="comma-separated subset of lora,qlora,adalora,vblora,dora,ia3 (default all)")

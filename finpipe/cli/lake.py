@@ -98,3 +98,23 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if runs.height > args.limit:
         print(f"({runs.height - args.limit} older runs not shown; --limit to see more)")
     return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Rebuild a recorded run (finpipe.reproduce) and print what matched; the exit code says the verdict."""
+    db = paths.lake_db_path()
+    if not db.exists():
+        raise FileNotFoundError(f"no lake at {db}: nothing to reproduce")
+    from finpipe.cli.run import _quiet_progress_bars
+    from finpipe.reproduce import render, reproduce
+
+    _quiet_progress_bars(False)  # finpipe says what each step does; the libraries' bars would bury the verdict
+    report = reproduce(paths.lake_dir(), args.run, skip_training=args.skip_training,
+                       log=(lambda line: None) if args.json else (lambda line: print(f"  {line}", flush=True)))
+    if args.json:
+        import json
+
+        print(json.dumps(report.as_dict(), indent=1, default=str))
+    else:
+        print(render(report))
+    return report.exit_code

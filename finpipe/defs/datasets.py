@@ -24,6 +24,13 @@ from finpipe.paths import DatasetFiles
 from finpipe.settings import help_of
 
 
+def spec_json(spec) -> dict:
+    """A DatasetSpec or SplitSpec as JSON (dates as ISO text, tuples as lists), as the run registry records it."""
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(spec), default=str))
+
+
 def dataset_files(lake: LakeResource) -> DatasetFiles:
     return DatasetFiles.of(lake.directory)
 
@@ -110,8 +117,11 @@ def instruction_samples(context: dg.AssetExecutionContext, config: InstructionSa
     samples += external
     files = dataset_files(lake)
     write_jsonl(samples, files.samples)
+    # what `finpipe reproduce` rebuilds these samples from: the spec and the last price date the lake held
+    prices_through = max(prices["date"]) if prices.height else None
     manifest = {"config": config.model_dump(), "samples": len(samples), "families": family_counts(samples),
-                "token_counter": "estimate"}
+                "token_counter": "estimate", "spec": spec_json(spec),
+                "prices_through": prices_through.isoformat() if prices_through else None}
     files.samples_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     tokens = [estimate_tokens(s.messages) for s in samples]
     examples = "\n\n".join(
@@ -185,7 +195,9 @@ def dataset_split(context: dg.AssetExecutionContext, config: DatasetSplitConfig,
              for side, rows, path in (("train", split.train, train_path), ("val", split.val, val_path))}
     atomic_write_text(layout.split_manifest, json.dumps({
         "cutoff": split.cutoff.isoformat(), "train": len(split.train), "val": len(split.val),
-        "dropped": split.dropped, "files": files, "samples_sha256": samples_digest}, indent=2))
+        "dropped": split.dropped, "files": files, "samples_sha256": samples_digest, "spec": spec_json(spec),
+        # the golden set held out of this split (none before the first evaluation froze it): `finpipe reproduce`
+        "holdout_sha256": file_digest(layout.golden) if holdout else None}, indent=2))
     train_counts, val_counts = Counter(s.family for s in split.train), Counter(s.family for s in split.val)
     table = pl.DataFrame([{"family": f, "train": train_counts.get(f, 0), "val": val_counts.get(f, 0)}
                           for f in sorted(set(train_counts) | set(val_counts))])

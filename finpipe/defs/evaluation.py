@@ -80,11 +80,13 @@ def adapter_evaluation(context: dg.AssetExecutionContext, config: EvaluationConf
                                  warn=context.log.warning)
         tracked = _said(context, outcome)
     from finpipe.defs.automation import DRIFT_REASON_TAG, TRIGGER_TAG
+    from finpipe.reproduce import recorded_inputs
 
     trigger, trigger_reason = context.run.tags.get(TRIGGER_TAG, "manual"), context.run.tags.get(DRIFT_REASON_TAG)
     registry.RunRegistry(lake.prices_lake()).record(
         registry_row(evaluation, report, _window(train), cutoff, latest.get("fingerprint", ""),
-                     mlflow_run_id=tracked.get("mlflow_run_id"), trigger=trigger, trigger_reason=trigger_reason))
+                     mlflow_run_id=tracked.get("mlflow_run_id"), trigger=trigger, trigger_reason=trigger_reason,
+                     inputs=recorded_inputs(lake.directory, report, latest["base"]["path"], latest["path"], train, val)))
     from finpipe.evaluation.report import metrics_rows
 
     variants = evaluation["variants"]

@@ -150,9 +150,10 @@ def write_evaluation(evaluation: dict) -> Path:
 
 def registry_row(evaluation: dict, training_report: dict, train_window: tuple[str | None, str | None],
                  val_cutoff: str | None, fingerprint: str, mlflow_run_id: str | None = None,
-                 trigger: str | None = None, trigger_reason: str | None = None) -> dict:
+                 trigger: str | None = None, trigger_reason: str | None = None, inputs: dict | None = None) -> dict:
     """The ``model_runs`` row of an evaluated adapter (``mlflow_run_id``: its MLflow run, when tracking was on;
-    ``trigger`` / ``trigger_reason``: what started the run, e.g. ``drift`` and the drift sensor's reason)."""
+    ``trigger`` / ``trigger_reason``: what started the run, e.g. ``drift`` and the drift sensor's reason; ``inputs``:
+    what reproducing it needs, ``finpipe.reproduce.recorded_inputs``)."""
     adapter, base = evaluation["variants"]["adapter"], evaluation["variants"]["base"]
     golden = adapter["golden"]["overall"]
     return {
@@ -171,4 +172,5 @@ def registry_row(evaluation: dict, training_report: dict, train_window: tuple[st
         "train_processes": training_report.get("processes", 1),
         "metrics_json": {"adapter": adapter, "base": base}, "status": "evaluated", "mlflow_run_id": mlflow_run_id,
         "run_trigger": trigger, "trigger_reason": trigger_reason,
+        **(inputs or {}),
     }

@@ -203,7 +203,11 @@ ADDED_COLUMNS = {"golden_number_correctness": "DOUBLE", "golden_label_correctnes
                  "mlflow_run_id": "VARCHAR",  # the adapter's MLflow run, when tracking was on (finpipe.tracking)
                  # what started the run (its finpipe/trigger tag: nightly, drift; manual without one) and, for a
                  # drift-triggered run, the sensor's reason (finpipe.statistics.drift)
-                 "run_trigger": "VARCHAR", "trigger_reason": "VARCHAR"}
+                 "run_trigger": "VARCHAR", "trigger_reason": "VARCHAR",
+                 # what `finpipe reproduce` rebuilds the run's inputs from (finpipe.reproduce.recorded_inputs)
+                 "train_sha256": "VARCHAR", "val_sha256": "VARCHAR", "prices_through": "DATE",
+                 "dataset_spec_json": "VARCHAR", "split_spec_json": "VARCHAR", "adapter_spec_json": "VARCHAR",
+                 "base_model_sha256": "VARCHAR", "code_version": "VARCHAR"}
 
 
 class RunRegistry:
