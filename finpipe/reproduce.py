@@ -87,7 +87,8 @@ def recorded_inputs(lake_dir: Path, training_report: dict, base_dir: str | Path,
         "adapter_spec_json": json.dumps({"spec": training_report.get("spec"),
                                          "warm_start": training_report.get("warm_start"),
                                          "init_tokens": (training_report.get("cumulative_train_tokens") or 0)
-                                         - (training_report.get("train_tokens") or 0)}, sort_keys=True),
+                                         - (training_report.get("train_tokens") or 0),
+                                         "steps": training_report.get("steps")}, sort_keys=True),
         "base_model_sha256": base_model_sha256(base_dir),
         "code_version": code_version(),
     }
@@ -357,6 +358,12 @@ def _retrain_and_compare(row: dict, report: ReproReport, evaluation: dict, base_
 
     recorded = json.loads(row["adapter_spec_json"])
     spec = AdapterSpec(**recorded["spec"])
+    if spec.max_minutes > 0 and recorded.get("steps"):  # a clock cannot be replayed: its step count can
+        report.notes.append(
+            f"the run was budgeted by time ({spec.max_minutes} min, {recorded['steps']} steps on its machine): "
+            f"retrained for {recorded['steps']} steps, with the learning-rate schedule following steps instead of "
+            "the clock, so the weights are not expected to be bit-identical; the metrics' intervals are the check")
+        spec = dataclasses.replace(spec, max_minutes=0.0, max_steps=int(recorded["steps"]))
     init_adapter = recorded.get("warm_start")
     if init_adapter and not Path(init_adapter).exists():
         report.notes.append(f"the run warm-started from {init_adapter}, which is gone: retrained from scratch")
