@@ -28,6 +28,7 @@ from finpipe.defs.resources import (
     HuggingFaceResource,
     LakeResource,
     MarketDataResource,
+    TrackingResource,
 )
 from finpipe.defs.statistics import price_statistics
 from finpipe.market.lake import PriceLake
@@ -57,7 +58,7 @@ SCALE_OUT_ASSETS = [daily_prices, price_statistics, instruction_samples, dataset
 
 def _scale_out_resources(lake_dir: str = "") -> dict:
     return {"lake": LakeResource(lake_dir=lake_dir), "market_data": MarketDataResource(),
-            "huggingface": HuggingFaceResource()}
+            "huggingface": HuggingFaceResource(), "tracking": TrackingResource()}  # MLflow tracking off
 
 
 def scale_out_checks() -> list:
@@ -101,12 +102,17 @@ def _lake_contents(lake_dir: Path) -> dict:
     return {"tables": tables, "files": files}
 
 
-def _in_flight(records) -> dict[str, tuple[int, int]]:
-    """step key -> (position of its launch, position of its success) in the run's event log."""
+def _worker_starting(event) -> bool:
+    return event.event_type == dg.DagsterEventType.STEP_WORKER_STARTING
+
+
+def _in_flight(records, launched_by=_worker_starting) -> dict[str, tuple[int, int]]:
+    """step key -> (position of its launch, position of its success) in the run's event log; a step is launched by
+    the first event ``launched_by`` accepts (the multiprocess executor's: its process is starting)."""
     launched, done = {}, {}
     for i, record in enumerate(records):
         event = record.dagster_event
-        if event is not None and event.event_type == dg.DagsterEventType.STEP_WORKER_STARTING:
+        if event is not None and event.step_key not in launched and launched_by(event):
             launched[event.step_key] = i
         elif event is not None and event.event_type == dg.DagsterEventType.STEP_SUCCESS:
             done[event.step_key] = i
@@ -225,7 +231,10 @@ def test_every_deploy_file_parses_and_says_what_it_is(tmp_path):
     celery_instance = _instance_config(DEPLOY / "dagster-celery-instance.yaml", tmp_path)
     assert celery_instance["telemetry"] == {"enabled": False}
     assert celery_instance["storage"]["postgres"]["postgres_db"]["password"] == {"env": "DAGSTER_PG_PASSWORD"}
-    assert celery_instance["concurrency"]["pools"]["default_limit"] == 1
+    # the Celery executor honours op pools, not tag limits: finpipe_lake one step at a time across workers and runs
+    # (test_distributed_executor.py), and a terminated run's writer slot freed by the daemon
+    assert celery_instance["concurrency"]["pools"] == {"default_limit": 1, "granularity": "op"}
+    assert celery_instance["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
     celery = yaml.safe_load((DEPLOY / "dagster-celery.yaml").read_text())["execution"]["config"]
     assert celery["broker"] == {"env": "DAGSTER_CELERY_BROKER_URL"}  # a URL with a password stays out of files
 
@@ -318,6 +327,8 @@ def test_the_celery_code_location_and_workers_share_one_config(monkeypatch):
     executor = dg.validate_run_config(job, {})["execution"]["finpipe_celery_executor"]
     assert executor["broker"] == "pyamqp://finpipe:secret@rabbitmq:5672//"  # resolved from the environment
     assert executor["config_source"]["worker_prefetch_multiplier"] == 1
+    # a step whose worker process dies goes back to the queue (without it dagster-celery's run waits forever)
+    assert executor["config_source"]["task_acks_late"] is executor["config_source"]["task_reject_on_worker_lost"] is True
     worker = get_validated_config(str(DEPLOY / "dagster-celery.yaml"))  # what `dagster-celery worker start -y` reads
     assert worker["broker"] == executor["broker"]
 
