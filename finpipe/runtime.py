@@ -6,6 +6,7 @@ Heavy imports (torch) happen inside the functions, so importing this module is i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -235,3 +237,27 @@ def quiet_library_deprecations() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl)(\.|$)")
+
+
+@contextlib.contextmanager
+def heartbeat(log, what: str, every_s: float = 15.0):
+    """Say every ``every_s`` seconds that ``what`` is still running, for steps whose work gives no progress of its own
+    (a conversion, an upsert, a validation): a console silent for a minute looks hung."""
+    import threading
+
+    started, stop = time.monotonic(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                log(f"{what}: still working ({time.monotonic() - started:.0f} s)")
+            except Exception:  # noqa: BLE001 - a progress line must never break the step
+                return
+
+    thread = threading.Thread(target=beat, name="finpipe-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2)

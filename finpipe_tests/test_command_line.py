@@ -165,3 +165,20 @@ def test_help_runs_and_sql_import_no_torch_pandas_or_dagster(lake):
                  "print('LOADED', sorted(m for m in %r if m in sys.modules))" % (argv, heavy))
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout
         assert "LOADED []" in out, (argv, out[-300:])
+
+
+def test_a_heartbeat_says_a_silent_step_is_still_working_and_stops_with_it():
+    import time
+
+    from finpipe.runtime import heartbeat
+
+    lines: list[str] = []
+    with heartbeat(lines.append, "converting SmolLM2", every_s=0.05):
+        time.sleep(0.23)
+    said = len(lines)
+    assert 2 <= said <= 5 and all(line.startswith("converting SmolLM2: still working (") for line in lines), lines
+    time.sleep(0.15)
+    assert len(lines) == said  # nothing after the step ended
+    with heartbeat(lines.append, "quick", every_s=10):
+        pass
+    assert len(lines) == said  # a step shorter than the interval says nothing

@@ -21,6 +21,7 @@ from finpipe.instructions.split import SplitSpec, temporal_split
 from finpipe.instructions.tokens import estimate_tokens
 from finpipe.models.files import atomic_write_text, file_digest
 from finpipe.paths import DatasetFiles
+from finpipe.runtime import heartbeat
 from finpipe.settings import help_of
 
 
@@ -112,7 +113,9 @@ def instruction_samples(context: dg.AssetExecutionContext, config: InstructionSa
     stats = prices_lake.query(f"SELECT * FROM {STATISTICS_TABLE}")
     prices = prices_lake.query("SELECT ticker, date, open, high, low FROM prices")
     names = dict(prices_lake.query("SELECT ticker, name FROM instruments").iter_rows())
-    samples = build_samples(stats, prices, names, spec)
+    context.log.info(f"rendering samples from {stats.height:,} statistics rows (every {spec.date_stride} sessions)")
+    with heartbeat(context.log.info, "rendering samples"):
+        samples = build_samples(stats, prices, names, spec)
     external = load_external(config.external_path) if config.external_path else []
     samples += external
     files = dataset_files(lake)
@@ -149,7 +152,9 @@ def instruction_samples_quality(context: dg.AssetCheckExecutionContext, lake: La
     files = dataset_files(lake)
     samples = read_jsonl(files.samples)
     manifest = json.loads(files.samples_manifest.read_text())
-    result = validate_samples(samples, max_seq_len=manifest["config"]["max_seq_len"])
+    context.log.info(f"quality gates: Great Expectations on {len(samples):,} samples")
+    with heartbeat(context.log.info, "quality gates"):
+        result = validate_samples(samples, max_seq_len=manifest["config"]["max_seq_len"])
     report = files.gate_report
     report.parent.mkdir(parents=True, exist_ok=True)
     # the split reads this: it trains only on samples whose exact bytes passed every gate

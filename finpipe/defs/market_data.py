@@ -12,6 +12,7 @@ from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResou
 from finpipe.market import quality
 from finpipe.market.ingest import FAILED, INCOMPLETE, NO_SESSIONS, OK, IngestRequest, ingest
 from finpipe.market.lake import CorruptLakeError
+from finpipe.runtime import heartbeat
 
 
 @dg.asset(
@@ -40,7 +41,8 @@ def daily_prices(
     context.log.info(f"ingesting {universe.name} ({len(universe.tickers)} tickers) {start}..{end} from {source.name}")
 
     try:
-        batch = ingest(source, IngestRequest(universe, start, end))
+        with heartbeat(context.log.info, "ingesting"):
+            batch = ingest(source, IngestRequest(universe, start, end))
     except ValueError as exc:  # a request no retry can fix (a date outside the calendar, a bad universe)
         raise dg.Failure(description=f"cannot ingest {start}..{end}: {exc}", allow_retries=False) from None
     expected = [o for o in batch.outcomes if o.status != NO_SESSIONS]

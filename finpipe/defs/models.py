@@ -46,7 +46,10 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, lake:
         folder = base_root / smollm2.MODEL_NAME
         if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
             context.log.info("converting the embedded SmolLM2 GGUF into a plain HF folder (once)")
-            smollm2.materialize_hf_folder(folder)
+            from finpipe.runtime import heartbeat
+
+            with heartbeat(context.log.info, "converting SmolLM2"):
+                smollm2.materialize_hf_folder(folder)
         name = smollm2.MODEL_NAME
     elif config.model == "scratch":
         folder = registry.models_dir(lake.directory) / "scratch_gpt"
