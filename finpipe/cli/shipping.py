@@ -26,6 +26,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Merge the adapter into its base: a plain Hugging Face folder (--merged) or GGUF files for llama.cpp and
     Ollama with a Modelfile, a model card and a parity check (--gguf)."""
     _terminate_as_interrupt()
+    from finpipe.cli.run import _quiet_progress_bars
+
+    _quiet_progress_bars(False)  # before tqdm is imported: the GGUF loader's own bar for every file the parity reads
     if args.adapter == "none":
         raise ValueError("export merges an adapter: --adapter none has nothing to merge")
     if bool(args.merged) == bool(args.gguf):
