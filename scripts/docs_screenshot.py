@@ -3,7 +3,7 @@ chromium-headless-shell driven by playwright, as the chat page's screenshot and 
 
     .venv/bin/finpipe ui &
     .venv/bin/python scripts/docs_screenshot.py http://127.0.0.1:3000/runs docs/images/runs-page.png \
-        --wait-for train_evaluate_promote
+        --wait-for train_evaluate_promote --dismiss Skip
     .venv/bin/python scripts/docs_screenshot.py data_lake/models/adapters/RUN/evaluation/report.html \
         docs/images/report-verdict.png --height 700
 """
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url", help="a URL, or a local HTML file")
     parser.add_argument("out", type=Path, help="the PNG to write")
     parser.add_argument("--wait-for", help="text the page must show before the screenshot")
+    parser.add_argument("--dismiss", help="a button to click first when it shows (the Dagster UI's first-visit dialog: "
+                        "Skip)")
     parser.add_argument("--width", type=int, default=1400)
     parser.add_argument("--height", type=int, default=800, help="the window's height: the part of the page captured")
     parser.add_argument("--timeout-s", type=float, default=120)
@@ -31,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         from playwright.sync_api import expect
 
         page.goto(url, timeout=args.timeout_s * 1000)
+        if args.dismiss:
+            button = page.get_by_role("button", name=args.dismiss)
+            try:
+                button.click(timeout=15_000)
+            except Exception:  # noqa: BLE001 - no such dialog this time
+                pass
         if args.wait_for:
             expect(page.get_by_text(args.wait_for).first).to_be_visible(timeout=args.timeout_s * 1000)
         page.wait_for_timeout(1500)  # the UI's late layout (fonts, tables)
