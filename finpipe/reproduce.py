@@ -14,16 +14,17 @@ No Dagster here: the CLI (``finpipe reproduce``) and tests call it directly.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import gzip
 import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
+
+from finpipe.models.files import read_json_or_empty
 
 #: per-sample digests of the run's train and val sets, in the adapter's evaluation folder
 INPUTS_FILE = "inputs.jsonl.gz"
@@ -63,8 +64,8 @@ def recorded_inputs(lake_dir: Path, training_report: dict, base_dir: str | Path,
     from finpipe.tracking import code_version
 
     files = DatasetFiles.of(lake_dir)
-    split = _json(files.split_manifest)
-    samples = _json(files.samples_manifest)
+    split = read_json_or_empty(files.split_manifest)
+    samples = read_json_or_empty(files.samples_manifest)
     side = lambda name: ((split.get("files") or {}).get(name) or {}).get("sha256")  # noqa: E731
     if adapter_dir is not None and train is not None and val is not None:
         from finpipe.evaluation.challenger import evaluation_dir
@@ -92,13 +93,6 @@ def recorded_inputs(lake_dir: Path, training_report: dict, base_dir: str | Path,
         "base_model_sha256": base_model_sha256(base_dir),
         "code_version": code_version(),
     }
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 # ------------------------------------------------------------------------------------------------- reproduce
@@ -138,7 +132,7 @@ class ReproReport:
         return EXIT_OK if not self.trained or self.metrics_within else EXIT_METRICS_DIFFER
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"verdict": self.verdict, "exit_code": self.exit_code}
+        return asdict(self) | {"verdict": self.verdict, "exit_code": self.exit_code}
 
 
 def resolve_run_id(lake_dir: Path, which: str) -> str:
@@ -170,7 +164,7 @@ def reproduce(lake_dir: Path, which: str, skip_training: bool = False, log: Call
                               "`finpipe reproduce`): it cannot be rebuilt")
     report = ReproReport(run_id=run_id)
     adapter_dir = Path(row["adapter_path"])
-    evaluation = _json(adapter_dir / "evaluation" / "evaluation.json")
+    evaluation = read_json_or_empty(adapter_dir / "evaluation" / "evaluation.json")
     base_dir = (evaluation.get("base") or {}).get("path") or registry.read_pointer(registry.base_pointer(lake_dir))["path"]
     if row.get("base_model_sha256") and base_model_sha256(base_dir) != row["base_model_sha256"]:
         report.notes.append(f"the base model at {base_dir} is not the one the run trained on (its safetensors digest "
@@ -363,7 +357,7 @@ def _retrain_and_compare(row: dict, report: ReproReport, evaluation: dict, base_
             f"the run was budgeted by time ({spec.max_minutes} min, {recorded['steps']} steps on its machine): "
             f"retrained for {recorded['steps']} steps, with the learning-rate schedule following steps instead of "
             "the clock, so the weights are not expected to be bit-identical; the metrics' intervals are the check")
-        spec = dataclasses.replace(spec, max_minutes=0.0, max_steps=int(recorded["steps"]))
+        spec = replace(spec, max_minutes=0.0, max_steps=int(recorded["steps"]))
     init_adapter = recorded.get("warm_start")
     if init_adapter and not Path(init_adapter).exists():
         report.notes.append(f"the run warm-started from {init_adapter}, which is gone: retrained from scratch")

@@ -70,6 +70,9 @@ def test_a_promoted_run_reproduces_and_a_changed_lake_names_the_first_differing_
     # matched by what it is about (family, ticker, date), not by its position: the fields that differ are named
     assert f"{first['family']} {ticker} as of {day}, fields: messages, expected, facts\n" in out, out
     assert f"price row(s) up to 2013-03-01 were written after the run (first: {ticker} {day}" in out, out
+    code, out, _ = cli(capsys, "reproduce", champion["run_id"], "--skip-training", "--json")
+    as_json = json.loads(out)
+    assert code == EXIT_DATA_DIFFERS and as_json["exit_code"] == EXIT_DATA_DIFFERS and as_json["verdict"]
     code, out, err = cli(capsys, "reproduce", "no-such-run")
     assert code == 2 and "no run 'no-such-run'" in err
 

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+from finpipe.models.files import read_json_or_empty
 
 
 def passed_gates(validation: dict) -> list[str]:
@@ -35,10 +29,10 @@ def adapter_lineage(lake_dir: Path, pointer: dict) -> dict:
     # base_path as a model card may publish it: relative to the lake, or the folder's name (never this machine's)
     out = {"run_id": pointer["run_id"], "base_name": pointer["base"]["name"],
            "base_path": portable(pointer["base"]["path"], lake_dir),
-           "training": _read(adapter / "training_report.json"),
-           "evaluation": _read(adapter / "evaluation" / "evaluation.json"),
-           "gates": passed_gates(_read(datasets.gate_report)),
-           "val_cutoff": _read(datasets.split_manifest).get("cutoff")}  # until the registry's row says
+           "training": read_json_or_empty(adapter / "training_report.json"),
+           "evaluation": read_json_or_empty(adapter / "evaluation" / "evaluation.json"),
+           "gates": passed_gates(read_json_or_empty(datasets.gate_report)),
+           "val_cutoff": read_json_or_empty(datasets.split_manifest).get("cutoff")}  # until the registry's row says
     db = lake_dir / LAKE_DB_NAME
     if db.exists():
         lake = PriceLake(db)

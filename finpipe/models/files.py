@@ -102,6 +102,14 @@ def remove_stale_partials(target: Path) -> list[Path]:
     return removed
 
 
+def read_json_or_empty(path: Path) -> dict:
+    """A JSON file's object, or {} when the file is missing or unreadable (a manifest a lake may not have yet)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's content (hex, first 16 characters)."""
     import hashlib
