@@ -94,10 +94,6 @@ def nightly_schedule(context: dg.ScheduleEvaluationContext,
                          run_config=NIGHTLY_RUN_CONFIG, tags={TRIGGER_TAG: "nightly"})
 
 
-def _short(text: str, limit: int = MAX_TAG_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _drift_inputs(lake: LakeResource):
     """(latest session, champion row {run_id, train_first, train_last} or None, statistics since train_first or None)
     from one read-only connection."""
@@ -127,6 +123,7 @@ def _drift_inputs(lake: LakeResource):
            "returns, volatility and RSI; the volatility regime; tickers it never saw): a nightly_retrain run of the "
            "latest session, the reason in its tags. Each (latest session, champion) is evaluated once.")
 def retrain_on_drift(context: dg.SensorEvaluationContext, lake: LakeResource) -> dg.SensorResult:
+    from finpipe.evaluation.report import cut
     from finpipe.market.lake import LakeLockedError
     from finpipe.statistics.drift import DriftSpec, drift_since
 
@@ -159,7 +156,7 @@ def retrain_on_drift(context: dg.SensorEvaluationContext, lake: LakeResource) ->
     context.log.info(f"drift: {report.reason} [{scores}]")
     return dg.SensorResult(cursor=cursor, run_requests=[dg.RunRequest(
         run_key=f"drift-{partition}", partition_key=partition, run_config=NIGHTLY_RUN_CONFIG,
-        tags={TRIGGER_TAG: "drift", DRIFT_REASON_TAG: _short(report.reason), DRIFT_SIGNALS_TAG: ",".join(signals),
+        tags={TRIGGER_TAG: "drift", DRIFT_REASON_TAG: cut(report.reason, MAX_TAG_CHARS), DRIFT_SIGNALS_TAG: ",".join(signals),
               "finpipe/drift_champion": champion["run_id"]})])
 
 
