@@ -60,7 +60,8 @@ def daily_prices(
 
     prices_lake = lake.prices_lake()
     try:
-        summary = prices_lake.write_batch(batch, run_id=context.run_id)
+        with heartbeat(context.log.info, f"writing {batch.clean.height:,} rows into the lake"):
+            summary = prices_lake.write_batch(batch, run_id=context.run_id)
     except (CorruptLakeError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         raise dg.Failure(description=f"cannot write the lake: {exc}", metadata={"error": type(exc).__name__},
                          allow_retries=False) from None

@@ -11,6 +11,7 @@ from finpipe.defs.market_data import daily_prices
 from finpipe.defs.metadata import markdown_table
 from finpipe.defs.partitions import REFRESH_WHEN_PRICES_LAND
 from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource
+from finpipe.runtime import heartbeat
 from finpipe.statistics import measures
 from finpipe.statistics.compute import STATISTICS_COLUMNS
 from finpipe.statistics.refresh import STATISTICS_TABLE, refresh_statistics
@@ -28,7 +29,7 @@ from finpipe.statistics.refresh import STATISTICS_TABLE, refresh_statistics
 )
 def price_statistics(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     prices_lake = lake.prices_lake()
-    with prices_lake.connect() as con:
+    with prices_lake.connect() as con, heartbeat(context.log.info, "price_statistics"):
         try:
             outcome = refresh_statistics(con)
         except ValueError as exc:
