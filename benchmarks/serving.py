@@ -10,9 +10,9 @@ GGUF of the champion: ``--gguf FILE``, else the export ``finpipe export --gguf D
 The questions are grounded through the answering path (``finpipe.inference.answering.prepare``) once, in this
 process; every variant answers the same chats greedily with at most ``--max-new-tokens`` tokens:
 
-    in_process_torch   the baseline for PyTorch: the champion loaded as ``finpipe serve`` loads it (merged, int8
-                       decode steps on a CPU, the same precision: FINPIPE_CPU_BF16 is passed to the server) and
-                       ``finpipe.evaluation.generation.generate``, one answer at a time
+    in_process_torch   the baseline for PyTorch: the champion loaded as ``finpipe serve`` loads it (its
+                       ``ModelStore``: on a CPU the lean decoder on the merged folder with int8 decode steps, else
+                       transformers; the same precision: FINPIPE_CPU_BF16 is passed to the server), one answer at a time
     raw_llama_cpp      the baseline for llama.cpp: ``llama_cpp.Llama`` on the same GGUF, fed the same prompt token ids
                        (finpipe's tokenizer), ``create_completion`` greedy
     served_<engine>_<n>_client(s)  a real ``finpipe serve --engine <engine>`` on a free loopback port, the questions
@@ -22,7 +22,7 @@ Per served row: requests/s, tokens/s aggregate (all completion tokens / elapsed)
 tokens / its wall time, averaged), and the **per-request overhead**: the client's wall time minus the time the server
 reports it spent generating the answer and queued (``finpipe.timing``: its ``generation_s`` and ``queued_s``), i.e.
 HTTP, JSON, grounding, verification and the queue's hand-offs. ``same_text`` counts answers identical to the
-baseline's (greedy: the same engine gives the same text; 4 PyTorch clients are batched, which may change a few).
+baseline's (greedy: the same engine gives the same text; only transformers batches concurrent clients, which may change a few).
 The baselines run first, alone, then this process gives its core share back and only waits on the servers.
 """
 
@@ -120,18 +120,28 @@ def gguf_file(args, lake: Path, run_id: str) -> tuple[Path | None, str | None]:
     return record.path, None
 
 
-def in_process_torch(pointer: dict, chats, max_new_tokens: int, dtype) -> dict[str, Any]:
-    from finpipe.evaluation.generation import DecodeSpec, Sampling, generate, load_chat_model
-    from finpipe.models.int8_decode import uses_int8_decode
+def in_process_torch(lake: Path, pointer: dict, chats, max_new_tokens: int, dtype) -> dict[str, Any]:
+    """The champion loaded exactly as ``finpipe serve`` loads it (``ModelStore``: the lean decoder on the merged
+    folder on a CPU, else transformers), answering one question at a time in this process."""
+    from finpipe.evaluation.generation import DecodeSpec, Sampling, generate
+    from finpipe.serving.models import ModelStore
 
+    os.environ["FINPIPE_CPU_BF16"] = "1" if str(dtype) == "torch.bfloat16" else "0"  # as the servers are told
     started = time.perf_counter()
-    model, tokenizer = load_chat_model(pointer["base"]["path"], pointer["path"], merge=True, decode=DecodeSpec(),
-                                       dtype=dtype)
+    store = ModelStore(lake, decode=DecodeSpec(), log=lambda line: print(f"  {line}", flush=True))
+    loaded = store.load(pointer["run_id"], pointer["base"], pointer["path"])
     load_s = time.perf_counter() - started
-    generate(model, tokenizer, chats[0][1], Sampling(max_new_tokens=4))  # warm-up
-    answers = [generate(model, tokenizer, chat, Sampling(max_new_tokens=max_new_tokens)) for _, chat in chats]
-    precision = str(dtype).removeprefix("torch.") + (", int8 decode steps" if uses_int8_decode(model) else "")
-    del model
+
+    def answer(chat, sampling):
+        if decoder == "lean":
+            return model.generate(chat, sampling)
+        return generate(model, tokenizer, chat, sampling)
+
+    model, tokenizer, decoder = loaded.model, loaded.tokenizer, loaded.decoder
+    answer(chats[0][1], Sampling(max_new_tokens=4))  # warm-up
+    answers = [answer(chat, Sampling(max_new_tokens=max_new_tokens)) for _, chat in chats]
+    precision = f"{loaded.precision}, {loaded.decoder} decoder"
+    model = tokenizer = loaded = store = None
     runtime.release_memory()
     tokens, seconds = sum(a.new_tokens for a in answers), sum(a.seconds for a in answers)
     return {"variant": "in_process_torch", "engine": "torch", "precision": precision, "load_s": load_s,
@@ -284,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows, baselines = [], {}
     if "torch" in args.engines:
         print("in-process PyTorch ...", flush=True)
-        baselines["torch"] = in_process_torch(pointer, chats, args.max_new_tokens, dtype)
+        baselines["torch"] = in_process_torch(lake, pointer, chats, args.max_new_tokens, dtype)
         rows.append(baselines["torch"])
     if gguf is not None:
         print(f"raw llama.cpp on {gguf} ...", flush=True)
@@ -309,6 +319,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ratios[f"{r['variant']}_vs_{baseline['variant']}_tokens_per_s_per_client"] = round(
                     r["tokens_per_s_per_client"] / baseline["tokens_per_s"], 3)
     served = {r["variant"]: r for r in rows if r.get("clients")}
+    if "raw_llama_cpp" in {b["variant"] for b in baselines.values()}:  # the issue's yardstick for both engines
+        raw = baselines["llama.cpp"]["tokens_per_s"]
+        for variant in ("served_torch_1_client", "served_llama.cpp_1_client"):
+            if variant in served:
+                ratios[f"{variant}_vs_raw_llama_cpp_tokens_per_s"] = round(
+                    served[variant]["tokens_per_s_per_client"] / raw, 3)
     if "served_llama.cpp_1_client" in served and "served_torch_1_client" in served:
         ratios["served_llama.cpp_vs_served_torch_1_client_tokens_per_s"] = round(
             served["served_llama.cpp_1_client"]["tokens_per_s"] / served["served_torch_1_client"]["tokens_per_s"], 3)

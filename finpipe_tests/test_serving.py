@@ -195,27 +195,39 @@ def test_questions_without_market_data_are_refused_without_calling_the_model(ser
 
 @pytest.mark.slow
 def test_concurrent_requests_are_queued_batched_and_all_answered(server):
+    """Six clients at once on each engine: transformers (the base model) shares batches; the champion, on the lean
+    decoder, is answered one request at a time (a lean step for one beats a batched step shared by four)."""
     client = server.client()
-    results, errors = [], []
 
-    def ask(i):
-        try:
-            question = ["What is AAPL's trend?", "How volatile is MSFT?", "Is IBM overbought?",
-                        "How far is GOOG from its 52-week high?"][i % 4]
-            reply = client.chat.completions.create(model="champion", max_tokens=10,
-                                                   messages=[{"role": "user", "content": question}])
-            results.append(reply.choices[0].message.content)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    def ask_all(model: str) -> dict:
+        results, errors = [], []
+        before = httpx.get(f"{server.url}/health").json()
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors and len(results) == 6
-    health = httpx.get(f"{server.url}/health").json()
-    assert health["served"] == 6 and health["batches"] < 6  # some requests shared a batch
+        def ask(i):
+            try:
+                question = ["What is AAPL's trend?", "How volatile is MSFT?", "Is IBM overbought?",
+                            "How far is GOOG from its 52-week high?"][i % 4]
+                reply = client.chat.completions.create(model=model, max_tokens=10,
+                                                       messages=[{"role": "user", "content": question}])
+                results.append(reply.choices[0].message.content)
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not errors and len(results) == 6
+        after = httpx.get(f"{server.url}/health").json()
+        return {"served": after["served"] - before["served"], "batches": after["batches"] - before["batches"]}
+
+    client.chat.completions.create(model="base", max_tokens=1, messages=ASK)  # loaded before the clients race
+    base = ask_all("base")
+    assert base["served"] == 6 and base["batches"] < 6  # some requests shared a batch
+    assert httpx.get(f"{server.url}/health").json()["decoder"] == "lean"
+    champion = ask_all("champion")
+    assert champion == {"served": 6, "batches": 6}
 
 
 @pytest.mark.slow
@@ -464,3 +476,23 @@ def test_ask_uses_a_running_server_of_the_same_lake_and_champion_and_gives_the_s
         assert code == 2 and out == "" and "does not cover valuation ratios" in err
     finally:
         running.stop()
+
+
+def test_engine_call_runs_loads_on_the_generation_thread_and_hands_back_errors():
+    """Model loads run where generations run (``Engine.call``): one thread computes, so OpenMP keeps one team."""
+    from finpipe.serving.engine import Engine
+
+    engine = Engine(log=lambda _: None)
+    try:
+        assert engine.call(lambda: threading.current_thread().name) == "generation-worker"
+
+        def fails():
+            raise ValueError("a corrupt adapter")
+
+        with pytest.raises(ValueError, match="a corrupt adapter"):
+            engine.call(fails)
+        assert engine.call(lambda: 42) == 42  # the worker survived the failure
+    finally:
+        assert engine.stop(5.0)
+    with pytest.raises(RuntimeError, match="stopping"):
+        engine.call(lambda: 1)

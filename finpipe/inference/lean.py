@@ -141,7 +141,16 @@ class LlamaShape:
 
 
 class LeanLlama:
-    """Weights in a dict, a forward pass over a static KV cache; inference only."""
+    """Weights in a dict, a forward pass over a static KV cache; inference only.
+
+    Decode steps (one token) are where an answer's time goes, so they take three shortcuts. Two change no number:
+    the int8 q/k/v and gate/up matrices are concatenated at load (one kernel call instead of three and two, the same
+    per-row products), and the rotary table is computed once. The third, the attention over the cache as two small
+    fp32 matmuls (PyTorch's CPU flash kernel's arithmetic without its per-call set-up, ~130 µs a layer), sums in
+    another order: the logits move in their last bits, and a near tie between two tokens can go the other way (138
+    of the lake's 140 end-to-end answers were the same text; ``benchmarks.answer_parity``). The cache is kept in fp32
+    so those matmuls read it directly.
+    """
 
     def __init__(self, folder: Path, int8: bool, max_rows: int = DEFAULT_MAX_ROWS):
         import torch
@@ -158,23 +167,31 @@ class LeanLlama:
         self.max_rows = max_rows
         self.q: dict[str, tuple] = {}
         if int8:
-            self.q = load_int8(folder) if (folder / INT8_FILE).exists() else quantize_int8(self.w)
+            self.q = _fused(load_int8(folder) if (folder / INT8_FILE).exists() else quantize_int8(self.w),
+                            self.shape.layers)
         # the inverse frequencies exactly as transformers' default rotary embedding computes them
         dim = self.shape.head_dim
         self.inv_freq = 1.0 / (self.shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self._cos = self._sin = torch.empty(1, 0, dim, dtype=self.dtype)
 
     @property
     def int8(self) -> bool:
         return bool(self.q)
 
+    def _int8(self, name: str, x):
+        """The int8 matrix ``name`` for ``x`` when it applies (``Int8DecodeLinear``'s rule: at most ``max_rows``
+        rows of the weights' dtype), else None."""
+        rows = x.numel() // x.shape[-1]
+        entry = self.q.get(name)
+        return entry if entry is not None and rows <= self.max_rows and x.dtype == entry[1].dtype else None
+
     def _linear(self, name: str, x):
         """``Int8DecodeLinear``: int8 weights for at most ``max_rows`` rows, the original weight above."""
         import torch
 
-        rows = x.numel() // x.shape[-1]
-        if name in self.q and rows <= self.max_rows and x.dtype == self.q[name][1].dtype:
-            qweight, scales = self.q[name]
-            out = torch._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), qweight, scales)
+        if (entry := self._int8(name, x)) is not None:
+            qweight, scales = entry
+            out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), qweight, scales)
             return out.reshape(*x.shape[:-1], qweight.shape[0])
         return torch.nn.functional.linear(x, self.w[name + ".weight"])
 
@@ -194,48 +211,113 @@ class LeanLlama:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
+    def _rope(self, start: int, n: int):
+        """cos and sin of positions ``start .. start + n`` (1 × 1 × n × head_dim), from a table grown on demand:
+        each element is computed as ``_rotary`` computes it, so the values are the same."""
+        import torch
+
+        if start + n > self._cos.shape[1]:
+            self._cos, self._sin = self._rotary(torch.arange(max(start + n, 2 * self._cos.shape[1], 256)).unsqueeze(0))
+        return self._cos[:, start:start + n].unsqueeze(1), self._sin[:, start:start + n].unsqueeze(1)
+
+    def _rotate(self, x, cos, sin):
+        import torch
+
+        half = self.shape.head_dim // 2
+        return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
+    def _qkv(self, p: str, h, n: int, cos, sin):
+        """Queries, keys and values (1 × heads × n × head_dim), rotary applied to queries and keys."""
+        s = self.shape
+        if (entry := self._int8(p + "qkv", h)) is not None:
+            import torch
+
+            out = torch._weight_int8pack_mm(h.reshape(n, s.hidden), *entry)
+            rotated = self._rotate(out[:, :(s.heads + s.kv_heads) * s.head_dim].view(1, n, -1, s.head_dim)
+                                   .transpose(1, 2), cos, sin)
+            v = out[:, (s.heads + s.kv_heads) * s.head_dim:].view(1, n, -1, s.head_dim).transpose(1, 2)
+            return rotated[:, :s.heads], rotated[:, s.heads:], v
+        q, k, v = (self._linear(p + f"self_attn.{x}_proj", h).view(1, n, -1, s.head_dim).transpose(1, 2)
+                   for x in "qkv")
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
+
+    def _mlp(self, p: str, h):
+        import torch.nn.functional as F
+
+        if (entry := self._int8(p + "gate_up", h)) is not None:
+            import torch
+
+            gate, up = torch._weight_int8pack_mm(h.reshape(-1, h.shape[-1]), *entry).chunk(2, dim=-1)
+            return self._linear(p + "mlp.down_proj", (F.silu(gate) * up).view(*h.shape[:-1], -1))
+        return self._linear(p + "mlp.down_proj", F.silu(self._linear(p + "mlp.gate_proj", h))
+                            * self._linear(p + "mlp.up_proj", h))
+
+    def _attend(self, q, keys, values, start: int, n: int):
+        """Attention of ``q`` (1 × heads × n × d) over the cache's first ``start + n`` positions: (1 × n × heads·d)."""
+        import torch
+        import torch.nn.functional as F
+
+        s = self.shape
+        if n > 1:  # a prompt: PyTorch's kernel, as transformers calls it
+            if start:  # is_causal aligns its mask to the first key: right for a prompt from position 0 only
+                raise ValueError("a prompt is prefilled from position 0")
+            attn = F.scaled_dot_product_attention(q, keys[:, :, :start + n].to(q.dtype),
+                                                  values[:, :, :start + n].to(q.dtype), scale=s.head_dim ** -0.5,
+                                                  is_causal=True, enable_gqa=True)
+            return attn.transpose(1, 2).reshape(1, n, -1)
+        # one new token: the flash kernel's steps (fp32 scores, max-shifted exponentials rounded to the model's
+        # dtype for the second product, normalised at the end), each query head grouped with its key/value head
+        k, v = keys[0, :, :start + 1], values[0, :, :start + 1]
+        grouped = q[0, :, 0].reshape(s.kv_heads, s.heads // s.kv_heads, s.head_dim).float()
+        scores = torch.matmul(grouped, k.transpose(1, 2)) * (s.head_dim ** -0.5)
+        weights = (scores - scores.amax(-1, keepdim=True)).exp_()
+        out = torch.matmul(weights.to(q.dtype).float(), v) / weights.sum(-1, keepdim=True)
+        return out.to(q.dtype).reshape(1, 1, -1)
+
     def new_cache(self, length: int):
+        """Keys and values of ``length`` positions for every layer, in fp32 (see the class's note)."""
         import torch
 
         s = self.shape
-        return [(torch.empty(1, s.kv_heads, length, s.head_dim, dtype=self.dtype),
-                 torch.empty(1, s.kv_heads, length, s.head_dim, dtype=self.dtype)) for _ in range(s.layers)]
+        return [(torch.empty(1, s.kv_heads, length, s.head_dim, dtype=torch.float32),
+                 torch.empty(1, s.kv_heads, length, s.head_dim, dtype=torch.float32)) for _ in range(s.layers)]
 
     def forward(self, ids, start: int, cache):
         """Logits (fp32) of the last position of ``ids`` (1 × n), whose first token sits at ``start``; the keys and
         values of positions ``start .. start + n`` are written into ``cache``."""
-        import torch
         import torch.nn.functional as F
 
         s = self.shape
         n = ids.shape[1]
         x = F.embedding(ids, self.w["model.embed_tokens.weight"])
-        cos, sin = self._rotary(torch.arange(start, start + n).unsqueeze(0))
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        half = s.head_dim // 2
+        cos, sin = self._rope(start, n)
         for i in range(s.layers):
             p = f"model.layers.{i}."
             residual = x
-            h = self._norm(p + "input_layernorm", x)
-            q = self._linear(p + "self_attn.q_proj", h).view(1, n, -1, s.head_dim).transpose(1, 2)
-            k = self._linear(p + "self_attn.k_proj", h).view(1, n, -1, s.head_dim).transpose(1, 2)
-            v = self._linear(p + "self_attn.v_proj", h).view(1, n, -1, s.head_dim).transpose(1, 2)
-            q = (q * cos) + (torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin)
-            k = (k * cos) + (torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin)
+            q, k, v = self._qkv(p, self._norm(p + "input_layernorm", x), n, cos, sin)
             keys, values = cache[i]
             keys[:, :, start:start + n] = k
             values[:, :, start:start + n] = v
-            attn = F.scaled_dot_product_attention(q, keys[:, :, :start + n], values[:, :, :start + n],
-                                                  scale=s.head_dim ** -0.5, is_causal=n > 1, enable_gqa=True)
-            attn = attn.transpose(1, 2).reshape(1, n, -1)
-            x = residual + self._linear(p + "self_attn.o_proj", attn)
+            x = residual + self._linear(p + "self_attn.o_proj", self._attend(q, keys, values, start, n))
             residual = x
-            h = self._norm(p + "post_attention_layernorm", x)
-            h = self._linear(p + "mlp.down_proj", F.silu(self._linear(p + "mlp.gate_proj", h))
-                             * self._linear(p + "mlp.up_proj", h))
-            x = residual + h
+            x = residual + self._mlp(p, self._norm(p + "post_attention_layernorm", x))
         x = self._norm("model.norm", x[:, -1:])
         return self._linear("lm_head", x)[:, -1].float()
+
+
+def _fused(q: dict[str, tuple], layers: int) -> dict[str, tuple]:
+    """Each layer's int8 q/k/v and gate/up matrices (and scales) concatenated by rows, as ``<layer>.qkv`` and
+    ``<layer>.gate_up``: a row's product does not depend on its neighbours, so the outputs are the same numbers."""
+    import torch
+
+    groups = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for fused, names in groups.items():
+            parts = [q.pop(p + name) for name in names]
+            q[p + fused] = (torch.cat([w for w, _ in parts]).contiguous(), torch.cat([s for _, s in parts]))
+    return q
 
 
 def quantize_int8(weights: dict) -> dict[str, tuple]:
@@ -304,30 +386,39 @@ class LeanChatModel:
     def generate(self, messages: list[dict[str, str]], sampling: Sampling = Sampling()) -> Generated:
         """One answer, as ``finpipe.evaluation.generation.generate`` produces it: greedy at temperature 0 (argmax of
         the fp32 logits), else repetition penalty, temperature and top-p as transformers applies them."""
-        import torch
-
-        ids = self.tokenizer.encode(messages)
         new: list[int] = []
         started = time.perf_counter()
         prefill_s = None
-        with torch.inference_mode():
-            cache = self.model.new_cache(len(ids) + sampling.max_new_tokens)
-            seen = torch.tensor([ids])
-            logits = self.model.forward(seen, 0, cache)
-            position = len(ids)
-            while True:
-                token = _pick(logits, seen, sampling)
-                new.append(token)
-                prefill_s = prefill_s or time.perf_counter() - started
-                seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
-                if token in self.stops or len(new) >= sampling.max_new_tokens or (
-                        sampling.max_time_s is not None and time.perf_counter() - started > sampling.max_time_s):
-                    break
-                logits = self.model.forward(seen[:, -1:], position, cache)
-                position += 1
+        for token in self.tokens(messages, sampling):
+            new.append(token)
+            prefill_s = prefill_s or time.perf_counter() - started
+            if token in self.stops or len(new) >= sampling.max_new_tokens or (
+                    sampling.max_time_s is not None and time.perf_counter() - started > sampling.max_time_s):
+                break
         seconds = time.perf_counter() - started
         return Generated(text=self.tokenizer.decode(new).strip(), new_tokens=len(new), seconds=seconds,
                          prefill_s=prefill_s)
+
+    def tokens(self, messages: list[dict[str, str]], sampling: Sampling = Sampling()):
+        """The answer's token ids, one at a time, for as long as the caller asks (stops, limits and cancellation are
+        the caller's; the cache holds ``max_new_tokens`` of them)."""
+        import torch
+
+        ids = self.tokenizer.encode(messages)
+        with torch.inference_mode():  # entered per step: a generator's caller must not run inside it
+            cache = self.model.new_cache(len(ids) + sampling.max_new_tokens)
+            seen = torch.tensor([ids])
+            token = _pick(self.model.forward(seen, 0, cache), seen, sampling)
+        position = len(ids)
+        while True:
+            yield token
+            if position >= len(ids) + sampling.max_new_tokens - 1:
+                return
+            with torch.inference_mode():
+                if sampling.repetition_penalty != 1.0:  # only the penalty reads the tokens seen so far
+                    seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
+                token = _pick(self.model.forward(torch.tensor([[token]]), position, cache), seen, sampling)
+            position += 1
 
 
 def _pick(logits, seen, sampling: Sampling) -> int:

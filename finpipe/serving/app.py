@@ -107,10 +107,10 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
     from finpipe.serving.models import ModelStore
     from finpipe.serving.verify import grounding_as_dict
 
-    store = ModelStore(lake_dir, capacity=spec.models_in_memory, log=log, decode=spec, engine=spec.engine,
-                       gguf=spec.gguf or None)
-    snapshot = LakeSnapshot(Path(lake_dir) / LAKE_DB_NAME, log=log)
     engine = Engine(batch_size=spec.batch_size, queue_limit=spec.queue_limit, log=log)
+    store = ModelStore(lake_dir, capacity=spec.models_in_memory, log=log, decode=spec, engine=spec.engine,
+                       gguf=spec.gguf or None, compute=engine.call)
+    snapshot = LakeSnapshot(Path(lake_dir) / LAKE_DB_NAME, log=log)
     started_at = time.time()
     app = FastAPI(title="finpipe", version="1", docs_url=None, redoc_url=None)
     app.add_middleware(HostAllowlist, allowed=allowed_hosts(spec.allowed_hosts, spec.host), log=log)
@@ -170,6 +170,7 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
                 "lake": str(Path(lake_dir).resolve()), "on_unverified": spec.on_unverified,
                 "decode_weights": spec.decode_weights, "engine_setting": spec.engine,
                 "engine": champion.engine if champion else None,
+                "decoder": champion.decoder if champion and champion.engine == "torch" else None,
                 "precision": champion.precision if champion else None,
                 "gguf": str(champion.gguf.path) if champion and champion.gguf else None,
                 "engine_note": store.engine_note, "torch_precision": store.precision_line(),
@@ -317,8 +318,8 @@ def create_app(lake_dir: Path, spec: ServeSpec = ServeSpec(), log=print):
         loaded = await asyncio.to_thread(store.load, *target)
 
         if req.stream and spec.on_unverified == "flag":
-            if loaded.engine == "llama.cpp":
-                from finpipe.serving.gguf_engine import TextStream
+            if loaded.engine == "llama.cpp" or loaded.decoder == "lean":
+                from finpipe.serving.engine import TextStream
 
                 streamer = TextStream()
             else:

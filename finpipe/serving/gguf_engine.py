@@ -14,7 +14,6 @@ imported, and the import edge (``_llama_cpp``) turns its absence into one line n
 from __future__ import annotations
 
 import importlib.util
-import queue
 import random
 import time
 from dataclasses import dataclass, field
@@ -69,32 +68,6 @@ def load(path: Path, threads: int) -> GgufModel:
     return GgufModel(llm, Path(path), precision, int(llm.n_ctx()), threads)
 
 
-class TextStream:
-    """A streamed answer's text pieces, as the server reads a transformers ``TextIteratorStreamer``: iterate until
-    ``end``."""
-
-    _END = object()
-
-    def __init__(self) -> None:
-        self._pieces: queue.Queue = queue.Queue()
-
-    def put_text(self, text: str) -> None:
-        if text:
-            self._pieces.put(text)
-
-    def end(self) -> None:
-        self._pieces.put(self._END)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        piece = self._pieces.get()
-        if piece is self._END:
-            raise StopIteration
-        return piece
-
-
 def _prefill_system_turn(model: GgufModel, tokenizer, messages: list[dict[str, str]], prompt: list[int]) -> None:
     """Leave llama.cpp's KV cache holding exactly the prompt's system turn (the same for every question: about a
     quarter of a grounded prompt), evaluated alone from position 0 unless it already is; ``generate`` then evaluates
@@ -120,52 +93,27 @@ def _prefill_system_turn(model: GgufModel, tokenizer, messages: list[dict[str, s
 
 
 def generate(model: GgufModel, tokenizer, messages: list[dict[str, str]], sampling: Sampling, *, stop=(),
-             cancel=None, seed: int | None = None, streamer: TextStream | None = None) -> Generated:
+             cancel=None, seed: int | None = None, streamer=None) -> Generated:
     """One answer, token by token, until an end-of-turn token, ``max_new_tokens``, ``max_time_s``, one of ``stop``
     (strings), or ``cancel`` (an Event) is set. ``new_tokens`` counts the end-of-turn token, as the PyTorch engine's
     ``generate`` does; the text is decoded by finpipe's tokenizer without special tokens, stripped."""
     from finpipe.evaluation.generation import stop_token_ids
-    from finpipe.serving.engine import stop_reached
-    from finpipe.serving.protocol import find_stop
+    from finpipe.serving.engine import follow_tokens
 
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                            return_dict=True)["input_ids"]
-    ends = set(stop_token_ids(tokenizer))
     llm = model.llm
     greedy = sampling.temperature <= 0
     if not greedy:  # a seed given: the same answer for the same request; none: a fresh draw (never the last seed)
         llm.set_seed(seed if seed is not None else random.getrandbits(31))
     started = time.perf_counter()
-    ids: list[int] = []
-    sent = ""  # the text streamed so far
     _prefill_system_turn(model, tokenizer, messages, list(prompt))
     tokens = llm.generate(list(prompt), temp=sampling.temperature if not greedy else 0.0,
                           top_p=sampling.top_p if not greedy else 1.0, top_k=0, min_p=0.0, typical_p=1.0,
                           repeat_penalty=sampling.repetition_penalty, reset=True)
-    ended = False
     try:
-        for token in tokens:
-            ids.append(int(token))
-            if token in ends:
-                ended = True
-                break
-            text = None
-            if streamer is not None:
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                if not text.endswith("\ufffd"):  # a character still incomplete: wait for its other bytes
-                    streamer.put_text(text[len(sent):])
-                    sent = text
-            if stop and (find_stop(text, tuple(stop)) is not None if text is not None
-                         else stop_reached(tokenizer, ids, tuple(stop))):
-                break
-            if len(ids) >= sampling.max_new_tokens or (cancel is not None and cancel.is_set()) or (
-                    sampling.max_time_s is not None and time.perf_counter() - started > sampling.max_time_s):
-                break
+        return follow_tokens(tokens, lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                             set(stop_token_ids(tokenizer)), sampling, started, stop=stop, cancel=cancel,
+                             streamer=streamer)
     finally:
         tokens.close()  # leaves llama.cpp's state consistent for the next request
-    seconds = time.perf_counter() - started
-    kept = ids[:-1] if ended else ids
-    text = tokenizer.decode(kept, skip_special_tokens=True)
-    if streamer is not None:
-        streamer.put_text(text[len(sent):] if text.startswith(sent) else "")
-    return Generated(text=text.strip(), new_tokens=len(ids), seconds=seconds)

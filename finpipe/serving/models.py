@@ -40,11 +40,14 @@ class LoadedModel:
     engine: str = "torch"  # or "llama.cpp"
     precision: str = ""  # "bfloat16, int8 decode steps", "q8_0", ...
     gguf: object | None = None  # the GgufRecord it runs
+    decoder: str = "transformers"  # on PyTorch: "lean" (finpipe.inference.lean, a merged folder) or "transformers"
 
     @property
     def context_length(self) -> int:
         if self.engine == "llama.cpp":
             return self.model.n_ctx
+        if self.decoder == "lean":
+            return self.model.context
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
 
@@ -55,8 +58,11 @@ def _key(model_id: str, gguf) -> str:
 
 class ModelStore:
     def __init__(self, lake_dir: Path, capacity: int = 2, log=print, decode=None, engine: str = "torch",
-                 gguf: str | None = None):
+                 gguf: str | None = None, compute=None):
         self.lake_dir, self.capacity, self.log = Path(lake_dir), capacity, log
+        # runs a load (or the precision measurement) where the models compute: the server passes the generation
+        # thread's ``Engine.call`` (see there why); called directly otherwise
+        self.compute = compute or (lambda fn: fn())
         self.decode = decode  # a DecodeSpec: int8 decode steps on a CPU
         self.engine = check_engine(engine)  # how the champion runs: auto, torch or llama.cpp
         self.gguf = gguf  # a GGUF file given by hand for the champion (serve --gguf)
@@ -212,8 +218,8 @@ class ModelStore:
                 if key in self._loaded:
                     return self._loaded[key]
             try:
-                loaded = self._load_gguf(model_id, base, adapter, gguf) if gguf is not None \
-                    else self._load(model_id, base, adapter)
+                loaded = self.compute(lambda: self._load_gguf(model_id, base, adapter, gguf) if gguf is not None
+                                      else self._load(model_id, base, adapter))
             except ApiError:
                 raise
             except Exception as exc:  # a missing or corrupt adapter: the request gets why, the server keeps going
@@ -245,17 +251,21 @@ class ModelStore:
         """PyTorch's precision for every model this server loads, decided once (the first time it is needed: at the
         start when the champion runs on PyTorch): ``runtime.inference_dtype`` measures whether bf16 pays on this CPU,
         and a measurement taken later, under load, could decide otherwise for a reloaded champion."""
+        if self._dtype is None:
+            self.compute(self._decide_dtype)  # never waited for under the lock: the decision may run on another thread
+        return self._dtype
+
+    def _decide_dtype(self) -> None:
+        import os
+
+        from finpipe import runtime
+
         with self._deciding:
             if self._dtype is None:
-                import os
-
-                from finpipe import runtime
-
                 device = runtime.accelerator()
                 self._dtype = runtime.inference_dtype(device)
                 if device == "cpu" and runtime.cpu_supports_bf16() and os.environ.get("FINPIPE_CPU_BF16") not in ("0", "1"):
                     self.bf16_speedup = runtime.cpu_bf16_speedup()
-            return self._dtype
 
     def precision_line(self) -> str | None:
         """The PyTorch precision decision in words, None before it is made."""
@@ -272,13 +282,52 @@ class ModelStore:
 
         started = time.perf_counter()
         self._require_base(base)
+        label = f"adapter {model_id} on {base['name']}" if adapter else f"base {base['name']}"
+        dtype = self.torch_dtype()
+        folder = self._lean_folder(model_id, base, adapter, dtype)
+        if folder is not None:
+            from finpipe.inference.lean import LeanChatModel
+
+            int8 = self.decode is not None and self.decode.int8_on("cpu")
+            model = LeanChatModel(folder, int8=int8)
+            precision = model.weights + (", int8 decode steps" if model.model.int8 else "")
+            self.log(f"loaded {model_id} in {time.perf_counter() - started:.1f} s (PyTorch, {precision}, lean decoder "
+                     f"on {folder})")
+            return LoadedModel(model_id, label, model, self._tokenizer(model_id, base, adapter), base, adapter,
+                               engine="torch", precision=precision, decoder="lean")
         model, tokenizer = load_chat_model(base["path"], adapter, merge=adapter is not None, decode=self.decode,
-                                           dtype=self.torch_dtype())
+                                           dtype=dtype)
         precision = str(next(model.parameters()).dtype).removeprefix("torch.") + \
             (", int8 decode steps" if uses_int8_decode(model) else "")
         self.log(f"loaded {model_id} in {time.perf_counter() - started:.1f} s (PyTorch, {precision})")
-        label = f"adapter {model_id} on {base['name']}" if adapter else f"base {base['name']}"
         return LoadedModel(model_id, label, model, tokenizer, base, adapter, engine="torch", precision=precision)
+
+    def _lean_folder(self, model_id: str, base: dict, adapter: str | None, dtype) -> Path | None:
+        """The merged folder an adapter is decoded from by the lean decoder (as ``ask`` does, so both give the same
+        text), or None for transformers: on a GPU, for the base model, for an architecture it does not mirror, and
+        for a non-champion run not merged yet (merging it here would push the champion's folder out of the cache).
+        The champion's folder is written at promotion; an older lake's is merged now, once."""
+        from finpipe import runtime
+        from finpipe.inference import lean
+        from finpipe.models import merged
+
+        if adapter is None or runtime.accelerator() != "cpu":
+            return None
+        said = str(dtype).removeprefix("torch.")
+        folder = merged.cached(self.lake_dir, model_id, Path(base["path"]), Path(adapter), said)
+        if folder is None and model_id == self._pointed_champion():
+            folder = merged.build(self.lake_dir, model_id, Path(base["path"]), Path(adapter), said, log=self.log)
+        return folder if folder is not None and lean.supports(folder) is None else None
+
+    def _pointed_champion(self) -> str | None:
+        """The run the champion pointer names now (the one being loaded to become current), None if unreadable."""
+        from finpipe.models import registry
+
+        try:
+            return registry.read_pointer(registry.champion_pointer(self.lake_dir),
+                                         required=registry.ADAPTER_POINTER_FIELDS)["run_id"]
+        except (FileNotFoundError, ValueError):
+            return None
 
     def _load_gguf(self, model_id: str, base: dict, adapter: str | None, gguf) -> LoadedModel:
         """The run's GGUF export in llama.cpp, after checking the file is the one its export recorded; with finpipe's
