@@ -191,6 +191,9 @@ def generate_batch(model, tokenizer, chats: list[list[dict[str, str]]], sampling
             texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
+            if progress is not None and i == 0:  # the ticker's first line comes every_s after this: say it began
+                progress(f"  answers 1-{len(chunk)} of {len(chats)}: generating, at most {sampling.max_new_tokens} "
+                         "tokens each")
             started = time.perf_counter()
             scored: list[tuple[float | None, int]] = [(None, 0)] * len(chunk)
             cache = None
