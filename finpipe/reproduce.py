@@ -89,7 +89,11 @@ def recorded_inputs(lake_dir: Path, training_report: dict, base_dir: str | Path,
                                          "warm_start": training_report.get("warm_start"),
                                          "init_tokens": (training_report.get("cumulative_train_tokens") or 0)
                                          - (training_report.get("train_tokens") or 0),
-                                         "steps": training_report.get("steps")}, sort_keys=True),
+                                         "steps": training_report.get("steps"),
+                                         # the clock's decisions, replayed by a reproduction (ScheduleReplay)
+                                         "lr_factors": training_report.get("lr_factors") or None,
+                                         "eval_losses": training_report.get("eval_losses") or None},
+                                        sort_keys=True),
         "base_model_sha256": base_model_sha256(base_dir),
         "code_version": code_version(),
     }
@@ -347,17 +351,28 @@ def _reason(lake, row: dict, difference: dict | None) -> str:
 def _retrain_and_compare(row: dict, report: ReproReport, evaluation: dict, base_dir: str, adapter_dir: Path,
                          train, val, golden, scratch: Path, log) -> None:
     from finpipe.evaluation.evaluate import HEADLINE_METRICS, EvalSpec, evaluate_model
+    from finpipe.training.budget import ScheduleReplay
     from finpipe.training.sft import train_adapter
     from finpipe.training.spec import AdapterSpec
 
     recorded = json.loads(row["adapter_spec_json"])
     spec = AdapterSpec(**recorded["spec"])
-    if spec.max_minutes > 0 and recorded.get("steps"):  # a clock cannot be replayed: its step count can
-        report.notes.append(
-            f"the run was budgeted by time ({spec.max_minutes} min, {recorded['steps']} steps on its machine): "
-            f"retrained for {recorded['steps']} steps, with the learning-rate schedule following steps instead of "
-            "the clock, so the weights are not expected to be bit-identical; the metrics' intervals are the check")
-        spec = replace(spec, max_minutes=0.0, max_steps=int(recorded["steps"]))
+    schedule = None
+    if spec.max_minutes > 0 and recorded.get("steps"):
+        schedule = ScheduleReplay.of(recorded)
+        if schedule is not None and spec.processes == 1:  # the clock's decisions replayed: the same training
+            report.notes.append(
+                f"the run was budgeted by time ({spec.max_minutes} min): its {schedule.steps} steps, the learning "
+                f"rate of each and its evaluations at steps {sorted(schedule.eval_steps)} are replayed, so on the "
+                "same machine and library versions the weights can be bit-identical")
+        else:  # recorded before finpipe kept the schedule, or on several ranks: its step count only
+            schedule = None
+            report.notes.append(
+                f"the run was budgeted by time ({spec.max_minutes} min, {recorded['steps']} steps on its machine) "
+                "and its learning-rate schedule was not recorded (or it trained on several ranks): retrained for "
+                "its steps with the schedule following steps instead of the clock, so the weights are not expected "
+                "to be bit-identical; the metrics' intervals are the check")
+            spec = replace(spec, max_minutes=0.0, max_steps=int(recorded["steps"]))
     init_adapter = recorded.get("warm_start")
     if init_adapter and not Path(init_adapter).exists():
         report.notes.append(f"the run warm-started from {init_adapter}, which is gone: retrained from scratch")
@@ -371,7 +386,7 @@ def _retrain_and_compare(row: dict, report: ReproReport, evaluation: dict, base_
                            log=log, init_adapter=init_adapter, init_tokens=recorded.get("init_tokens") or 0)
     else:
         train_adapter(base_dir, train, val, scratch / "job", new_dir, spec, log=log, init_adapter=init_adapter,
-                      init_tokens=recorded.get("init_tokens") or 0)
+                      init_tokens=recorded.get("init_tokens") or 0, schedule=schedule)
     report.trained = True
     report.weights = compare_weights(adapter_dir, new_dir)
     if not evaluation:

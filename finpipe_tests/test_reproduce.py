@@ -7,7 +7,8 @@ import json
 from finpipe_tests.helpers import cli
 
 EVAL = {"golden_per_family": 2, "loss_samples": 14, "max_new_tokens": 1}
-TRAIN = {"quantization": "none", "max_minutes": 0, "max_steps": 4, "eval_points": 1, "max_val_samples": 8,
+# a time budget, as the Quickstart's: its clock's decisions (steps, learning rates, evaluations) are replayed
+TRAIN = {"quantization": "none", "max_minutes": 0.04, "max_steps": 0, "max_epochs": 50, "eval_points": 2, "max_val_samples": 8,
          "max_train_samples": 48, "batch_size": 4, "learning_rate": 5e-3, "max_seq_len": 512,
          "early_stopping_patience": 0, "curve_answers_per_family": 0}
 
@@ -50,8 +51,10 @@ def test_a_promoted_run_reproduces_and_a_changed_lake_names_the_first_differing_
     assert code == 0, out
     assert "train identical" in out and "val   identical" in out and "1 newer rows left out" in out
     assert out.rstrip().splitlines()[-1].startswith("identical data, metrics within interval (")
-    # same seed, same data, same CPU and torch build, same process: the retrained adapter is bit-identical
-    assert "weights: bit-identical" in out, out
+    # same seed, same data, same CPU and torch build, same process, the clock's schedule replayed: bit-identical
+    report = json.loads((registry.adapters_dir(isolated_lake) / champion["run_id"] / "training_report.json").read_text())
+    assert report["stopped_by"] == "time" and len(report["lr_factors"]) >= report["steps"] > 0
+    assert "are replayed" in out and "weights: bit-identical" in out, out
     assert "number_correctness: reproduced" in out
     # it touched nothing of the run's and left no scratch folder behind
     assert sorted(p.name for p in (registry.adapters_dir(isolated_lake) / champion["run_id"]).rglob("*")) == recorded_adapter

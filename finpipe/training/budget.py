@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK_FILE = "clock.json"
@@ -38,6 +39,25 @@ def lr_factor(progress: float, warmup_ratio: float, schedule: str = "cosine") ->
     return 0.5 * (1 + math.cos(math.pi * decay))
 
 
+@dataclass(frozen=True)
+class ScheduleReplay:
+    """What a time-budgeted run's clock decided, recorded in its training report, so the run can be retrained the
+    same way on a steps budget: its step count, the learning-rate factor of each scheduler step, and the steps at
+    which it evaluated (and checkpointed: the best evaluation's weights are the adapter)."""
+
+    steps: int
+    lr_factors: tuple[float, ...]
+    eval_steps: frozenset[int]
+
+    @classmethod
+    def of(cls, training_report: dict) -> "ScheduleReplay | None":
+        factors, steps = training_report.get("lr_factors"), training_report.get("steps")
+        if not factors or not steps:
+            return None
+        evals = frozenset(int(step) for step, _ in training_report.get("eval_losses") or [] if int(step) > 0)
+        return cls(int(steps), tuple(float(f) for f in factors), evals)
+
+
 def budget_callback_class():
     from transformers import TrainerCallback
 
@@ -48,9 +68,14 @@ def budget_callback_class():
         and exposes ``lr_factor()`` to the scheduler."""
 
         def __init__(self, max_minutes: float, max_steps: int, max_epochs: float, eval_points: int,
-                     warmup_ratio: float, job_dir: Path, schedule: str = "cosine", log=None):
+                     warmup_ratio: float, job_dir: Path, schedule: str = "cosine", log=None,
+                     replay: ScheduleReplay | None = None):
             self.budget_s = max_minutes * 60
             self.max_steps, self.max_epochs = max_steps, max_epochs
+            self.replay = replay
+            if replay is not None:  # a recorded run's steps, learning rates and evaluations; the clock plays no part
+                self.budget_s, self.max_steps, self.max_epochs = 0.0, replay.steps, 0.0
+            self.lr_given: list[float] = []  # every factor handed to the scheduler, in order: what a replay needs
             self.eval_points, self.warmup_ratio, self.schedule = eval_points, warmup_ratio, schedule
             self.job_dir = Path(job_dir)
             self.elapsed_before = self._saved_elapsed()
@@ -82,7 +107,13 @@ def budget_callback_class():
             return max(parts)
 
         def lr_factor(self) -> float:
-            return lr_factor(self.progress(), self.warmup_ratio, self.schedule)
+            if self.replay is not None and self.replay.lr_factors:
+                given = self.replay.lr_factors
+                value = given[min(len(self.lr_given), len(given) - 1)]
+            else:
+                value = lr_factor(self.progress(), self.warmup_ratio, self.schedule)
+            self.lr_given.append(value)
+            return value
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.step, self.epoch = state.global_step, state.epoch or 0.0
@@ -110,6 +141,8 @@ def budget_callback_class():
                 self.log(f"training: {min(progress, 1.0):.0%} of the budget (step {state.global_step}, "
                          f"{int(state.num_input_tokens_seen or 0):,} tokens{left})")
             mark = min(self.eval_points, int(progress * self.eval_points + 1e-9))
+            if self.replay is not None:  # evaluations where the recorded run had them: the best one is kept
+                mark = self.marks_done + (state.global_step in self.replay.eval_steps)
             if mark > self.marks_done:
                 self.marks_done = mark
                 control.should_evaluate = control.should_save = True

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 from finpipe.instructions.balance import balance_by_label
 from finpipe.instructions.samples import Sample
 from finpipe.models.files import atomic_dir, folder_size
+from finpipe.training.budget import ScheduleReplay
 from finpipe.training.device import DevicePlan, plan_device
 from finpipe.training.launch import gpus_outnumbered, share_gpus_if_outnumbered
 from finpipe.training.memory import RssPeak, cap_matmul_caches
@@ -72,6 +73,8 @@ class TrainReport:
     cumulative_train_tokens: int = 0  # this run's tokens plus those of the adapter it warm-started from
     train_samples: int = 0  # after label balancing
     processes: int = 1  # the ranks that trained it (torch.distributed), each on its share of every global batch
+    # the learning-rate factor of every scheduler step, as the budget's clock decided them (``ScheduleReplay``)
+    lr_factors: list[float] = field(default_factory=list)
 
 
 #: answer positions projected through the vocabulary at a time: a chunk's logits are the loss's only
@@ -430,12 +433,14 @@ def train_adapter(
     init_adapter: str | Path | None = None,
     init_tokens: int = 0,
     replay_cache: Path | None = None,
+    schedule: ScheduleReplay | None = None,
 ) -> TrainReport:
     """Train and save an adapter. ``init_adapter``: continue from an existing adapter's weights (warm start,
     e.g. the champion: the nightly run refines yesterday's adapter on the new data); its method and shape win;
     ``init_tokens``: the tokens it was trained on, so the learning curve counts cumulatively. The general replay set
     (``spec.general_replay_share``) is the base's own answers, cached in ``replay_cache`` (default: beside job_dir).
-    ``spec.method`` picks the PEFT method (``finpipe.training.peft_methods.build_peft_config``)."""
+    ``spec.method`` picks the PEFT method (``finpipe.training.peft_methods.build_peft_config``). ``schedule``: a
+    recorded run's steps, learning rates and evaluations, replayed instead of the budget's clock (``reproduce``)."""
     from transformers import AutoConfig
 
     from finpipe.models.safe_loading import load_tokenizer
@@ -474,7 +479,7 @@ def train_adapter(
     # 4. the trainer: TRL's SFTTrainer with the budget's schedule, evaluations and stop
     job_dir.mkdir(parents=True, exist_ok=True)
     run = build_trainer(spec, plan, data, model, peft_config, method, method_callbacks, tokenizer, job_dir,
-                        init_tokens, callbacks, log)
+                        init_tokens, callbacks, log, schedule)
     trainer = run.trainer
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     share_gradients(trainer)
@@ -519,7 +524,7 @@ def train_adapter(
         peak_rss_delta_mb=round(rss.delta_mb, 1), method_facts=method_facts, device_plan=plan.as_dict(),
         max_seq_len=data.max_seq_len, stopped_by=run.budget.stopped_by, curve=run.curve.points,
         cumulative_train_tokens=init_tokens + tokens, train_samples=len(data.train),
-        processes=trainer.args.world_size,
+        processes=trainer.args.world_size, lr_factors=list(run.budget.lr_given),
     )
     save_adapter(trainer, tokenizer, report, job_dir, adapter_dir)
     return report
@@ -535,7 +540,7 @@ class _TrainerRun:
 
 def build_trainer(spec: AdapterSpec, plan: DevicePlan, data: _Data, model, peft_config, method: str,
                   method_callbacks: list, tokenizer, job_dir: Path, init_tokens: int, callbacks: Sequence,
-                  log) -> _TrainerRun:
+                  log, schedule: ScheduleReplay | None = None) -> _TrainerRun:
     """TRL's SFTTrainer with finpipe's answer-only loss, the method's trainer class, the time budget's schedule
     and stop, the strict learning curve, early stopping and TensorBoard logs in the job folder."""
     import datasets
@@ -556,7 +561,7 @@ def build_trainer(spec: AdapterSpec, plan: DevicePlan, data: _Data, model, peft_
     main_process = config.process_index == 0
     tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(job_dir / "runs")) if main_process else None)
     budget = budget_callback_class()(spec.max_minutes, spec.max_steps, spec.max_epochs, spec.eval_points,
-                                     spec.warmup_ratio, job_dir, spec.lr_schedule, log=log)
+                                     spec.warmup_ratio, job_dir, spec.lr_schedule, log=log, replay=schedule)
     curve = curve_callback_class()(tokenizer, data.curve, CURVE_MAX_NEW_TOKENS, job_dir, init_tokens, log)
     to_ds = lambda samples: datasets.Dataset.from_list([{"messages": s.messages} for s in samples])  # noqa: E731
     trainer = budgeted_trainer_class(peft_methods.trainer_class(method, answer_loss_trainer_class(SFTTrainer)))(
