@@ -268,6 +268,11 @@ def test_evaluate_report_promote_then_refuse_a_worse_challenger_and_survive_a_fa
                       "champion") < html.index("<ul>")
     assert markdown.splitlines()[2].startswith("> **Promoted: this adapter is the new champion.")
     assert "> this adapter: golden number correctness " in markdown and "forgetting probe" in markdown.splitlines()[3]
+    # the UI's popup gets the head only (its dialog focuses Close at the bottom: a long one opened scrolled down)
+    ui = report["report"]
+    assert ui.splitlines()[:3] == markdown.splitlines()[:3] and "## Golden set, strict metrics" in ui
+    assert "| number correctness |" in ui and "Sample golden answers" not in ui and "trained as" not in ui
+    assert ui.rstrip().endswith(f"`{report['html']}`") and len(ui.splitlines()) < 40
     for section in ("number correctness", "label correctness", "exact match", "Training wording vs held-out wording",
                     "Forgetting probe", "Learning curve: strict metrics vs training tokens", "promote: first champion",
                     "trained as", "LoRA (unquantized base)"):

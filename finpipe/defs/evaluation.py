@@ -10,7 +10,7 @@ import polars as pl
 
 from finpipe.defs.config import config_class
 from finpipe.defs.datasets import dataset_files, split_and_golden
-from finpipe.defs.metadata import markdown_table, markdown_with_inline_images, tracking_metadata
+from finpipe.defs.metadata import markdown_table, tracking_metadata
 from finpipe.defs.models import qlora_adapter
 from finpipe.defs.resources import LAKE_WRITER_POOL, LAKE_WRITER_TAGS, LakeResource, TrackingResource
 from finpipe.evaluation.challenger import EVALUATION_FILE, evaluation_dir
@@ -174,14 +174,14 @@ def adapter_keeps_general_skills(lake: LakeResource) -> dg.AssetCheckResult:
 )
 def evaluation_report(context: dg.AssetExecutionContext, lake: LakeResource,
                       tracking: TrackingResource) -> dg.MaterializeResult:
-    from finpipe.evaluation.report import render_evaluation
+    from finpipe.evaluation.report import render_evaluation, summary_markdown
 
     evaluation = read_evaluation(lake)
     out = evaluation_dir(evaluation["adapter_path"])
     decision = _decision(evaluation)
     training = json.loads((Path(evaluation["adapter_path"]) / "training_report.json").read_text())
     md_path, html_path, images = render_evaluation(evaluation, training, decision, out)
-    ui_markdown = markdown_with_inline_images(md_path.read_text(), images)
+    ui_markdown = summary_markdown(md_path.read_text(), html_path)
     tracked = {}
     if tracking.enabled:
         from finpipe.tracking import log_report

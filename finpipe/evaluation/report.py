@@ -385,6 +385,26 @@ def render_evaluation(evaluation: dict, training: dict, decision, out_dir: Path)
     return md_path, html_path, images
 
 
+#: the report's sections the Dagster UI shows (``summary_markdown``); the rest is in the HTML and Markdown files
+SUMMARY_SECTIONS = ("Golden set, strict metrics", "End to end:")
+
+
+def summary_markdown(report_md: str, full_report: Path) -> str:
+    """The report's head for the Dagster UI's Markdown popup: the verdict and the two headline tables, without their
+    notes, and where the whole report is. Why short: the UI's dialog focuses its Close button, at the bottom, so a
+    long report opened scrolled to its end; this one fits the window."""
+    head, *sections = report_md.split("\n## ")
+    keep = [head.split("\n- **", 1)[0].rstrip()]  # the title and the verdict, not the run's particulars
+    for section in sections:
+        title, _, body = section.partition("\n")
+        if title.startswith(SUMMARY_SECTIONS):
+            table = [line for line in body.splitlines() if line.startswith("|")]
+            keep += ["", f"## {title}", ""] + table
+    keep += ["", f"Everything else (the run's particulars, differences, forgetting, charts, sample answers): "
+             f"`{full_report}`"]
+    return "\n".join(keep)
+
+
 def _part_counts(evaluation: dict) -> dict[str, int]:
     rows = (evaluation.get("golden_answers") or {}).get("adapter") or []
     counts: dict[str, int] = {}
