@@ -496,3 +496,30 @@ def test_engine_call_runs_loads_on_the_generation_thread_and_hands_back_errors()
         assert engine.stop(5.0)
     with pytest.raises(RuntimeError, match="stopping"):
         engine.call(lambda: 1)
+
+
+def test_the_champion_runs_on_the_lean_decoder_and_a_folder_finpipe_did_not_write_is_left_alone(champion,
+                                                                                                isolated_lake):
+    """On a CPU the champion is merged once (as `ask` does) and decoded by the lean decoder; a folder of the user's
+    where the merged one would go is never replaced: the champion then runs on transformers."""
+    from finpipe.evaluation.generation import DecodeSpec
+    from finpipe.models.merged import STAMP, merged_root
+    from finpipe.serving.models import ModelStore
+
+    user_folder = merged_root(isolated_lake) / champion["run_id"]
+    user_folder.mkdir(parents=True)
+    (user_folder / "my-notes.txt").write_text("mine")
+    lines: list[str] = []
+    store = ModelStore(isolated_lake, decode=DecodeSpec(), log=lines.append)
+    assert store.check_champion()
+    assert store.champion_model().decoder == "transformers"
+    assert (user_folder / "my-notes.txt").read_text() == "mine" and not (user_folder / STAMP).exists()
+    assert any(line.startswith(f"not merging {champion['run_id']}:") for line in lines), lines
+
+    (user_folder / "my-notes.txt").unlink()
+    user_folder.rmdir()
+    fresh = ModelStore(isolated_lake, decode=DecodeSpec(), log=lines.append)
+    assert fresh.check_champion()
+    loaded = fresh.champion_model()
+    assert loaded.decoder == "lean" and (user_folder / STAMP).exists()
+    assert loaded.context_length == loaded.model.context

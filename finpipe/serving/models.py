@@ -316,7 +316,11 @@ class ModelStore:
         said = str(dtype).removeprefix("torch.")
         folder = merged.cached(self.lake_dir, model_id, Path(base["path"]), Path(adapter), said)
         if folder is None and model_id == self._pointed_champion():
-            folder = merged.build(self.lake_dir, model_id, Path(base["path"]), Path(adapter), said, log=self.log)
+            try:
+                folder = merged.build(self.lake_dir, model_id, Path(base["path"]), Path(adapter), said, log=self.log)
+            except ValueError as exc:  # a folder finpipe did not write is in the way: left alone, transformers
+                self.log(f"not merging {model_id}: {exc}")
+                return None
         return folder if folder is not None and lean.supports(folder) is None else None
 
     def _pointed_champion(self) -> str | None:
