@@ -232,8 +232,12 @@ class Tracker:
             self._probe()
         elif self.uri.startswith("sqlite:///") and self.uri.removeprefix("sqlite:///") not in ("", ":memory:"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)  # SQLite makes no folder
+        import logging
+
         from mlflow import MlflowClient
 
+        # a new SQLite store says "Updating database tables" at INFO in the middle of the training step's output
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
     def _probe(self) -> None:
