@@ -160,6 +160,17 @@ def sample_texts(samples) -> list[str]:
 
 
 @contextlib.contextmanager
+def baseline_worktree(rev: str, where: Path):
+    """A detached git worktree of ``rev`` at ``where`` (for a baseline measured against this tree), removed after."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["git", "worktree", "add", "--detach", str(where), rev], cwd=root, check=True, capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(where)], cwd=root, capture_output=True)
+
+
+@contextlib.contextmanager
 def quiet_session(threads: int | None = None):
     """For one benchmark run: ``threads`` torch intra-op threads (None = leave as is), no progress bars or info logs
     from datasets / transformers, no FutureWarnings; everything restored afterwards (the quick modes run inside the

@@ -77,14 +77,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     machine = _common.machine(torch_needed=False)
     with tempfile.TemporaryDirectory(prefix="finpipe-bench-parity-") as tmp:
-        worktree = Path(tmp) / "baseline"
-        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.baseline], cwd=ROOT, check=True,
-                       capture_output=True)
-        try:
+        with _common.baseline_worktree(args.baseline, Path(tmp) / "baseline") as worktree:
             current = _run_tree(ROOT, Path(tmp) / "current.json", args.limit)
             baseline = _run_tree(worktree, Path(tmp) / "baseline.json", args.limit)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, capture_output=True)
     differing = [{"baseline": baseline["texts"][k], "current": text} for k, text in current["texts"].items()
                  if baseline["texts"].get(k) != text]
     rows = [{"tree": name, "answers": len(r["texts"]), "tokens": r["tokens"], "seconds": round(r["seconds"], 1),

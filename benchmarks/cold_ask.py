@@ -14,6 +14,7 @@ One warm-up run of each fills the page cache and the merged-weights caches; it i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -81,24 +82,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": _common.machine(torch_needed=False), "question": args.question,
                               "runs": args.runs}
     trees = {"current": (ROOT, lake, True)}
-    with tempfile.TemporaryDirectory(prefix="finpipe-cold-ask-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="finpipe-cold-ask-") as tmp, contextlib.ExitStack() as stack:
         if args.baseline:
-            worktree = Path(tmp) / "baseline"
-            subprocess.run(["git", "worktree", "add", "--detach", str(worktree), args.baseline], cwd=ROOT, check=True,
-                           capture_output=True)
+            worktree = stack.enter_context(_common.baseline_worktree(args.baseline, Path(tmp) / "baseline"))
             # a revision before `--timings` existed: wall time and its own generation time only
             trees[f"baseline {args.baseline}"] = (worktree, _lake_copy(lake, Path(tmp) / "baseline_lake"), False)
-        try:
-            for tree, tree_lake, timed in trees.values():
-                _run(tree, tree_lake, args.question, timed)  # warm-up: page cache, merged weights
-            rows: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
-            for _ in range(args.runs):
-                for name, (tree, tree_lake, timed) in trees.items():
-                    rows[name].append(_run(tree, tree_lake, args.question, timed))
-        finally:
-            if args.baseline:
-                subprocess.run(["git", "worktree", "remove", "--force", str(Path(tmp) / "baseline")], cwd=ROOT,
-                               capture_output=True)
+        for tree, tree_lake, timed in trees.values():
+            _run(tree, tree_lake, args.question, timed)  # warm-up: page cache, merged weights
+        rows: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+        for _ in range(args.runs):
+            for name, (tree, tree_lake, timed) in trees.items():
+                rows[name].append(_run(tree, tree_lake, args.question, timed))
     summary = []
     for name, runs in rows.items():
         keys = [k for k in runs[0] if isinstance(runs[0][k], (int, float)) and k != "tokens"]
