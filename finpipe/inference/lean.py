@@ -229,13 +229,11 @@ class LeanLlama:
     def _qkv(self, p: str, h, n: int, cos, sin):
         """Queries, keys and values (1 × heads × n × head_dim), rotary applied to queries and keys."""
         s = self.shape
-        if (entry := self._int8(p + "qkv", h)) is not None:
-            import torch
-
-            out = torch._weight_int8pack_mm(h.reshape(n, s.hidden), *entry)
-            rotated = self._rotate(out[:, :(s.heads + s.kv_heads) * s.head_dim].view(1, n, -1, s.head_dim)
-                                   .transpose(1, 2), cos, sin)
-            v = out[:, (s.heads + s.kv_heads) * s.head_dim:].view(1, n, -1, s.head_dim).transpose(1, 2)
+        if self._int8(p + "qkv", h) is not None:  # the fused matrix, then split: (1 × n × (heads + 2 kv) · d)
+            out = self._linear(p + "qkv", h)
+            split = (s.heads + s.kv_heads) * s.head_dim
+            rotated = self._rotate(out[..., :split].view(1, n, -1, s.head_dim).transpose(1, 2), cos, sin)
+            v = out[..., split:].view(1, n, -1, s.head_dim).transpose(1, 2)
             return rotated[:, :s.heads], rotated[:, s.heads:], v
         q, k, v = (self._linear(p + f"self_attn.{x}_proj", h).view(1, n, -1, s.head_dim).transpose(1, 2)
                    for x in "qkv")
@@ -244,11 +242,9 @@ class LeanLlama:
     def _mlp(self, p: str, h):
         import torch.nn.functional as F
 
-        if (entry := self._int8(p + "gate_up", h)) is not None:
-            import torch
-
-            gate, up = torch._weight_int8pack_mm(h.reshape(-1, h.shape[-1]), *entry).chunk(2, dim=-1)
-            return self._linear(p + "mlp.down_proj", (F.silu(gate) * up).view(*h.shape[:-1], -1))
+        if self._int8(p + "gate_up", h) is not None:
+            gate, up = self._linear(p + "gate_up", h).chunk(2, dim=-1)
+            return self._linear(p + "mlp.down_proj", F.silu(gate) * up)
         return self._linear(p + "mlp.down_proj", F.silu(self._linear(p + "mlp.gate_proj", h))
                             * self._linear(p + "mlp.up_proj", h))
 
