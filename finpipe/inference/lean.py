@@ -20,8 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finpipe.evaluation.generation import Generated, Sampling
+from finpipe.inference.drafting import PromptLookup
 from finpipe.models.int8_decode import DEFAULT_MAX_ROWS
 
+#: query rows of every decode step: a token and up to three drafts (``finpipe.inference.drafting``); a step with
+#: fewer is padded, so a token's arithmetic is the same whether drafts came with it or not. Four, as the int8
+#: kernel's time is nearly flat up to 4 rows and doubles above (``docs/benchmarks.md``)
+DECODE_ROWS = 4
+#: a decode step attends over whole blocks of this many key positions (later ones masked), for the same reason
+KEY_BLOCK = 64
 #: int8 decode weights written beside a merged model's own (``write_int8``): one int8 matrix and one scale per
 #: output row for every linear layer, so answering never quantizes
 INT8_FILE = "finpipe_int8_decode.safetensors"
@@ -143,13 +150,13 @@ class LlamaShape:
 class LeanLlama:
     """Weights in a dict, a forward pass over a static KV cache; inference only.
 
-    Decode steps (one token) are where an answer's time goes, so they take three shortcuts. Two change no number:
-    the int8 q/k/v and gate/up matrices are concatenated at load (one kernel call instead of three and two, the same
-    per-row products), and the rotary table is computed once. The third, the attention over the cache as two small
-    fp32 matmuls (PyTorch's CPU flash kernel's arithmetic without its per-call set-up, ~130 µs a layer), sums in
-    another order: the logits move in their last bits, and a near tie between two tokens can go the other way (138
-    of the lake's 140 end-to-end answers were the same text; ``benchmarks.answer_parity``). The cache is kept in fp32
-    so those matmuls read it directly.
+    Decode steps (a token, and up to three drafts checked with it) are where an answer's time goes, so they take
+    three shortcuts. Two change no number: the int8 q/k/v and gate/up matrices are concatenated at load (one kernel
+    call instead of three and two, the same per-row products), and the rotary table is computed once. The third,
+    the attention over the cache as two small fp32 matmuls (PyTorch's CPU flash kernel's arithmetic without its
+    per-call set-up, ~130 µs a layer) on fixed shapes (``_attend_decode``), sums in another order: the logits move
+    in their last bits, and a near tie between two tokens can go the other way (``benchmarks.answer_parity`` counts
+    the answers that changed). The cache is kept in fp32 so those matmuls read it directly.
     """
 
     def __init__(self, folder: Path, int8: bool, max_rows: int = DEFAULT_MAX_ROWS):
@@ -248,45 +255,114 @@ class LeanLlama:
         return self._linear(p + "mlp.down_proj", F.silu(self._linear(p + "mlp.gate_proj", h))
                             * self._linear(p + "mlp.up_proj", h))
 
-    def _attend(self, q, keys, values, start: int, n: int):
-        """Attention of ``q`` (1 × heads × n × d) over the cache's first ``start + n`` positions: (1 × n × heads·d)."""
-        import torch
+    def _attend(self, q, keys, values, start: int, n: int, steps=None):
+        """Attention of ``q`` (1 × heads × n × d) over the cache's first ``start + n`` positions: (1 × n × heads·d).
+        ``steps`` (``_decode_steps``) when ``q`` is a decode step's."""
         import torch.nn.functional as F
 
         s = self.shape
-        if n > 1:  # a prompt: PyTorch's kernel, as transformers calls it
-            if start:  # is_causal aligns its mask to the first key: right for a prompt from position 0 only
-                raise ValueError("a prompt is prefilled from position 0")
-            attn = F.scaled_dot_product_attention(q, keys[:, :, :start + n].to(q.dtype),
-                                                  values[:, :, :start + n].to(q.dtype), scale=s.head_dim ** -0.5,
-                                                  is_causal=True, enable_gqa=True)
-            return attn.transpose(1, 2).reshape(1, n, -1)
-        # one new token: the flash kernel's steps (fp32 scores, max-shifted exponentials rounded to the model's
-        # dtype for the second product, normalised at the end), each query head grouped with its key/value head
-        k, v = keys[0, :, :start + 1], values[0, :, :start + 1]
-        grouped = q[0, :, 0].reshape(s.kv_heads, s.heads // s.kv_heads, s.head_dim).float()
-        scores = torch.matmul(grouped, k.transpose(1, 2)) * (s.head_dim ** -0.5)
-        weights = (scores - scores.amax(-1, keepdim=True)).exp_()
-        out = torch.matmul(weights.to(q.dtype).float(), v) / weights.sum(-1, keepdim=True)
-        return out.to(q.dtype).reshape(1, 1, -1)
+        if steps is not None:
+            return self._attend_decode(q, keys, values, n, *steps)
+        # a prompt: PyTorch's kernel, as transformers calls it (is_causal aligns its mask with key 0: from a later
+        # start, each query's own mask)
+        import torch
 
-    def new_cache(self, length: int):
-        """Keys and values of ``length`` positions for every layer, in fp32 (see the class's note)."""
+        mask = None if not start else torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
+        attn = F.scaled_dot_product_attention(q, keys[:, :, :start + n].to(q.dtype),
+                                              values[:, :, :start + n].to(q.dtype), attn_mask=mask,
+                                              scale=s.head_dim ** -0.5, is_causal=not start, enable_gqa=True)
+        return attn.transpose(1, 2).reshape(1, n, -1)
+
+    def _decode_steps(self, start: int, n: int):
+        """What every layer's decode attention shares: the key length (the block holding all ``n`` positions) and
+        the additive mask (0, or -inf on each row's later keys), for ``DECODE_ROWS`` rows."""
+        import torch
+
+        end = -(-(start + n) // KEY_BLOCK) * KEY_BLOCK
+        if n > DECODE_ROWS or start // KEY_BLOCK != (start + n - 1) // KEY_BLOCK:
+            raise ValueError(f"a decode step is at most {DECODE_ROWS} positions within one block of {KEY_BLOCK}; "
+                             f"got {n} from {start}")
+        position = torch.arange(start, start + DECODE_ROWS).clamp(max=start + n - 1)  # padding rows: the last one's
+        mask = torch.zeros(DECODE_ROWS, end).masked_fill_(torch.arange(end) > position[:, None], float("-inf"))
+        return end, mask
+
+    def _attend_decode(self, q, keys, values, n: int, end: int, mask):
+        """A decode step's attention, the same arithmetic for a token whether it is checked alone or with drafts
+        (``finpipe.inference.drafting``): every step computes ``DECODE_ROWS`` query rows (the unused ones padded)
+        over the keys of the whole block of ``KEY_BLOCK`` positions (later keys masked, weighing exactly 0), so
+        each kernel always sees the same shapes and a row's numbers do not depend on its neighbours. Otherwise as
+        PyTorch's CPU flash kernel computes it (fp32 scores, max-shifted exponentials rounded to the model's dtype
+        for the second product, normalised at the end), each query head grouped with its key/value head."""
         import torch
 
         s = self.shape
-        return [(torch.empty(1, s.kv_heads, length, s.head_dim, dtype=torch.float32),
-                 torch.empty(1, s.kv_heads, length, s.head_dim, dtype=torch.float32)) for _ in range(s.layers)]
+        group = s.heads // s.kv_heads
+        if n < DECODE_ROWS:
+            q = torch.cat([q, q[:, :, -1:].expand(1, s.heads, DECODE_ROWS - n, s.head_dim)], dim=2)
+        k, v = keys[0, :, :end], values[0, :, :end]
+        grouped = q[0].reshape(s.kv_heads, group * DECODE_ROWS, s.head_dim).float()
+        scores = torch.matmul(grouped, k.transpose(1, 2)).mul_(s.head_dim ** -0.5).view(s.kv_heads, group,
+                                                                                        DECODE_ROWS, end)
+        scores = scores.add_(mask)
+        weights = (scores - scores.amax(-1, keepdim=True)).exp_().view(s.kv_heads, group * DECODE_ROWS, end)
+        out = torch.matmul(weights.to(q.dtype).float(), v) / weights.sum(-1, keepdim=True)
+        return out.to(q.dtype).view(s.heads, DECODE_ROWS, s.head_dim)[:, :n].transpose(0, 1).reshape(1, n, -1)
 
-    def forward(self, ids, start: int, cache):
-        """Logits (fp32) of the last position of ``ids`` (1 × n), whose first token sits at ``start``; the keys and
-        values of positions ``start .. start + n`` are written into ``cache``."""
+    def rows_differ(self) -> str | None:
+        """Why a decode step's rows would not each get the numbers they get alone on this CPU (a kernel whose
+        result for a row depends on the other rows), or None. Drafting is exact only where this is None: the int8
+        (or full-precision) matrices are run on 4 rows and on each row alone, and the decode attention with each
+        query in every row slot. The kernels are PyTorch's; which code path they take depends on the CPU."""
+        import torch
+
+        s = self.shape
+        generator = torch.Generator().manual_seed(0)
+        names = ["model.layers.0.qkv" if "model.layers.0.qkv" in self.q else "model.layers.0.self_attn.q_proj",
+                 "model.layers.0.self_attn.o_proj",
+                 "model.layers.0.gate_up" if "model.layers.0.gate_up" in self.q else "model.layers.0.mlp.up_proj",
+                 "model.layers.0.mlp.down_proj", "lm_head"]
+        with torch.inference_mode():
+            for name in names:
+                columns = (self.q[name][0] if name in self.q else self.w[name + ".weight"]).shape[1]
+                x = torch.randn(1, DECODE_ROWS, columns, generator=generator).to(self.dtype)
+                together = self._linear(name, x)
+                if not all(torch.equal(together[:, i], self._linear(name, x[:, i:i + 1])[:, 0])
+                           for i in range(DECODE_ROWS)):
+                    return f"the {name.rsplit('.', 1)[-1]} matrix gives a row other numbers next to other rows"
+            keys, values = (torch.randn(1, s.kv_heads, 4 * KEY_BLOCK, s.head_dim, generator=generator)
+                            for _ in range(2))
+            for start in (1, KEY_BLOCK + 13, 2 * KEY_BLOCK + 27, 3 * KEY_BLOCK + 41):  # several key lengths
+                q = torch.randn(1, s.heads, DECODE_ROWS, s.head_dim, generator=generator).to(self.dtype)
+                together = self._attend(q, keys, values, start, DECODE_ROWS, self._decode_steps(start, DECODE_ROWS))
+                for i in range(DECODE_ROWS):
+                    alone = self._attend(q[:, :, i:i + 1], keys, values, start + i, 1,
+                                         self._decode_steps(start + i, 1))
+                    if not torch.equal(together[:, i], alone[:, 0]):
+                        return "the decode attention gives a query other numbers in another row"
+        return None
+
+    def new_cache(self, length: int):
+        """Keys and values for at least ``length`` positions (whole blocks; see ``_attend_decode``) for every layer,
+        in fp32 (see the class's note), zeroed: a masked key weighs exactly 0 only if its value is finite."""
+        import torch
+
+        s = self.shape
+        length = -(-length // KEY_BLOCK) * KEY_BLOCK
+        return [(torch.zeros(1, s.kv_heads, length, s.head_dim, dtype=torch.float32),
+                 torch.zeros(1, s.kv_heads, length, s.head_dim, dtype=torch.float32)) for _ in range(s.layers)]
+
+    def forward(self, ids, start: int, cache, every: bool = False, prompt: bool = False):
+        """Logits (fp32) of the last position of ``ids`` (1 × n; of every position, n × vocabulary, with ``every``),
+        whose first token sits at ``start``; the keys and values of positions ``start .. start + n`` are written
+        into ``cache``. A decode step unless ``start`` is 0 or ``prompt`` (the rest of a prompt after its cached
+        system turn)."""
         import torch.nn.functional as F
 
         s = self.shape
         n = ids.shape[1]
         x = F.embedding(ids, self.w["model.embed_tokens.weight"])
         cos, sin = self._rope(start, n)
+        steps = None if prompt or not start else self._decode_steps(start, n)
         for i in range(s.layers):
             p = f"model.layers.{i}."
             residual = x
@@ -294,9 +370,11 @@ class LeanLlama:
             keys, values = cache[i]
             keys[:, :, start:start + n] = k
             values[:, :, start:start + n] = v
-            x = residual + self._linear(p + "self_attn.o_proj", self._attend(q, keys, values, start, n))
+            x = residual + self._linear(p + "self_attn.o_proj", self._attend(q, keys, values, start, n, steps))
             residual = x
             x = residual + self._mlp(p, self._norm(p + "post_attention_layernorm", x))
+        if every:
+            return self._linear("lm_head", self._norm("model.norm", x))[0].float()
         x = self._norm("model.norm", x[:, -1:])
         return self._linear("lm_head", x)[:, -1].float()
 
@@ -350,7 +428,9 @@ def load_int8(folder: Path) -> dict[str, tuple]:
     from safetensors.torch import load_file
 
     tensors = load_file(str(Path(folder) / INT8_FILE))
-    return {stem.removesuffix(".qweight"): (q, tensors[stem.removesuffix(".qweight") + ".scales"])
+    # copied into fresh (64-byte aligned) memory: safetensors' tensors sit at 8-byte offsets in the file's buffer,
+    # and PyTorch's int8 kernel for 4 rows or more crashed (SIGSEGV) on such a matrix (torch 2.13, AVX-512)
+    return {stem.removesuffix(".qweight"): (q.clone(), tensors[stem.removesuffix(".qweight") + ".scales"].clone())
             for stem, q in tensors.items() if stem.endswith(".qweight")}
 
 
@@ -359,11 +439,21 @@ def load_int8(folder: Path) -> dict[str, tuple]:
 class LeanChatModel:
     """What ``ask`` and ``chat`` need of a chat model: ``generate(messages, sampling)`` and the context check."""
 
-    def __init__(self, folder: Path, int8: bool):
+    def __init__(self, folder: Path, int8: bool, draft_tokens: int = DECODE_ROWS - 1):
         self.folder = Path(folder)
         self.tokenizer = ChatTokenizer(self.folder)
         self.model = LeanLlama(self.folder, int8=int8)
         self.stops = set(self.tokenizer.stop_ids())
+        # greedy answers are decoded speculatively from looked-up drafts (``finpipe.inference.drafting``): as many as
+        # a decode step has rows for, all on the int8 kernel if any, and only where this CPU's kernels give each row
+        # the numbers it gets alone (then drafting changes no answer); 0: never
+        self.draft_tokens = min(draft_tokens, DECODE_ROWS - 1, self.model.max_rows - 1 if int8 else DECODE_ROWS)
+        self.no_drafts = self.model.rows_differ() if self.draft_tokens else None
+        if self.no_drafts:
+            self.draft_tokens = 0
+        self.lookup = PromptLookup()
+        self.drafting = {"passes": 0, "drafted": 0, "kept": 0}  # decode passes, draft tokens checked and kept
+        self._system: tuple[list[int], list] | None = None  # the last system turn's tokens, keys and values
 
     @property
     def context(self) -> int:
@@ -401,10 +491,13 @@ class LeanChatModel:
         import torch
 
         ids = self.tokenizer.encode(messages)
+        if self.draft_tokens and sampling.temperature <= 0 and sampling.repetition_penalty == 1.0:
+            yield from self._drafted(messages, ids, sampling.max_new_tokens)
+            return
         with torch.inference_mode():  # entered per step: a generator's caller must not run inside it
             cache = self.model.new_cache(len(ids) + sampling.max_new_tokens)
             seen = torch.tensor([ids])
-            token = _pick(self.model.forward(seen, 0, cache), seen, sampling)
+            token = _pick(self._prefill(messages, ids, cache), seen, sampling)
         position = len(ids)
         while True:
             yield token
@@ -415,6 +508,68 @@ class LeanChatModel:
                     seen = torch.cat([seen, torch.tensor([[token]])], dim=1)
                 token = _pick(self.model.forward(torch.tensor([[token]]), position, cache), seen, sampling)
             position += 1
+
+    def _prefill(self, messages: list[dict[str, str]], ids: list[int], cache):
+        """The prompt's last logits, its keys and values written into ``cache``. A prompt that opens with a system
+        turn is computed in two parts, the system turn and then the rest, always: the system turn's keys and values
+        (the same in every request) are computed once and copied after, and an answer does not depend on whether
+        they were."""
+        import torch
+
+        split = self._system_turn(messages, ids)
+        if not split:
+            return self.model.forward(torch.tensor([ids]), 0, cache)
+        if self._system is None or self._system[0] != ids[:split]:
+            computed = self.model.new_cache(split)
+            self.model.forward(torch.tensor([ids[:split]]), 0, computed)
+            self._system = (ids[:split], [(k[:, :, :split].clone(), v[:, :, :split].clone()) for k, v in computed])
+        for (keys, values), (k, v) in zip(cache, self._system[1]):
+            keys[:, :, :split], values[:, :, :split] = k, v
+        return self.model.forward(torch.tensor([ids[split:]]), split, cache, prompt=True)
+
+    def _system_turn(self, messages: list[dict[str, str]], ids: list[int]) -> int:
+        """How many of ``ids`` are the system turn (0: none, or it is not a prefix of the prompt's tokens)."""
+        if not messages or messages[0].get("role") != "system" or len(messages) < 2:
+            return 0
+        rendered = self.tokenizer._template.render(messages=messages[:1], add_generation_prompt=False,
+                                                   **self.tokenizer.specials)
+        head = self.tokenizer._tokenizer.encode(rendered, add_special_tokens=False).ids
+        return len(head) if 0 < len(head) < len(ids) and ids[:len(head)] == head else 0
+
+    def _drafted(self, messages: list[dict[str, str]], ids: list[int], max_new_tokens: int):
+        """Greedy tokens, several per forward pass where the looked-up draft is right: the pass takes the last token
+        and up to ``draft_tokens`` guessed after it, and each guess is kept while it is the model's own argmax at
+        its position; the first that is not is replaced by that argmax. Rejected guesses leave keys and values
+        beyond the answer in the cache, overwritten by the next pass."""
+        import torch
+
+        answer: list[int] = []
+        try:
+            with torch.inference_mode():
+                cache = self.model.new_cache(len(ids) + max_new_tokens + self.draft_tokens)
+                token = int(torch.argmax(self._prefill(messages, ids, cache), dim=-1))
+            position = len(ids)  # where ``token`` goes in the cache
+            answer.append(token)
+            yield token
+            while len(answer) < max_new_tokens:
+                room = min(self.draft_tokens, max_new_tokens - len(answer) - 1,
+                           KEY_BLOCK - 1 - position % KEY_BLOCK)  # a step stays within one block of keys
+                draft = self.lookup.draft(ids + answer, room)
+                with torch.inference_mode():
+                    logits = self.model.forward(torch.tensor([[token, *draft]]), position, cache, every=True)
+                picks = torch.argmax(logits, dim=-1).tolist()
+                kept = 0
+                while kept < len(draft) and picks[kept] == draft[kept]:
+                    kept += 1
+                for name, count in (("passes", 1), ("drafted", len(draft)), ("kept", kept)):
+                    self.drafting[name] += count
+                position += kept + 1
+                token = picks[kept]
+                for new in (*draft[:kept], token):
+                    answer.append(new)
+                    yield new
+        finally:  # also when the caller stops early (a stop token, a time limit)
+            self.lookup.remember(answer)
 
 
 def _pick(logits, seen, sampling: Sampling) -> int:
