@@ -130,7 +130,8 @@ def _load(choice: tuple[str, Path, Path | None], decode=None):
         claim_cpu_share()
         int8 = decode is not None and decode.int8_on("cpu")
         chat = lean.LeanChatModel(folder, int8=int8)
-        _log(f"loading {label} ({where}): {chat.weights} weights{', int8 decode steps' if chat.model.int8 else ''}")
+        _log(f"loading {label} ({where}): {chat.weights} weights{', int8 decode steps' if chat.model.int8 else ''}"
+             + (f"; no drafts ({chat.no_drafts})" if chat.no_drafts else ""))
         return label, chat
     from finpipe.evaluation.generation import load_chat_model
     from finpipe.models.int8_decode import uses_int8_decode

@@ -86,11 +86,11 @@ class ChatTokenizer:
         ids = {self.token_id(self.specials["eos_token"]), self.token_id(IM_END)}
         return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != unk)
 
-    def prompt(self, messages: list[dict[str, str]]) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=True, **self.specials)
+    def prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.specials)
 
-    def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._tokenizer.encode(self.prompt(messages), add_special_tokens=False).ids
+    def encode(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return self._tokenizer.encode(self.prompt(messages, add_generation_prompt), add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
@@ -531,9 +531,7 @@ class LeanChatModel:
         """How many of ``ids`` are the system turn (0: none, or it is not a prefix of the prompt's tokens)."""
         if not messages or messages[0].get("role") != "system" or len(messages) < 2:
             return 0
-        rendered = self.tokenizer._template.render(messages=messages[:1], add_generation_prompt=False,
-                                                   **self.tokenizer.specials)
-        head = self.tokenizer._tokenizer.encode(rendered, add_special_tokens=False).ids
+        head = self.tokenizer.encode(messages[:1], add_generation_prompt=False)
         return len(head) if 0 < len(head) < len(ids) and ids[:len(head)] == head else 0
 
     def _drafted(self, messages: list[dict[str, str]], ids: list[int], max_new_tokens: int):

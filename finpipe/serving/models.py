@@ -291,8 +291,9 @@ class ModelStore:
             int8 = self.decode is not None and self.decode.int8_on("cpu")
             model = LeanChatModel(folder, int8=int8)
             precision = model.weights + (", int8 decode steps" if model.model.int8 else "")
+            drafts = f"off: {model.no_drafts}" if model.no_drafts else f"up to {model.draft_tokens} a step"
             self.log(f"loaded {model_id} in {time.perf_counter() - started:.1f} s (PyTorch, {precision}, lean decoder "
-                     f"on {folder})")
+                     f"on {folder}; drafts {drafts})")
             return LoadedModel(model_id, label, model, self._tokenizer(model_id, base, adapter), base, adapter,
                                engine="torch", precision=precision, decoder="lean")
         model, tokenizer = load_chat_model(base["path"], adapter, merge=adapter is not None, decode=self.decode,
