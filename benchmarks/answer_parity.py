@@ -46,13 +46,12 @@ def dump(out: Path, limit: int | None) -> None:
     if folder is None:
         raise SystemExit(f"the champion {champion['run_id']} is not merged yet: run one `finpipe ask` first")
     questions = build_set(read_jsonl(paths.DatasetFiles.of(lake).golden), PriceLake(paths.lake_db_path()))
-    keys: dict[int, str | None] = {}  # question -> its prompt's key (None: refused, no model)
-    for i, q in enumerate(questions.questions):
+    keys = []  # each question's prompt key (None: refused, no model)
+    for q in questions.questions:
         prepared = prepare(q.question, questions.facts_for(q.as_of))
-        keys[i] = None if prepared.refusal is not None else prompt_key(prepared.messages)
-    chosen = set(list(dict.fromkeys(k for k in keys.values() if k is not None))[:limit])
-    asked = EndToEndSet([q for i, q in enumerate(questions.questions) if keys[i] is None or keys[i] in chosen],
-                        questions.facts_for)
+        keys.append(None if prepared.refusal is not None else prompt_key(prepared.messages))
+    chosen = set(list(dict.fromkeys(k for k in keys if k is not None))[:limit])
+    asked = EndToEndSet([q for q, k in zip(questions.questions, keys) if k is None or k in chosen], questions.facts_for)
     chat = LeanChatModel(folder, int8=True)
     texts, counts = {}, {"tokens": 0, "seconds": 0.0}
 

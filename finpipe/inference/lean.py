@@ -255,17 +255,14 @@ class LeanLlama:
         return self._linear(p + "mlp.down_proj", F.silu(self._linear(p + "mlp.gate_proj", h))
                             * self._linear(p + "mlp.up_proj", h))
 
-    def _attend(self, q, keys, values, start: int, n: int, steps=None):
-        """Attention of ``q`` (1 × heads × n × d) over the cache's first ``start + n`` positions: (1 × n × heads·d).
-        ``steps`` (``_decode_steps``) when ``q`` is a decode step's."""
+    def _attend(self, q, keys, values, start: int, n: int):
+        """A prompt's attention (``q``: 1 × heads × n × d) over the cache's first ``start + n`` positions, as
+        transformers calls PyTorch's kernel: (1 × n × heads·d). ``is_causal`` aligns its mask with key 0: from a
+        later start (the rest of a prompt after its system turn), each query's own mask."""
+        import torch
         import torch.nn.functional as F
 
         s = self.shape
-        if steps is not None:
-            return self._attend_decode(q, keys, values, n, *steps)
-        # a prompt: PyTorch's kernel, as transformers calls it (is_causal aligns its mask with key 0: from a later
-        # start, each query's own mask)
-        import torch
 
         mask = None if not start else torch.ones(n, start + n, dtype=torch.bool).tril(diagonal=start)
         attn = F.scaled_dot_product_attention(q, keys[:, :, :start + n].to(q.dtype),
@@ -273,7 +270,7 @@ class LeanLlama:
                                               scale=s.head_dim ** -0.5, is_causal=not start, enable_gqa=True)
         return attn.transpose(1, 2).reshape(1, n, -1)
 
-    def _decode_steps(self, start: int, n: int):
+    def _decode_mask(self, start: int, n: int):
         """What every layer's decode attention shares: the key length (the block holding all ``n`` positions) and
         the additive mask (0, or -inf on each row's later keys), for ``DECODE_ROWS`` rows."""
         import torch
@@ -333,10 +330,9 @@ class LeanLlama:
                             for _ in range(2))
             for start in (1, KEY_BLOCK + 13, 2 * KEY_BLOCK + 27, 3 * KEY_BLOCK + 41):  # several key lengths
                 q = torch.randn(1, s.heads, DECODE_ROWS, s.head_dim, generator=generator).to(self.dtype)
-                together = self._attend(q, keys, values, start, DECODE_ROWS, self._decode_steps(start, DECODE_ROWS))
+                together = self._attend_decode(q, keys, values, DECODE_ROWS, *self._decode_mask(start, DECODE_ROWS))
                 for i in range(DECODE_ROWS):
-                    alone = self._attend(q[:, :, i:i + 1], keys, values, start + i, 1,
-                                         self._decode_steps(start + i, 1))
+                    alone = self._attend_decode(q[:, :, i:i + 1], keys, values, 1, *self._decode_mask(start + i, 1))
                     if not torch.equal(together[:, i], alone[:, 0]):
                         return "the decode attention gives a query other numbers in another row"
         return None
@@ -362,7 +358,7 @@ class LeanLlama:
         n = ids.shape[1]
         x = F.embedding(ids, self.w["model.embed_tokens.weight"])
         cos, sin = self._rope(start, n)
-        steps = None if prompt or not start else self._decode_steps(start, n)
+        decode = None if prompt or not start else self._decode_mask(start, n)  # shared by every layer
         for i in range(s.layers):
             p = f"model.layers.{i}."
             residual = x
@@ -370,7 +366,9 @@ class LeanLlama:
             keys, values = cache[i]
             keys[:, :, start:start + n] = k
             values[:, :, start:start + n] = v
-            x = residual + self._linear(p + "self_attn.o_proj", self._attend(q, keys, values, start, n, steps))
+            attn = (self._attend(q, keys, values, start, n) if decode is None
+                    else self._attend_decode(q, keys, values, n, *decode))
+            x = residual + self._linear(p + "self_attn.o_proj", attn)
             residual = x
             x = residual + self._mlp(p, self._norm(p + "post_attention_layernorm", x))
         if every:
